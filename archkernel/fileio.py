@@ -1,0 +1,128 @@
+"""Atomic writes: a target is either the old file, the new file, or absent.
+
+Work happens on a temporary name beside the target (same file system, so the final
+rename is atomic); the temporary name is removed on any failure, Ctrl-C included.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import hashlib
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+
+
+def _tmp_name(target: Path) -> Path:
+    return target.with_name(f".{target.name}.tmp-{os.getpid()}")
+
+
+@contextlib.contextmanager
+def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
+    """Yield a temporary path beside `target`; rename it onto `target` when the block ends.
+
+    The caller creates a file or a directory at the yielded path. If the block raises,
+    the temporary path is removed and `target` is left as it was.
+    """
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = _tmp_name(target)
+    remove_path(tmp)
+    try:
+        yield tmp
+        if tmp.is_dir() and not tmp.is_symlink():
+            if target.exists():
+                # A directory cannot be renamed over a non-empty one: swap through a
+                # second name, so the old tree disappears only once the new one is whole.
+                old = target.with_name(f".{target.name}.old-{os.getpid()}")
+                remove_path(old)
+                os.rename(target, old)
+                os.rename(tmp, target)
+                remove_path(old)
+            else:
+                os.rename(tmp, target)
+        else:
+            _fsync(tmp)
+            os.replace(tmp, target)
+        _fsync_dir(target.parent)
+    except BaseException:
+        remove_path(tmp)
+        raise
+
+
+def write_bytes(target: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> Path:
+    """Write `data` to `target` atomically."""
+    with atomic_path(target) as tmp:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, mode)
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.chmod(tmp, mode)
+    return Path(target)
+
+
+def write_text(target: str | os.PathLike[str], text: str, mode: int = 0o644) -> Path:
+    """Write `text` (UTF-8) to `target` atomically."""
+    return write_bytes(target, text.encode(), mode)
+
+
+def write_if_changed(target: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> bool:
+    """Write `data` unless `target` already holds it; keep the old mtime then.
+
+    Returns True when the file was (re)written. Steps use this so an unchanged result
+    keeps the steps after them up to date.
+    """
+    path = Path(target)
+    with contextlib.suppress(FileNotFoundError):
+        if path.stat().st_size == len(data) and path.read_bytes() == data:
+            return False
+    write_bytes(path, data, mode)
+    return True
+
+
+def remove_path(path: str | os.PathLike[str]) -> None:
+    """Remove a file, symlink or directory tree; a missing path is fine."""
+    p = Path(path)
+    if p.is_symlink() or p.is_file():
+        p.unlink(missing_ok=True)
+    elif p.is_dir():
+        shutil.rmtree(p)
+    else:
+        p.unlink(missing_ok=True)
+
+
+def sha256_file(path: str | os.PathLike[str]) -> str:
+    """Hex SHA-256 of a file, read in 1 MiB blocks."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
+
+
+@contextlib.contextmanager
+def temporary_directory(prefix: str = "archkernel-", parent: str | None = None) -> Iterator[Path]:
+    """A temporary directory removed on any exit, Ctrl-C included."""
+    path = Path(tempfile.mkdtemp(prefix=prefix, dir=parent))
+    try:
+        yield path
+    finally:
+        shutil.rmtree(path, ignore_errors=True)
+
+
+def _fsync(path: Path) -> None:
+    if path.is_file():
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
