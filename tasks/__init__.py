@@ -1,0 +1,103 @@
+"""doit tasks for archkernel's workflows: one module per workflow, numbered steps.
+
+`dodo.py` and the `archkernel` command both get their tasks from `namespace()`.
+"""
+
+from __future__ import annotations
+
+import importlib
+import importlib.metadata
+import os
+import sys
+from collections.abc import Callable, Iterator
+from typing import Any
+
+from archkernel import log as logmod
+from archkernel.errors import UserError
+from archkernel.settings import Loaded, load
+from tasks.reporter import StepReporter
+from tasks.state import BACKEND_NAME, StatChecker
+from tasks.steps import Workflow, doit_tasks, parse_step_number
+
+WORKFLOW_MODULES = ["tasks.scaleway_kexec", "tasks.azure_vhd"]
+# Extra workflow modules (plugins, the tests' demo workflow): `module[,module...]`.
+ENV_EXTRA = "ARCHKERNEL_EXTRA_WORKFLOWS"
+
+
+def workflows() -> dict[str, Workflow]:
+    """Every workflow by name, in a stable order."""
+    names = list(WORKFLOW_MODULES)
+    names += [m for m in os.environ.get(ENV_EXTRA, "").split(",") if m.strip()]
+    found: dict[str, Workflow] = {}
+    for module_name in names:
+        module = importlib.import_module(module_name.strip())
+        for wf in getattr(module, "WORKFLOWS", []):
+            found[wf.name] = wf
+    return found
+
+
+def get_workflow(name: str) -> Workflow:
+    """The workflow called `name`, or a UserError listing the known ones."""
+    known = workflows()
+    if name not in known:
+        raise UserError(f"no workflow named {name!r}", f"choose one of: {', '.join(known)}")
+    return known[name]
+
+
+def backend_name() -> str:
+    """Our durable backend when the package is installed (it is an entry point), else json."""
+    points = importlib.metadata.entry_points(group="doit.BACKEND")
+    return BACKEND_NAME if any(p.name == BACKEND_NAME for p in points) else "json"
+
+
+def doit_config(loaded: Loaded) -> dict[str, Any]:
+    """DOIT_CONFIG: the state file under workdir (absolute), our checker and reporter."""
+    workdir = loaded.settings.workdir.resolve()
+    workdir.mkdir(parents=True, exist_ok=True)
+    return {
+        "dep_file": str(workdir / ".doit.json"),
+        "backend": backend_name(),
+        "check_file_uptodate": StatChecker,
+        "reporter": StepReporter,
+        "verbosity": 2,
+        "default_tasks": [],
+        "action_string_formatting": "new",
+    }
+
+
+def task_creators(
+    loaded: Loaded, from_step: int | None = None, to_step: int | None = None
+) -> dict[str, Callable[[], Iterator[dict[str, Any]]]]:
+    """`task_<workflow>` generator functions, as doit expects to find them in a dodo."""
+    creators: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {}
+    for wf in workflows().values():
+
+        def creator(wf: Workflow = wf) -> Iterator[dict[str, Any]]:
+            yield from doit_tasks(wf, loaded, from_step=from_step, to_step=to_step)
+            if wf.extra_tasks is not None:
+                yield from wf.extra_tasks(loaded)
+
+        creator.__doc__ = wf.doc
+        creators[f"task_{wf.name}"] = creator
+    return creators
+
+
+def namespace(
+    settings: str | None = None, from_step: str | None = None, to_step: str | None = None
+) -> dict[str, Any]:
+    """Everything a dodo file defines: DOIT_CONFIG and one task creator per workflow.
+
+    Settings errors end the program with their message (no traceback).
+    """
+    if not logmod.log.handlers:
+        logmod.setup(int(os.environ.get("ARCHKERNEL_VERBOSE", "0") or 0))
+    try:
+        loaded = load(None, doit_var=settings)
+        first = parse_step_number(from_step, "from")
+        last = parse_step_number(to_step, "to")
+    except UserError as exc:
+        print(f"archkernel: {exc}", file=sys.stderr)
+        raise SystemExit(1) from None
+    ns: dict[str, Any] = {"DOIT_CONFIG": doit_config(loaded)}
+    ns.update(task_creators(loaded, first, last))
+    return ns

@@ -1,0 +1,472 @@
+"""Kernel module dependencies: which modules to insmod, in which order, for an initramfs.
+
+`ModulesDep` reads what `depmod` wrote into `/usr/lib/modules/<version>/` and answers
+"what must be loaded, in order, for these modules", the way kmod's `modprobe` (version 30)
+does. Its rules, checked against `modprobe --show-depends`:
+
+- `modules.dep` lists a module's whole dependency closure; kmod loads it reversed
+  (deepest first), then the module.
+- Every module in that sequence is preceded by its own `pre:` soft dependencies and
+  followed by its `post:` ones. A soft dependency is loaded with its own dependencies and
+  soft dependencies, and at most once per request.
+- A module's `pre:` soft dependencies come *after* its hard dependencies, right before
+  the module itself.
+- Only the first `softdep` line matching a module counts (kmod ignores the rest).
+- Soft dependency names are looked up like `modprobe` arguments: a module name first,
+  then the patterns of `modules.alias` (every matching module, in `modules.alias`
+  order: `crypto-crc32c` gives both `crc32c_intel` and `crc32c_generic`), then
+  `modules.builtin`. Built-in modules need no insmod and produce nothing; names that
+  resolve to nothing are skipped, as kmod does.
+
+The host's `/etc/modprobe.d` is deliberately not consulted: the answer depends only on the
+module directory, so it is the same on any build machine.
+"""
+
+from __future__ import annotations
+
+import difflib
+import gzip
+import lzma
+import re
+import tempfile
+import zlib
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from fnmatch import fnmatchcase
+from pathlib import Path
+
+from archkernel.errors import UserError
+from archkernel.run import run
+
+ELF_MAGIC = b"\x7fELF"
+MODULE_SUFFIXES = (".ko", ".ko.gz", ".ko.xz", ".ko.zst")
+
+# suffix -> (format name, magic bytes)
+_COMPRESSION = {
+    ".ko.gz": ("gzip", b"\x1f\x8b"),
+    ".ko.xz": ("xz", b"\xfd7zXZ\x00"),
+    ".ko.zst": ("zstd", b"\x28\xb5\x2f\xfd"),
+}
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def normalize(name: str) -> str:
+    """A module name in kmod's canonical form: '-' and '_' are the same character."""
+    return name.replace("-", "_")
+
+
+def _normalize_alias(alias: str) -> str:
+    """kmod's alias normalisation: '-' becomes '_' except inside [...] groups."""
+    out: list[str] = []
+    in_group = False
+    for char in alias:
+        if char == "[":
+            in_group = True
+        elif char == "]":
+            in_group = False
+        out.append("_" if char == "-" and not in_group else char)
+    return "".join(out)
+
+
+def module_name(relpath: str) -> str:
+    """The module name of a module file path: 'kernel/fs/ext4/ext4.ko.zst' -> 'ext4'."""
+    base = relpath.rsplit("/", 1)[-1]
+    for suffix in sorted(MODULE_SUFFIXES, key=len, reverse=True):
+        if base.endswith(suffix):
+            base = base[: -len(suffix)]
+            break
+    return normalize(base)
+
+
+@dataclass(frozen=True)
+class Softdep:
+    """One `softdep` line: a module-name pattern and the names to load before and after."""
+
+    pattern: str
+    pre: tuple[str, ...]
+    post: tuple[str, ...]
+
+
+def parse_softdeps(text: str) -> list[Softdep]:
+    """The `softdep` lines of a modprobe.d-style text (modules.softdep), in order.
+
+    Names that follow neither `pre:` nor `post:` are ignored, as kmod ignores them.
+    """
+    softdeps: list[Softdep] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) < 2 or words[0] != "softdep":
+            continue
+        pre: list[str] = []
+        post: list[str] = []
+        current: list[str] | None = None
+        for word in words[2:]:
+            if word == "pre:":
+                current = pre
+            elif word == "post:":
+                current = post
+            elif current is not None:
+                current.append(word)
+        softdeps.append(Softdep(_normalize_alias(words[1]), tuple(pre), tuple(post)))
+    return softdeps
+
+
+def parse_aliases(text: str) -> list[tuple[str, str]]:
+    """The (pattern, module name) pairs of a modules.alias text, in file order."""
+    aliases: list[tuple[str, str]] = []
+    for line in text.splitlines():
+        words = line.split()
+        if len(words) == 3 and words[0] == "alias":
+            aliases.append((_normalize_alias(words[1]), normalize(words[2])))
+    return aliases
+
+
+class ModulesDep:
+    """A kernel's module index: paths, hard and soft dependencies, aliases, built-ins."""
+
+    def __init__(
+        self,
+        paths: dict[str, str],
+        deps: dict[str, tuple[str, ...]],
+        softdeps: Sequence[Softdep] = (),
+        aliases: Sequence[tuple[str, str]] = (),
+        builtin: Iterable[str] = (),
+        version: str = "",
+    ) -> None:
+        """Prefer `parse` or `load`; `paths` and `deps` are keyed by normalised name."""
+        self.version = version
+        self._paths = paths
+        self._deps = deps
+        self._softdeps = tuple(softdeps)
+        self._builtin = frozenset(normalize(n) for n in builtin) - paths.keys()
+        # Exact aliases are a dictionary look-up; only patterns need fnmatch.
+        self._exact_aliases: dict[str, list[tuple[int, str]]] = {}
+        self._glob_aliases: list[tuple[int, str, str]] = []
+        priority: dict[str, int] = {}
+        for pattern, module in aliases:
+            rank = priority.setdefault(module, len(priority))
+            if _GLOB_CHARS.search(pattern):
+                self._glob_aliases.append((rank, pattern, module))
+            else:
+                self._exact_aliases.setdefault(pattern, []).append((rank, module))
+        self._lookups: dict[str, tuple[str, ...]] = {}
+        self._softdep_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+
+    @classmethod
+    def parse(
+        cls,
+        dep_text: str,
+        softdep_text: str = "",
+        builtin_text: str = "",
+        *,
+        alias_text: str = "",
+        version: str = "",
+    ) -> ModulesDep:
+        """Build from the texts of modules.dep, .softdep, .builtin and .alias (pure).
+
+        `version` only names the kernel in error messages.
+        """
+        where = f"{version}'s modules.dep" if version else "modules.dep"
+        paths: dict[str, str] = {}
+        deps: dict[str, tuple[str, ...]] = {}
+        for number, line in enumerate(dep_text.splitlines(), 1):
+            if not line.strip() or line.startswith("#"):
+                continue
+            path, colon, rest = line.partition(":")
+            path = path.strip()
+            if not colon or not path:
+                raise UserError(
+                    f"{where} line {number} is not 'module: dependencies': {line[:80]!r}",
+                    "regenerate the index with `depmod -b ROOT VERSION`",
+                )
+            name = module_name(path)
+            if name in paths:  # depmod writes one line per name; keep the first like kmod
+                continue
+            paths[name] = path
+            deps[name] = tuple(rest.split())
+        builtin = [module_name(line.strip()) for line in builtin_text.splitlines() if line.strip()]
+        return cls(
+            paths,
+            deps,
+            parse_softdeps(softdep_text),
+            parse_aliases(alias_text),
+            builtin,
+            version,
+        )
+
+    @classmethod
+    def load(cls, moddir: Path) -> ModulesDep:
+        """Read the index depmod wrote in `moddir` (`.../lib/modules/<version>`).
+
+        modules.dep is required; modules.softdep, modules.alias and modules.builtin are
+        read when present.
+        """
+        moddir = Path(moddir)
+        version = moddir.name
+        texts: dict[str, str] = {}
+        for name in ("modules.dep", "modules.softdep", "modules.alias", "modules.builtin"):
+            try:
+                texts[name] = (moddir / name).read_text(encoding="utf-8", errors="replace")
+            except FileNotFoundError:
+                if name == "modules.dep":
+                    raise UserError(
+                        f"{moddir / name} does not exist",
+                        f"generate it with `depmod -b {_root_of(moddir)} {version}`",
+                    ) from None
+                texts[name] = ""
+            except OSError as exc:
+                raise UserError(
+                    f"cannot read {moddir / name}: {exc.strerror}",
+                    "check the path and its permissions",
+                ) from exc
+        return cls.parse(
+            texts["modules.dep"],
+            texts["modules.softdep"],
+            texts["modules.builtin"],
+            alias_text=texts["modules.alias"],
+            version=version,
+        )
+
+    def names(self) -> list[str]:
+        """Every loadable module's name, sorted."""
+        return sorted(self._paths)
+
+    def is_builtin(self, name: str) -> bool:
+        """True if `name` is compiled into the kernel (nothing to insmod)."""
+        return normalize(name) in self._builtin
+
+    def path(self, name: str) -> str:
+        """The module's file, relative to the module directory."""
+        try:
+            return self._paths[normalize(name)]
+        except KeyError:
+            raise self._missing_error([name]) from None
+
+    def suggest(self, name: str, count: int = 5) -> list[str]:
+        """The existing module names closest to `name`, best first, for error messages."""
+        candidates = list(self._paths) + sorted(self._builtin)
+        return difflib.get_close_matches(normalize(name), candidates, n=count, cutoff=0.6)
+
+    def lookup(self, name: str) -> list[str]:
+        """What `modprobe NAME` would load: module names, built-in ones included.
+
+        Same order as kmod: a module of that name, else every module with a matching
+        alias, else a built-in of that name; [] if nothing matches.
+        """
+        key = _normalize_alias(name)
+        cached = self._lookups.get(key)
+        if cached is None:
+            cached = tuple(self._lookup(key))
+            self._lookups[key] = cached
+        return list(cached)
+
+    def _lookup(self, key: str) -> list[str]:
+        if key in self._paths:
+            return [key]
+        matches = list(self._exact_aliases.get(key, []))
+        matches += [(rank, mod) for rank, pat, mod in self._glob_aliases if fnmatchcase(key, pat)]
+        if matches:
+            matches.sort(key=lambda m: m[0])
+            return list(dict.fromkeys(mod for _, mod in matches))
+        if key in self._builtin:
+            return [key]
+        return []
+
+    def _soft(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
+        """The (pre, post) soft dependencies of module `name`, resolved to module names."""
+        cached = self._softdep_cache.get(name)
+        if cached is not None:
+            return cached
+        result: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
+        for softdep in self._softdeps:
+            if fnmatchcase(name, softdep.pattern):
+                # kmod uses only the first matching line, as module-init-tools did.
+                pre = tuple(m for n in softdep.pre for m in self.lookup(n))
+                post = tuple(m for n in softdep.post for m in self.lookup(n))
+                result = (pre, post)
+                break
+        self._softdep_cache[name] = result
+        return result
+
+    def _probe_order(self, name: str) -> list[str]:
+        """kmod's probe list for one module, duplicates included, built-ins skipped."""
+        order: list[str] = []
+        visited: set[str] = set()
+
+        def with_softdeps(module: str) -> None:
+            pre, post = self._soft(module)
+            for soft in pre:
+                probe(soft)
+            if module not in self._builtin:
+                order.append(module)
+            for soft in post:
+                probe(soft)
+
+        def probe(module: str) -> None:
+            if module in visited:
+                return
+            visited.add(module)
+            for dep in reversed(self._deps.get(module, ())):
+                with_softdeps(module_name(dep))
+            with_softdeps(module)
+
+        probe(name)
+        return order
+
+    def resolve(
+        self, required: Sequence[str], optional: Sequence[str] = ()
+    ) -> tuple[list[str], list[str]]:
+        """Module paths to insmod, in order, for `required` then `optional` names.
+
+        The order is `modprobe --show-depends` for each name in turn, with repeats
+        dropped. Raises UserError listing every missing required name; returns the
+        optional names that do not exist so the caller can warn about them.
+        """
+        missing = [n for n in required if not self.lookup(n)]
+        if missing:
+            raise self._missing_error(missing)
+        missing_optional = [n for n in optional if not self.lookup(n)]
+        order: dict[str, None] = {}
+        for name in [*required, *optional]:
+            for module in self.lookup(name):
+                for dep in self._probe_order(module):
+                    order.setdefault(self._path_of(dep), None)
+        return list(order), missing_optional
+
+    def closure(self, names: Sequence[str]) -> list[str]:
+        """Module paths to insmod, in order, so that every one of `names` is loaded.
+
+        Exactly the `insmod` lines `modprobe --show-depends` prints for each name in
+        turn, first occurrences kept; built-in modules produce nothing. Every name must
+        exist (see `resolve` for optional ones).
+        """
+        return self.resolve(names)[0]
+
+    def _path_of(self, name: str) -> str:
+        path = self._paths.get(name)
+        if path is not None:
+            return path
+        # A dependency listed in modules.dep without a line of its own: find its path in
+        # the lines that mention it.
+        for deps in self._deps.values():
+            for dep in deps:
+                if module_name(dep) == name:
+                    return dep
+        raise self._missing_error([name])
+
+    def _missing_error(self, names: Sequence[str]) -> UserError:
+        where = f"{self.version}'s modules.dep" if self.version else "modules.dep"
+        parts = []
+        for name in names:
+            close = self.suggest(name)
+            parts.append(f"'{name}'" + (f" (closest: {', '.join(close)})" if close else ""))
+        if len(names) == 1:
+            close = self.suggest(names[0])
+            message = f"module '{names[0]}' is not in {where}"
+            if close:
+                message += f"; closest: {', '.join(close)}"
+        else:
+            message = f"modules {', '.join(parts)} are not in {where}"
+        return UserError(
+            message,
+            "check the spelling; the kernel may not build this driver, or build it in "
+            "(see modules.builtin)",
+        )
+
+
+def _root_of(moddir: Path) -> str:
+    """The depmod -b root for a module directory `.../[usr/]lib/modules/<version>`."""
+    parts = moddir.parts
+    if len(parts) >= 3 and parts[-3:-1] == ("lib", "modules"):
+        root = moddir.parents[2]
+        if root.name == "usr":
+            root = root.parent
+        return str(root)
+    return "ROOT"
+
+
+class _CorruptData(Exception):
+    """Decompression failed; the text says why."""
+
+
+def _zstd_decompress(data: bytes) -> bytes:
+    """Decompress zstd data: libarchive's raw reader, else the zstd command."""
+    try:
+        import libarchive
+        from libarchive.exception import ArchiveError
+    except (ImportError, OSError):  # OSError: the libarchive C library is missing
+        return _zstd_command(data)
+    blocks: list[bytes] = []
+    try:
+        with libarchive.memory_reader(data, format_name="raw", filter_name="zstd") as archive:
+            for entry in archive:
+                blocks.extend(bytes(block) for block in entry.get_blocks())
+    except ValueError:  # this libarchive was built without zstd
+        return _zstd_command(data)
+    except ArchiveError as exc:
+        raise _CorruptData(str(exc).split(" (errno=")[0]) from exc
+    return b"".join(blocks)
+
+
+def _zstd_command(data: bytes) -> bytes:
+    with tempfile.TemporaryFile() as out:
+        proc = run(["zstd", "-dc"], check=False, stdin=data, stdout_file=out.fileno())
+        if proc.returncode != 0:
+            raise _CorruptData(proc.stderr.strip().splitlines()[-1] if proc.stderr else "")
+        out.seek(0)
+        return out.read()
+
+
+def decompress_module(data: bytes, relpath: str) -> bytes:
+    """The uncompressed ELF object of module file `relpath` whose content is `data`.
+
+    The compression is chosen by suffix (.ko, .ko.gz, .ko.xz, .ko.zst) and must match
+    the data's magic bytes; the result must be an ELF object. busybox insmod needs this
+    as it may not read compressed modules.
+    """
+    suffix = next((s for s in _COMPRESSION if relpath.endswith(s)), None)
+    if suffix is None:
+        if not relpath.endswith(".ko"):
+            raise UserError(
+                f"{relpath} is not a kernel module file name",
+                f"module files end in {', '.join(MODULE_SUFFIXES)}",
+            )
+        result = data
+    else:
+        kind, magic = _COMPRESSION[suffix]
+        if not data.startswith(magic):
+            raise UserError(
+                f"{relpath} is not {kind}-compressed (it starts with {data[:6].hex(' ')})",
+                "the module file is corrupt or misnamed: reinstall the kernel package",
+            )
+        try:
+            if kind == "gzip":
+                result = gzip.decompress(data)
+            elif kind == "xz":
+                result = lzma.decompress(data, format=lzma.FORMAT_XZ)
+            else:
+                result = _zstd_decompress(data)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, _CorruptData) as exc:
+            raise UserError(
+                f"cannot decompress {relpath} ({kind}): {exc or 'corrupt data'}",
+                "the module file is corrupt: reinstall the kernel package",
+            ) from exc
+    if not result.startswith(ELF_MAGIC):
+        raise UserError(
+            f"{relpath} is not an ELF kernel module (it starts with {result[:4].hex(' ')})",
+            "the module file is corrupt: reinstall the kernel package",
+        )
+    return result
+
+
+__all__ = [
+    "ELF_MAGIC",
+    "MODULE_SUFFIXES",
+    "ModulesDep",
+    "Softdep",
+    "decompress_module",
+    "module_name",
+    "normalize",
+    "parse_aliases",
+    "parse_softdeps",
+]

@@ -1,0 +1,290 @@
+"""TFTP servers for tests: Debian's in.tftpd, and a tftpy server that injects faults.
+
+Use the fixtures from any test module by importing them:
+
+    from tests.support_tftp import tftpd_hpa, tftpy_server  # noqa: F401
+
+`tftpd_hpa` is the real server the provider runs (module scope: put files with
+`.put(name, data)`); `tftpy_server` is a factory for in-process servers whose files
+may misbehave (`Truncate`, `Short`, `Stall`). Every server listens on 127.0.0.1 on a
+free port and is stopped, and its process or thread waited for, in teardown.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tftpy
+
+LOOPBACK = "127.0.0.1"
+
+
+def free_udp_port(host: str = LOOPBACK) -> int:
+    """A UDP port on `host` that nothing listens on right now (the kernel picks it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def probe(host: str, port: int, timeout: float = 0.1) -> bool:
+    """Whether a TFTP server answers on host:port (any reply to a read request counts)."""
+    request = b"\x00\x01" + b"archkernel-probe-no-such-file\x00octet\x00"
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.settimeout(timeout)
+        try:
+            sock.sendto(request, (host, port))
+            reply, _ = sock.recvfrom(1024)
+        except OSError:  # timeout, or ICMP port unreachable
+            return False
+    return len(reply) >= 4
+
+
+# ---------------------------------------------------------------------------- in.tftpd
+
+
+@dataclass(frozen=True)
+class TftpdHpa:
+    """A running `in.tftpd` serving `root` on host:port."""
+
+    root: Path
+    port: int
+    host: str = LOOPBACK
+
+    def put(self, name: str, data: bytes, mode: int = 0o644) -> Path:
+        """Store `data` as `name` (may contain `/`) under the root, readable by the server."""
+        path = self.root / name
+        for parent in reversed(path.relative_to(self.root).parents):
+            (self.root / parent).mkdir(exist_ok=True)
+            (self.root / parent).chmod(0o755)
+        path.write_bytes(data)
+        path.chmod(mode)
+        return path
+
+
+class TftpdUnavailable(Exception):
+    """in.tftpd cannot run here: not installed, or not root."""
+
+
+@contextlib.contextmanager
+def running_tftpd_hpa(root: Path, host: str = LOOPBACK) -> Iterator[TftpdHpa]:
+    """Run `in.tftpd -L -a HOST:PORT -s ROOT` on a free port until the block ends.
+
+    in.tftpd chroots into ROOT as root and then drops privileges, so ROOT and its files
+    must be world-readable (ROOT is made 0755 here, `put` writes 0644); the directories
+    above ROOT need not be traversable. It forks one child per transfer: the whole
+    process group is ended on exit.
+    """
+    binary = shutil.which("in.tftpd") or shutil.which("in.tftpd", path="/usr/sbin:/sbin")
+    if binary is None:
+        raise TftpdUnavailable("in.tftpd not installed (Debian package tftpd-hpa)")
+    if os.geteuid() != 0:
+        raise TftpdUnavailable("in.tftpd -s must start as root (it chroots into its directory)")
+    root.mkdir(parents=True, exist_ok=True)
+    root.chmod(0o755)
+    for _attempt in range(5):
+        port = free_udp_port(host)
+        proc = subprocess.Popen(
+            [binary, "-L", "-a", f"{host}:{port}", "-s", str(root)],
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.DEVNULL,
+            start_new_session=True,
+        )
+        try:
+            if _wait_until_answering(proc, host, port):
+                yield TftpdHpa(root=root, port=port, host=host)
+                return
+        finally:
+            _stop_group(proc)
+    raise RuntimeError(f"in.tftpd did not start on {host} after 5 attempts")
+
+
+def _wait_until_answering(proc: subprocess.Popen[bytes], host: str, port: int) -> bool:
+    deadline = time.monotonic() + 5
+    while time.monotonic() < deadline:
+        if proc.poll() is not None:
+            return False  # lost the port to someone else, most likely
+        if probe(host, port):
+            return True
+    raise RuntimeError(f"in.tftpd on {host}:{port} did not answer within 5s")
+
+
+def _stop_group(proc: subprocess.Popen[bytes]) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout=5)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    # Children still sending an abandoned transfer are in the group we created.
+    with contextlib.suppress(ProcessLookupError):
+        os.killpg(proc.pid, signal.SIGKILL)
+
+
+@pytest.fixture(scope="module")
+def tftpd_hpa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TftpdHpa]:
+    """Debian's in.tftpd on 127.0.0.1, one per test module; put files with `.put()`."""
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(running_tftpd_hpa(tmp_path_factory.mktemp("tftpd-root")))
+        except TftpdUnavailable as exc:
+            pytest.skip(str(exc))
+        yield server
+
+
+# ----------------------------------------------------------------- tftpy with faults
+
+
+@dataclass(frozen=True)
+class Truncate:
+    """Serve `data` but go silent after the last whole block below `after` bytes.
+
+    The client gets no end-of-file and no error: it times out mid-transfer.
+    """
+
+    data: bytes
+    after: int
+
+
+@dataclass(frozen=True)
+class Short:
+    """Announce `len(data)` as tsize but end cleanly (short block) after `after` bytes."""
+
+    data: bytes
+    after: int
+
+
+@dataclass(frozen=True)
+class Stall:
+    """Never answer a request for this file."""
+
+
+Content = bytes | Truncate | Short | Stall
+
+
+class InjectedFault(tftpy.TftpException):
+    """Raised inside the tftpy server: it drops the session without a word."""
+
+
+class _LimitedFile(io.FileIO):
+    """A real file (tftpy locks it and reads `.name`) that stops after `limit` bytes.
+
+    With `silent`, the read that would cross the limit raises InjectedFault, so the
+    server stops sending; otherwise reads return b"" there, a clean short end.
+    """
+
+    def __init__(self, path: Path, limit: int, *, silent: bool) -> None:
+        super().__init__(path, "rb")
+        self.limit = limit
+        self.silent = silent
+
+    def read(self, size: int | None = -1) -> bytes:
+        pos = self.tell()
+        if size is None or size < 0:
+            size = max(self.limit - pos, 0)
+        if pos + size > self.limit:
+            if self.silent:
+                raise InjectedFault(f"injected: stop sending at {pos} bytes")
+            size = max(self.limit - pos, 0)
+        return super().read(size)
+
+
+@dataclass
+class TftpyServer:
+    """A tftpy server running in a thread; `requests` lists the file names asked for."""
+
+    host: str
+    port: int
+    root: Path
+    requests: list[str] = field(default_factory=list)
+
+
+class _ServerThread(threading.Thread):
+    def __init__(self, server: tftpy.TftpServer, host: str, timeout: float) -> None:
+        super().__init__(name="tftpy-test-server", daemon=True)
+        self.server = server
+        self.host = host
+        self.timeout = timeout
+        self.error: BaseException | None = None
+
+    def run(self) -> None:
+        try:
+            self.server.listen(self.host, 0, timeout=self.timeout)
+        except BaseException as exc:  # reported by the fixture's teardown
+            self.error = exc
+            self.server.is_running.set()  # do not leave the starter waiting
+
+
+def _dyn_file_func(
+    files: Mapping[str, Content], store: Path, requests: list[str]
+) -> Callable[..., io.FileIO | None]:
+    def open_file(name: str, **_peer: Any) -> io.FileIO | None:
+        requests.append(name)
+        content = files.get(name)
+        if content is None:
+            return None  # tftpy answers "File not found" (error 1)
+        if isinstance(content, Stall):
+            raise InjectedFault("injected: ignore the request")
+        data = content if isinstance(content, bytes) else content.data
+        path = store / f"{len(requests)}.data"
+        path.write_bytes(data)
+        if isinstance(content, Truncate):
+            return _LimitedFile(path, content.after, silent=True)
+        if isinstance(content, Short):
+            return _LimitedFile(path, content.after, silent=False)
+        return io.FileIO(path, "rb")
+
+    return open_file
+
+
+@pytest.fixture
+def tftpy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., TftpyServer]]:
+    """Factory: `tftpy_server({"name": bytes | Truncate | Short | Stall}, timeout=0.25)`.
+
+    Unknown names get TFTP error 1. `timeout` is the server's per-packet timeout and
+    how often it checks for shutdown; keep it short. Servers stop at teardown, and a
+    crash of the listener thread fails the test there.
+    """
+    started: list[tuple[tftpy.TftpServer, _ServerThread]] = []
+
+    def start(files: Mapping[str, Content], *, timeout: float = 0.25) -> TftpyServer:
+        base = tmp_path_factory.mktemp("tftpy")
+        root, store = base / "root", base / "store"
+        root.mkdir()
+        store.mkdir()
+        handle = TftpyServer(host=LOOPBACK, port=0, root=root)
+        server = tftpy.TftpServer(
+            str(root), dyn_file_func=_dyn_file_func(dict(files), store, handle.requests)
+        )
+        thread = _ServerThread(server, LOOPBACK, timeout)
+        thread.start()
+        started.append((server, thread))
+        if not server.is_running.wait(5) or thread.error is not None:
+            raise RuntimeError(f"tftpy server did not start: {thread.error!r}")
+        handle.port = int(server.listenport)
+        return handle
+
+    yield start
+
+    errors = []
+    for server, thread in started:
+        server.stop(now=True)
+        thread.join(timeout=10)
+        assert not thread.is_alive(), "tftpy server thread did not stop"
+        if thread.error is not None:
+            errors.append(thread.error)
+    assert not errors, f"tftpy server thread crashed: {errors!r}"
