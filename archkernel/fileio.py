@@ -29,6 +29,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     target = Path(target)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = _tmp_name(target)
+    remove_stale_temporaries(target)
     remove_path(tmp)
     try:
         yield tmp
@@ -50,6 +51,26 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     except BaseException:
         remove_path(tmp)
         raise
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def remove_stale_temporaries(target: str | os.PathLike[str]) -> None:
+    """Remove temporary names of `target` left by processes that were killed."""
+    target = Path(target)
+    for kind in ("tmp", "old"):
+        for path in target.parent.glob(f".{target.name}.{kind}-*"):
+            pid = path.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and (int(pid) == os.getpid() or not _pid_alive(int(pid))):
+                remove_path(path)
 
 
 def write_bytes(target: str | os.PathLike[str], data: bytes, mode: int = 0o644) -> Path:

@@ -7,6 +7,7 @@ import logging
 import sys
 import time
 from collections.abc import Iterator
+from typing import ClassVar
 
 LOGGER_NAME = "archkernel"
 log = logging.getLogger(LOGGER_NAME)
@@ -15,7 +16,11 @@ log = logging.getLogger(LOGGER_NAME)
 class _Formatter(logging.Formatter):
     """`archkernel: message`, with colour only when writing to a terminal."""
 
-    COLOURS = {logging.WARNING: "\033[33m", logging.ERROR: "\033[31m", logging.DEBUG: "\033[2m"}
+    COLOURS: ClassVar[dict[int, str]] = {
+        logging.WARNING: "\033[33m",
+        logging.ERROR: "\033[31m",
+        logging.DEBUG: "\033[2m",
+    }
 
     def __init__(self, colour: bool) -> None:
         super().__init__()

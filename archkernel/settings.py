@@ -327,11 +327,11 @@ class AzureSettings(Model):
     @classmethod
     def _disk_size(cls, value: int) -> int:
         if value % MiB:
-            raise ValueError(f"{value} bytes is not a whole number of MiB (Azure requires it)")
+            raise ValueError(f"'{value}' bytes is not a whole number of MiB (Azure requires it)")
         if value > 1023 * GiB:
-            raise ValueError(f"{format_size(value)} is larger than Azure's 1023GiB")
+            raise ValueError(f"'{format_size(value)}' is larger than Azure's 1023GiB")
         if value < 64 * MiB:
-            raise ValueError(f"{format_size(value)} is too small; use at least 64MiB")
+            raise ValueError(f"'{format_size(value)}' is too small; use at least 64MiB")
         return value
 
     def all_packages(self) -> list[str]:
@@ -348,8 +348,8 @@ class Settings(Model):
     """The whole settings file."""
 
     workdir: Path = Field(Path("build"), description="step outputs and doit's state")
-    scaleway: ScalewaySettings = Field(default_factory=ScalewaySettings)  # type: ignore[arg-type]
-    azure: AzureSettings = Field(default_factory=AzureSettings)  # type: ignore[arg-type]
+    scaleway: ScalewaySettings = Field(default_factory=ScalewaySettings)
+    azure: AzureSettings = Field(default_factory=AzureSettings)
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -372,7 +372,10 @@ def find_settings_file(
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
 ) -> tuple[Path | None, str]:
-    """Pick the settings file: --settings, doit's settings=, $ARCHKERNEL_SETTINGS, ./settings.toml."""
+    """Pick the settings file.
+
+    First match wins: --settings, doit's settings=, $ARCHKERNEL_SETTINGS, ./settings.toml.
+    """
     env = os.environ if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
     if cli_path:

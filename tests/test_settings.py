@@ -1,0 +1,197 @@
+"""Settings: sources, environment overrides, one clear line per bad value, the example file."""
+
+from __future__ import annotations
+
+import re
+import tomllib
+from pathlib import Path
+
+import pytest
+
+from archkernel import settings as s
+from archkernel.errors import UserError
+
+REPO = Path(__file__).resolve().parent.parent
+
+
+def load_text(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> s.Loaded:
+    path = tmp_path / "settings.toml"
+    path.write_text(text)
+    return s.load(path, env=env or {}, cwd=tmp_path)
+
+
+def error_of(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> str:
+    with pytest.raises(UserError) as info:
+        load_text(tmp_path, text, env)
+    return info.value.message
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        (
+            '[azure]\ndisk_size = "30 GB"',
+            "azure.disk_size: '30 GB' is not a size; write e.g. 30GiB or 30720MiB",
+        ),
+        (
+            '[azure]\ndisk_size = "2000GiB"',
+            "azure.disk_size: '2000GiB' is larger than Azure's 1023GiB",
+        ),
+        ('[azure]\nhostname = "bad_host"', "azure.hostname: 'bad_host' is not a valid host name"),
+        ('[azure]\nhostname = "-x"', "azure.hostname: '-x' is not a valid host name"),
+        ('[azure.user]\nname = "Root"', "azure.user.name: 'Root' is not a valid user name"),
+        (
+            '[azure]\npackages = ["ok", "no spaces"]',
+            "azure.packages.1: 'no spaces' is not a valid pacman package name",
+        ),
+        (
+            '[azure]\nlocale = "en_US.UTF-8\\nX=1"',
+            "azure.locale: 'en_US.UTF-8\\nX=1' must be a single line",
+        ),
+        (
+            '[azure]\nkernel_cmdline = "quiet; reboot"',
+            "azure.kernel_cmdline: 'quiet; reboot' may hold only printable",
+        ),
+        (
+            '[scaleway]\nkernel = "boot/zImage"',
+            "scaleway.kernel: 'boot/zImage' must be an absolute path",
+        ),
+        (
+            '[scaleway]\nbootscript = "../etc/shadow"',
+            "scaleway.bootscript: '../etc/shadow' must be a relative path without '..'",
+        ),
+        (
+            '[scaleway]\ntftp_server = "10.0.0.300"',
+            "scaleway.tftp_server: '10.0.0.300' is not an IPv4 address",
+        ),
+        (
+            "[scaleway]\ntftp_port = 70000",
+            "scaleway.tftp_port: 70000 is not valid: input should be less than or equal to 65535",
+        ),
+        (
+            '[azure]\nprovisioning = "chef"',
+            "azure.provisioning: 'chef' is not valid: input should be 'cloud-init' or 'waagent'",
+        ),
+        (
+            '[azure.user]\nname = "a"\nssh_authorized_keys = ["not a key"]',
+            "azure.user.ssh_authorized_keys.0: 'not a key' is not an SSH public key line",
+        ),
+        ('[azure]\ndisk_sise = "8GiB"', "azure.disk_sise: unknown key (typo?)"),
+        ('[azuer]\nhostname = "x"', "azuer: unknown key (typo?)"),
+    ],
+)
+def test_each_bad_value_gives_one_line(tmp_path: Path, toml: str, expected: str) -> None:
+    message = error_of(tmp_path, toml)
+    lines = message.splitlines()[1:]
+    assert len(lines) == 1, message
+    assert lines[0].strip().startswith(expected), message
+
+
+def test_all_problems_are_reported_at_once(tmp_path: Path) -> None:
+    message = error_of(tmp_path, 'typo = 1\n[azure]\nhostname = "a b"\ndisk_size = "1TB"\n')
+    assert len(message.splitlines()) == 4
+    assert "typo: unknown key" in message
+
+
+def test_password_hash_is_checked_but_never_echoed(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[azure.user]\nname = "a"\npassword_hash = "hunter2"\n')
+    assert "hunter2" not in message
+    assert "azure.user.password_hash: **** is not a crypt(3) password hash" in message
+
+
+def test_toml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
+    message = error_of(tmp_path, '[azure]\nhostname = "x"\ndisk_size = = 3\n')
+    assert str(tmp_path / "settings.toml") in message
+    assert re.search(r"line 3, column \d+", message), message
+
+
+def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="does not exist"):
+        s.load(tmp_path / "nope.toml", env={}, cwd=tmp_path)
+
+
+def test_source_order(tmp_path: Path) -> None:
+    a, b, c = (tmp_path / n for n in ("a.toml", "b.toml", "c.toml"))
+    for p in (a, b, c):
+        p.write_text(f'[azure]\nhostname = "{p.stem}"\n')
+    (tmp_path / "settings.toml").write_text('[azure]\nhostname = "cwd"\n')
+    env = {s.ENV_SETTINGS: str(c)}
+    assert s.load(a, doit_var=str(b), env=env, cwd=tmp_path).settings.azure.hostname == "a"
+    assert s.load(None, doit_var=str(b), env=env, cwd=tmp_path).settings.azure.hostname == "b"
+    assert s.load(None, env=env, cwd=tmp_path).settings.azure.hostname == "c"
+    assert s.load(None, env={}, cwd=tmp_path).settings.azure.hostname == "cwd"
+    (tmp_path / "settings.toml").unlink()
+    defaults = s.load(None, env={}, cwd=tmp_path)
+    assert defaults.path is None and defaults.settings.azure.hostname == "archlinux"
+
+
+def test_environment_overrides_and_origins(tmp_path: Path) -> None:
+    env = {
+        "ARCHKERNEL_AZURE__DISK_SIZE": "8GiB",
+        "ARCHKERNEL_SCALEWAY__MODULES": '["virtio_net", "nbd"]',
+        "ARCHKERNEL_SCALEWAY__TFTP_PORT": "6969",
+        "ARCHKERNEL_AZURE__EXTENSIONS": "true",
+    }
+    loaded = load_text(tmp_path, '[azure]\nhostname = "fromfile"\n', env)
+    az, sw = loaded.settings.azure, loaded.settings.scaleway
+    assert az.disk_size == 8 * 1024**3
+    assert sw.modules == ["virtio_net", "nbd"]
+    assert sw.tftp_port == 6969 and az.extensions is True
+    rows = {k: (v, o) for k, v, o in s.effective(loaded)}
+    assert rows["azure.disk_size"] == ("8GiB", "env ARCHKERNEL_AZURE__DISK_SIZE")
+    assert rows["azure.hostname"][1].startswith("file ")
+    assert rows["azure.locale"][1] == "default"
+
+
+def test_environment_typo_is_an_error(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "", {"ARCHKERNEL_AZURE__DISKSIZE": "8GiB"})
+    assert "azure.disksize: unknown key" in message
+
+
+def test_relative_paths_are_relative_to_the_settings_file(tmp_path: Path) -> None:
+    sub = tmp_path / "conf"
+    sub.mkdir()
+    (sub / "settings.toml").write_text('workdir = "out"\n[azure]\npacman_conf = "pacman.conf"\n')
+    loaded = s.load(sub / "settings.toml", env={}, cwd=tmp_path)
+    assert loaded.settings.workdir == sub / "out"
+    assert loaded.settings.azure.pacman_conf == sub / "pacman.conf"
+
+
+def test_sizes_accept_mib_and_gib() -> None:
+    assert s.AzureSettings(disk_size="30720MiB").disk_size == 30 * 1024**3  # type: ignore[arg-type]
+    assert s.format_size(3 * 1024**3) == "3GiB" and s.format_size(1536 * 1024**2) == "1536MiB"
+
+
+def test_subset_has_exactly_the_keys_asked_and_digests_secrets() -> None:
+    user = s.AzureUser(name="arch", password_hash="$6$abc$def")  # type: ignore[arg-type]
+    settings = s.Settings(azure=s.AzureSettings(user=user))
+    got = s.subset(settings, ["azure.hostname", "azure.user"])
+    assert set(got) == {"azure.hostname", "azure.user"}
+    assert got["azure.user"]["password_hash"].startswith("sha256:")
+    assert "$6$abc$def" not in repr(got)
+
+
+def _example_keys(text: str) -> dict[str, str]:
+    """key path -> line, for `key = value` lines, commented out or not."""
+    keys: dict[str, str] = {}
+    section = ""
+    for raw in text.splitlines():
+        line = raw.lstrip("# ").strip()
+        if m := re.fullmatch(r"\[([a-z_.]+)\]", line):
+            section = m.group(1) + "."
+        elif m := re.match(r"([a-z_]+) = ", line):
+            keys[section + m.group(1)] = raw
+    return keys
+
+
+def test_example_file_shows_every_key_and_loads_to_the_defaults(tmp_path: Path) -> None:
+    example = REPO / "settings.toml.example"
+    text = example.read_text()
+    keys = _example_keys(text)
+    assert set(keys) == set(s.field_docs()), set(keys) ^ set(s.field_docs())
+    for key, line in keys.items():
+        assert "  # " in line, f"{key} has no comment"
+    loaded = s.load(example, env={}, cwd=tmp_path)
+    defaults = s.Settings(workdir=REPO / "build")
+    assert loaded.settings == defaults
+    tomllib.loads(text)
