@@ -55,8 +55,9 @@ class Workflow:
     name: str
     doc: str
     build: Callable[[Loaded], list[Step]]
-    # While this file exists, steps after the first do nothing (e.g. already kexec'd).
-    halt_file: Callable[[Loaded], Path] | None = None
+    # A reason to do nothing this time (e.g. already kexec'd), checked when the tasks are
+    # made; it applies to runs that reach the last step.
+    halted: Callable[[Loaded], str | None] | None = None
     extra_tasks: Callable[[Loaded], list[dict[str, Any]]] | None = field(default=None)
 
 
@@ -93,16 +94,17 @@ def task_name(workflow: str, step: Step) -> str:
     return f"{workflow}:{step.id}"
 
 
-def _action(workflow: Workflow, loaded: Loaded, step: Step) -> Callable[[], Any]:
+def _skip(title: str, reason: str) -> Callable[[], None]:
+    def run() -> None:
+        log.info("%s: skipped: %s", title, reason)
+
+    return run
+
+
+def _action(workflow: Workflow, step: Step) -> Callable[[], Any]:
     title = task_name(workflow.name, step)
 
     def run() -> Any:
-        if workflow.halt_file is not None and step.number > 1:
-            halt = workflow.halt_file(loaded)
-            if halt.exists():
-                reason = halt.read_text(encoding="utf-8", errors="replace").strip()
-                log.info("%s: skipped (%s)", title, reason)
-                return None
         log.info("%s: %s", title, step.doc)
         start = time.monotonic()
         try:
@@ -134,10 +136,22 @@ def doit_tasks(
     """
     steps = workflow.build(loaded)
     yield {"basename": workflow.name, "name": None, "doc": workflow.doc}
+    reaches_end = to_step is None or to_step >= steps[-1].number
+    halted = workflow.halted(loaded) if workflow.halted and reaches_end else None
     previous: str | None = None
     for step in steps:
         if to_step is not None and step.number > to_step:
             break
+        if halted is not None:
+            yield {
+                "basename": workflow.name,
+                "name": step.id,
+                "doc": step.doc,
+                "actions": [_skip(task_name(workflow.name, step), halted)],
+                "uptodate": [False],
+                "verbosity": 2,
+            }
+            continue
         uptodate: list[Any] = [SettingsChanged(subset(loaded.settings, list(step.settings)))]
         if step.always or (from_step is not None and step.number >= from_step):
             uptodate.append(False)
@@ -145,7 +159,7 @@ def doit_tasks(
             "basename": workflow.name,
             "name": step.id,
             "doc": step.doc,
-            "actions": [_action(workflow, loaded, step)],
+            "actions": [_action(workflow, step)],
             "targets": [os.fspath(t) for t in step.targets],
             "file_dep": [os.fspath(f) for f in step.file_dep],
             "uptodate": uptodate,
