@@ -321,6 +321,17 @@ class RuleResult:
 
 
 @dataclass(frozen=True)
+class Problem:
+    """A rule a VHD breaks, with a readable line saying how."""
+
+    rule: str
+    detail: str
+
+    def __str__(self) -> str:
+        return f"{self.rule}: {self.detail}"
+
+
+@dataclass(frozen=True)
 class Report:
     """What `check` found: one result per rule, and the footer when there was one."""
 
@@ -335,9 +346,9 @@ class Report:
         return all(r.ok for r in self.results)
 
     @property
-    def problems(self) -> list[str]:
-        """One readable line per failed rule."""
-        return [f"{r.rule}: {r.detail}" for r in self.results if not r.ok]
+    def problems(self) -> list[Problem]:
+        """One problem per failed rule, in rule order."""
+        return [Problem(r.rule, r.detail) for r in self.results if not r.ok]
 
     @property
     def failed(self) -> set[str]:
@@ -369,64 +380,56 @@ def check_footer(tail: bytes, file_size: int, path: str = "<footer>") -> Report:
         return Report(path, file_size, (result,), None)
     computed = checksum(tail)
     data_size = file_size - FOOTER_SIZE
+    size = f.current_size
+    whole_mib = size > 0 and size % MiB == 0
+    original_ok = 0 < f.original_size <= size and f.original_size % SECTOR == 0
+
+    def rule(name: str, ok: bool, detail: str, why: str) -> RuleResult:
+        return RuleResult(name, ok, detail if ok else f"{detail}{why}")
+
     results = (
-        RuleResult("cookie", True, f"cookie is {COOKIE!r}"),
-        RuleResult(
+        rule("cookie", True, f"cookie is {COOKIE!r}", ""),
+        rule(
             "checksum",
             f.checksum == computed,
-            f"stored 0x{f.checksum:08X}"
-            + ("" if f.checksum == computed else f", computed 0x{computed:08X}"),
+            f"stored 0x{f.checksum:08X}",
+            f", computed 0x{computed:08X} (a corrupt or hand-edited footer)",
         ),
-        RuleResult(
+        rule(
             "disk-type",
             f.disk_type == DISK_TYPE_FIXED,
-            f"disk type is {f.disk_type_name}"
-            + ("" if f.disk_type == DISK_TYPE_FIXED else "; Azure accepts only fixed VHDs"),
+            f"disk type is {f.disk_type_name}",
+            "; Azure accepts only fixed VHDs",
         ),
-        RuleResult(
+        rule(
             "data-offset",
             f.data_offset == FIXED_DATA_OFFSET,
-            f"data offset is 0x{f.data_offset:X}"
-            + (
-                ""
-                if f.data_offset == FIXED_DATA_OFFSET
-                else f", a fixed disk has 0x{FIXED_DATA_OFFSET:X}"
-            ),
+            f"data offset is 0x{f.data_offset:X}",
+            f", a fixed disk has 0x{FIXED_DATA_OFFSET:X}",
         ),
-        RuleResult(
+        rule(
             "whole-mib",
-            f.current_size % MiB == 0 and f.current_size > 0,
-            f"current size is {f.current_size} bytes"
-            + (
-                f" ({f.current_size // MiB} MiB)"
-                if f.current_size % MiB == 0 and f.current_size > 0
-                else ", Azure needs a positive whole number of MiB"
-            ),
+            whole_mib,
+            f"current size is {size} bytes" + (f" ({size // MiB} MiB)" if whole_mib else ""),
+            ", Azure needs a positive whole number of MiB",
         ),
-        RuleResult(
+        rule(
             "azure-max",
-            f.current_size <= AZURE_MAX,
-            f"current size is {_human(f.current_size)}, Azure's limit is 1023 GiB",
+            size <= AZURE_MAX,
+            f"current size is {_human(size)}",
+            ", more than Azure's limit of 1023 GiB",
         ),
-        RuleResult(
+        rule(
             "file-size",
-            data_size == f.current_size,
-            f"{data_size} bytes before the footer"
-            + (
-                ""
-                if data_size == f.current_size
-                else f", the footer says {f.current_size} (truncated or padded file?)"
-            ),
+            data_size == size,
+            f"{data_size} bytes before the footer",
+            f", the footer says {size} (a truncated or padded file?)",
         ),
-        RuleResult(
+        rule(
             "original-size",
-            0 < f.original_size <= f.current_size and f.original_size % SECTOR == 0,
-            f"original size is {f.original_size} bytes"
-            + (
-                ""
-                if 0 < f.original_size <= f.current_size and f.original_size % SECTOR == 0
-                else ", expected a positive number of sectors no larger than the current size"
-            ),
+            original_ok,
+            f"original size is {f.original_size} bytes",
+            ", expected a positive number of sectors no larger than the current size",
         ),
     )
     return Report(path, file_size, results, f)
@@ -515,7 +518,7 @@ def _pwrite_all(fd: int, data: bytes, offset: int) -> None:
         offset += written
 
 
-def check(path: str | os.PathLike[str]) -> Report:
+def examine(path: str | os.PathLike[str]) -> Report:
     """Apply Azure's fixed-VHD rules to the file at `path`; reads only its last 512 bytes."""
     try:
         fd = os.open(path, os.O_RDONLY)
@@ -530,9 +533,17 @@ def check(path: str | os.PathLike[str]) -> Report:
     return check_footer(tail, size, os.fspath(path))
 
 
+def check(path: str | os.PathLike[str]) -> list[Problem]:
+    """The Azure rules the file at `path` breaks as a VHD; empty when Azure accepts it.
+
+    O(1): reads only the last 512 bytes. `examine` gives every rule's result.
+    """
+    return examine(path).problems
+
+
 def check_or_raise(path: str | os.PathLike[str]) -> Footer:
     """Return the footer of the VHD at `path`, or raise a UserError listing every failed rule."""
-    report = check(path)
+    report = examine(path)
     if not report.ok or report.footer is None:
         lines = "\n".join(f"  {p}" for p in report.problems)
         raise UserError(
@@ -720,18 +731,16 @@ def from_raw(
             timestamp=_default_timestamp() if timestamp is None else timestamp,
             unique_id=uuid.uuid4() if unique_id is None else unique_id,
         )
-        with atomic_path(vhd) as tmp:
-            try:
+        try:
+            with atomic_path(vhd) as tmp:
                 dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-            except OSError as exc:
-                raise _io_error("create", tmp, exc) from exc
-            try:
-                how = copy_sparse(src, dst, size)
-                _pwrite_all(dst, data, size)
-            except OSError as exc:
-                raise _io_error(f"copy {raw_name} to", tmp, exc) from exc
-            finally:
-                os.close(dst)
+                try:
+                    how = copy_sparse(src, dst, size)
+                    _pwrite_all(dst, data, size)
+                finally:
+                    os.close(dst)
+        except OSError as exc:
+            raise _io_error(f"write {raw_name} as a VHD to", vhd, exc) from exc
         log.debug("wrote %s from %s (%s) with a %d MiB footer", vhd_name, raw_name, how, size >> 20)
         return parse_footer(data)
     except OSError as exc:

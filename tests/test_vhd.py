@@ -26,6 +26,10 @@ KiB = 1024
 MiB = 1 << 20
 GiB = 1 << 30
 UID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
+# Allocation allowed beyond the data: the footer's block, an extent-tree block on ext4, and
+# XFS's speculative preallocation past the end of file (64 KiB). Copying the holes of the
+# images used here would add megabytes to gigabytes.
+SLACK = 128 * KiB
 
 
 # --- helpers written from the spec, independent of the module -------------------------------
@@ -335,19 +339,21 @@ def test_check_flags_exactly_the_broken_rule(
     tmp_path: Path, footer: bytes, data_size: int, rule: str
 ) -> None:
     path = vhd_file(tmp_path / "disk.vhd", footer, data_size)
-    report = vhd.check(path)
+    report = vhd.examine(path)
     assert not report.ok
     assert report.failed == {rule}
-    assert len(report.problems) == 1
-    assert report.problems[0].startswith(f"{rule}: ")
+    problems = vhd.check(path)
+    assert [p.rule for p in problems] == [rule]
+    assert str(problems[0]).startswith(f"{rule}: ")
     with pytest.raises(UserError) as info:
         vhd.check_or_raise(path)
-    assert report.problems[0] in info.value.message
+    assert str(problems[0]) in info.value.message
 
 
 def test_check_passes_a_good_footer_and_names_every_rule(tmp_path: Path) -> None:
     path = vhd_file(tmp_path / "disk.vhd", GOOD, 4 * MiB)
-    report = vhd.check(path)
+    assert vhd.check(path) == []
+    report = vhd.examine(path)
     assert report.ok, str(report)
     assert [r.rule for r in report.results] == [
         "cookie",
@@ -366,15 +372,15 @@ def test_check_passes_a_good_footer_and_names_every_rule(tmp_path: Path) -> None
 
 def test_check_reports_a_raw_image_as_not_a_vhd(tmp_path: Path) -> None:
     path = sparse_file(tmp_path / "disk.raw", 4 * MiB)
-    report = vhd.check(path)
+    report = vhd.examine(path)
     assert report.failed == {"cookie"}
-    assert "not a VHD" in report.problems[0]
+    assert "not a VHD" in str(vhd.check(path)[0])
 
 
 def test_check_reports_a_tiny_file(tmp_path: Path) -> None:
     path = tmp_path / "tiny"
     path.write_bytes(b"conectix")
-    assert vhd.check(path).failed == {"cookie"}
+    assert vhd.examine(path).failed == {"cookie"}
 
 
 def test_check_reads_only_the_last_512_bytes(
@@ -390,13 +396,18 @@ def test_check_reads_only_the_last_512_bytes(
 
     monkeypatch.setattr(os, "pread", spy)
     monkeypatch.setattr(os, "read", lambda *a: pytest.fail("check() used os.read"))
-    assert vhd.check(path).ok
+    assert vhd.examine(path).ok
     assert reads == [(512, 4 * MiB)]
 
 
 def test_check_of_a_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot open"):
         vhd.check(tmp_path / "nope.vhd")
+
+
+def test_check_of_a_directory_is_a_user_error(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="Is a directory"):
+        vhd.check(tmp_path)
 
 
 # --- append_footer --------------------------------------------------------------------------
@@ -434,8 +445,7 @@ def test_append_footer_keeps_a_30_gib_image_sparse(tmp_path: Path) -> None:
     before = allocated(raw)
     vhd.append_footer(raw)
     assert raw.stat().st_size == 30 * GiB + 512
-    # One block for the footer, perhaps one for the file system's extent tree.
-    assert allocated(raw) <= before + 16 * KiB
+    assert allocated(raw) <= before + SLACK
 
 
 def test_append_footer_twice_leaves_the_file_alone(tmp_path: Path) -> None:
@@ -524,13 +534,13 @@ def test_from_raw_leaves_raw_unchanged_and_the_vhd_sparse(tmp_path: Path) -> Non
     footer = vhd.from_raw(raw, out, unique_id=UID)
     assert (file_sha256(raw), raw.stat().st_size, raw.stat().st_mtime_ns, allocated(raw)) == before
     assert out.stat().st_size == 256 * MiB + 512
-    assert allocated(out) <= before[3] + 16 * KiB
+    assert allocated(out) <= before[3] + SLACK
     assert footer.current_size == 256 * MiB
     _assert_same_data(raw, out, chunks)
     with open(out, "rb") as v:
         assert hashlib.sha256(v.read(256 * MiB)).hexdigest() == before[0]
     assert tail(out)[68:84] == UID.bytes
-    assert vhd.check(out).ok
+    assert vhd.examine(out).ok
     assert [p.name for p in out.parent.iterdir()] == ["disk.vhd"]  # no temporary left
 
 
@@ -542,7 +552,7 @@ def test_from_raw_keeps_a_30_gib_image_sparse(tmp_path: Path) -> None:
     out = tmp_path / "disk.vhd"
     vhd.from_raw(raw, out)
     assert out.stat().st_size == 30 * GiB + 512
-    assert allocated(out) <= allocated(raw) + 16 * KiB
+    assert allocated(out) <= allocated(raw) + SLACK
     _assert_same_data(raw, out, chunks)
 
 
@@ -559,9 +569,35 @@ def test_from_raw_without_copy_file_range_still_copies_only_data(
     os.sync()
     out = tmp_path / "disk.vhd"
     vhd.from_raw(raw, out)
-    assert allocated(out) <= allocated(raw) + 16 * KiB
+    assert allocated(out) <= allocated(raw) + SLACK
     _assert_same_data(raw, out, chunks)
     assert file_sha256(raw) == hashlib.sha256(out.read_bytes()[: 64 * MiB]).hexdigest()
+
+
+def test_from_raw_skips_zero_blocks_where_holes_cannot_be_seen(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # As with a block device: no SEEK_DATA, no copy_file_range; all of it reads as data.
+    real_lseek = os.lseek
+
+    def lseek(fd: int, pos: int, how: int) -> int:
+        if how in (os.SEEK_DATA, os.SEEK_HOLE):
+            raise OSError(errno.EINVAL, "Invalid argument")
+        return real_lseek(fd, pos, how)
+
+    def no_copy_file_range(*args: object) -> int:
+        raise OSError(errno.EINVAL, "Invalid argument")
+
+    monkeypatch.setattr(os, "lseek", lseek)
+    monkeypatch.setattr(os, "copy_file_range", no_copy_file_range)
+    raw = sparse_file(tmp_path / "disk.raw", 64 * MiB)
+    chunks = {3 * MiB: b"a" * 4096, 50 * MiB + 7: b"b" * 100}
+    write_at(raw, chunks)
+    out = tmp_path / "disk.vhd"
+    vhd.from_raw(raw, out)
+    assert allocated(out) <= 2 * MiB + SLACK  # the two 1 MiB blocks that hold data
+    _assert_same_data(raw, out, chunks)
+    assert out.stat().st_size == 64 * MiB + 512
 
 
 def test_from_raw_replaces_an_old_vhd(tmp_path: Path) -> None:
@@ -700,7 +736,7 @@ def test_a_vhd_from_qemu_img_convert_passes_check(qemu_img: str, tmp_path: Path)
             out,
         ]
     )
-    report = vhd.check(out)
+    report = vhd.examine(out)
     assert report.ok, str(report)
     assert vhd.raw_size(out) == 64 * MiB
     theirs = tail(out)
@@ -744,7 +780,7 @@ def test_chs_geometry_matches_qemu(qemu_img: str, tmp_path: Path, size: str) -> 
 def test_check_flags_a_dynamic_vhd_from_qemu(qemu_img: str, tmp_path: Path) -> None:
     out = tmp_path / "dynamic.vhd"
     run([qemu_img, "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size", out, "1M"])
-    report = vhd.check(out)
+    report = vhd.examine(out)
     assert report.failed == {"disk-type", "data-offset", "file-size"}
     with pytest.raises(UserError, match="disk type is dynamic"):
         vhd.check_or_raise(out)
