@@ -14,6 +14,8 @@ import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
+from archkernel.errors import UserError
+
 
 def _tmp_name(target: Path) -> Path:
     return target.with_name(f".{target.name}.tmp-{os.getpid()}")
@@ -102,12 +104,39 @@ def write_if_changed(target: str | os.PathLike[str], data: bytes, mode: int = 0o
     return True
 
 
+def mount_points_under(path: str | os.PathLike[str]) -> list[str]:
+    """Mount points at or below `path` (from /proc/self/mountinfo)."""
+    base = os.path.realpath(path)
+    points = []
+    try:
+        text = Path("/proc/self/mountinfo").read_text()
+    except OSError:
+        return []
+    for line in text.splitlines():
+        fields = line.split()
+        if len(fields) > 4:
+            point = fields[4].replace("\\040", " ")
+            if point == base or point.startswith(base.rstrip("/") + "/"):
+                points.append(point)
+    return points
+
+
 def remove_path(path: str | os.PathLike[str]) -> None:
-    """Remove a file, symlink or directory tree; a missing path is fine."""
+    """Remove a file, symlink or directory tree; a missing path is fine.
+
+    A tree with something mounted inside (a chroot's /dev, say) is never removed: that
+    would delete the host's files through the mount.
+    """
     p = Path(path)
     if p.is_symlink() or p.is_file():
         p.unlink(missing_ok=True)
     elif p.is_dir():
+        busy = mount_points_under(p)
+        if busy:
+            raise UserError(
+                f"refusing to remove {p}: {busy[0]} is mounted inside it",
+                f"unmount it first (umount -R {busy[0]})",
+            )
         shutil.rmtree(p)
     else:
         p.unlink(missing_ok=True)
@@ -129,7 +158,8 @@ def temporary_directory(prefix: str = "archkernel-", parent: str | None = None) 
     try:
         yield path
     finally:
-        shutil.rmtree(path, ignore_errors=True)
+        if not mount_points_under(path):  # never delete through a mount left inside
+            shutil.rmtree(path, ignore_errors=True)
 
 
 def _fsync(path: Path) -> None:
