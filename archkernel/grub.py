@@ -1,0 +1,220 @@
+"""GRUB for BIOS (i386-pc) boot of a disk image, installed with the build host's GRUB.
+
+Like mkosi's tools tree, the boot loader comes from the machine that builds the image, not
+from the image, so nothing runs inside the image. It happens in two acts:
+
+1. `stage_bios_files`, *before* the root file system is made: copy the host's i386-pc
+   modules and `boot.img` into `ROOT/boot/grub/i386-pc`, build `core.img` there with
+   `grub-mkimage` (its early config finds the root file system by UUID, which we choose
+   before mkfs), and write `ROOT/boot/grub/grub.cfg`. `mkfs.ext4 -d` then carries them in.
+2. `install_bios`, after mkfs: `grub-bios-setup` writes `boot.img` into the MBR and embeds
+   `core.img` in the BIOS boot partition (GPT) or the gap after the MBR (MBR).
+
+`grub-bios-setup` writes to the image *file* through a device map `(hd0) IMAGE`, but
+before it does anything it insists that the directory holding `boot.img` and `core.img`
+lies on a block device GRUB can open (it "guesses the root device" from that directory's
+mount, even though the result is not written anywhere). A directory on the build host's
+disk fails in containers (`/dev/vda` opens with EPERM) and would make the result depend on
+the host, so `install_bios` attaches the image's root partition read-only to a loop device,
+mounts it read-only and points `grub-bios-setup` at the staged files there. The file
+system stays exactly as mkfs made it.
+
+Modules and core.img must come from the same GRUB build; both come from `grub_lib`.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import uuid
+from pathlib import Path
+
+from archkernel.disk import SECTOR, Layout, fs_uuid, read_partitions
+from archkernel.errors import UserError
+from archkernel.fileio import temporary_directory, write_text
+from archkernel.mounts import loop_device, mounted
+from archkernel.run import check_tools, minimal_env, package_hint, run
+
+GRUB_I386_PC = Path("/usr/lib/grub/i386-pc")
+# Where the staged files live inside the root tree, and GRUB's prefix at boot.
+PREFIX = "/boot/grub"
+# What core.img needs to find and read /boot/grub on the root file system; everything else
+# is loaded from there on demand (command.lst says which module holds which command).
+CORE_MODULES = ("biosdisk", "part_gpt", "part_msdos", "ext2", "search")
+
+# Characters that need no quoting in a GRUB script word.
+_PLAIN_WORD = re.compile(r"[A-Za-z0-9_./:=,+@%^-]+")
+
+
+def canonical_uuid(value: str) -> str:
+    """`value` as a lower-case hyphenated UUID; UserError if it is not one."""
+    try:
+        return str(uuid.UUID(value))
+    except ValueError as exc:
+        raise UserError(
+            f"{value!r} is not a UUID", "use the form 8-4-4-4-12 hex digits, e.g. from uuidgen"
+        ) from exc
+
+
+def grub_word(word: str) -> str:
+    """`word` quoted for a GRUB script, if it needs it (single quotes, like sh)."""
+    if _PLAIN_WORD.fullmatch(word):
+        return word
+    return "'" + word.replace("'", "'\\''") + "'"
+
+
+def _boot_path(value: str, what: str) -> str:
+    if not value.startswith("/") or any(c.isspace() or c in "'\"\\$;" for c in value):
+        raise UserError(
+            f"the {what} path {value!r} is not a plain absolute path",
+            f"give the {what} as a path inside the root file system, e.g. /boot/vmlinuz-linux",
+        )
+    return value
+
+
+def grub_cfg(root_uuid: str, kernel: str, initrd: str, cmdline: str, *, timeout: int = 1) -> str:
+    """The text of /boot/grub/grub.cfg: one entry booting `kernel` from the root file system.
+
+    Input and output go to the serial port as well as the screen: the serial console is
+    what Azure's boot diagnostics and serial console show.
+    """
+    fs = canonical_uuid(root_uuid)
+    if "\n" in cmdline:
+        raise UserError("the kernel command line has a line break", "give it on one line")
+    args = " ".join(grub_word(w) for w in [f"root=UUID={fs}", "rw", *cmdline.split()])
+    return "\n".join(
+        [
+            "# Written by archkernel; the build host's GRUB was installed with this file.",
+            "serial --unit=0 --speed=115200",
+            "terminal_input serial console",
+            "terminal_output serial console",
+            f"set timeout={int(timeout)}",
+            "set default=0",
+            f"search --no-floppy --fs-uuid --set=root {fs}",
+            "",
+            "menuentry 'Arch Linux' {",
+            f"\tlinux {_boot_path(kernel, 'kernel')} {args}",
+            f"\tinitrd {_boot_path(initrd, 'initrd')}",
+            "}",
+            "",
+        ]
+    )
+
+
+def early_cfg(root_uuid: str) -> str:
+    """The config built into core.img: find the root file system, load the rest from it."""
+    fs = canonical_uuid(root_uuid)
+    return f"search --no-floppy --fs-uuid --set=root {fs}\nset prefix=($root){PREFIX}\n"
+
+
+def mkimage_argv(grub_lib: Path, output: Path, early_config: Path) -> list[str]:
+    """The grub-mkimage command that builds an i386-pc core.img."""
+    argv = ["grub-mkimage", "--format", "i386-pc", "--directory", os.fspath(grub_lib)]
+    argv += ["--output", os.fspath(output), "--config", os.fspath(early_config)]
+    return [*argv, "--prefix", PREFIX, *CORE_MODULES]
+
+
+def device_map(image: Path) -> str:
+    """A GRUB device map that makes the image file GRUB's first hard disk."""
+    return f"(hd0) {os.path.realpath(image)}\n"
+
+
+def bios_setup_argv(tool: Path, grub_dir: Path, map_file: Path, image: Path) -> list[str]:
+    """The grub-bios-setup command that writes boot.img and core.img from `grub_dir`."""
+    argv = [os.fspath(tool), "--directory", os.fspath(grub_dir)]
+    return [*argv, "--device-map", os.fspath(map_file), os.path.realpath(image)]
+
+
+def bios_setup_tool(grub_lib: Path = GRUB_I386_PC) -> Path:
+    """Where grub-bios-setup is: on PATH (Arch) or beside the modules (Debian)."""
+    found = shutil.which("grub-bios-setup", path=minimal_env()["PATH"])
+    if found:
+        return Path(found)
+    beside = Path(grub_lib) / "grub-bios-setup"
+    if os.access(beside, os.X_OK):
+        return beside
+    raise UserError("command not found: grub-bios-setup", package_hint("grub-install"))
+
+
+def _check_grub_lib(grub_lib: Path) -> None:
+    missing = [n for n in ("kernel.img", "boot.img", "moddep.lst") if not (grub_lib / n).is_file()]
+    if missing:
+        raise UserError(
+            f"{grub_lib} is not a GRUB i386-pc directory (no {', '.join(missing)})",
+            package_hint("grub-install"),
+        )
+
+
+def stage_bios_files(rootdir: Path, grub_lib: Path, cfg_text: str, *, root_uuid: str) -> Path:
+    """Put GRUB's i386-pc files, a core.img for `root_uuid` and grub.cfg into `rootdir`.
+
+    Run before the root file system is made, with the UUID it will be made with. Returns
+    the directory `ROOT/boot/grub/i386-pc`.
+    """
+    grub_lib = Path(grub_lib)
+    _check_grub_lib(grub_lib)
+    check_tools(["grub-mkimage"], "installing GRUB")
+    dest = Path(rootdir) / PREFIX.lstrip("/") / "i386-pc"
+    dest.mkdir(parents=True, exist_ok=True)
+    for source in sorted(grub_lib.iterdir()):
+        if source.suffix in (".mod", ".lst") or source.name == "boot.img":
+            shutil.copyfile(source, dest / source.name)
+            os.chmod(dest / source.name, 0o644)
+    with temporary_directory(prefix="archkernel-grub-") as tmp:
+        config = write_text(tmp / "early.cfg", early_cfg(root_uuid))
+        run(mkimage_argv(grub_lib, dest / "core.img", config))
+    write_text(dest.parent / "grub.cfg", cfg_text)
+    return dest
+
+
+def install_bios(
+    image: Path, layout: Layout, *, root_uuid: str, grub_lib: Path = GRUB_I386_PC
+) -> None:
+    """Write GRUB's boot.img and core.img (staged by `stage_bios_files`) into `image`.
+
+    `root_uuid` is the UUID core.img was built for; the root file system must have it, or
+    the machine would stop at `grub rescue>`.
+    """
+    tool = bios_setup_tool(grub_lib)
+    root = layout.root
+    found = fs_uuid(image, root)
+    if found.lower() != canonical_uuid(root_uuid):
+        raise UserError(
+            f"the root file system of {image} has UUID {found}, but GRUB was staged for "
+            f"{root_uuid}",
+            "make the file system with the UUID given to stage_bios_files",
+        )
+    with temporary_directory(prefix="archkernel-grub-") as tmp:
+        map_file = write_text(tmp / "device.map", device_map(image))
+        with (
+            loop_device(image, offset=root.start, sizelimit=root.size, read_only=True) as dev,
+            mounted(dev, tmp / "root", fstype="ext4", options=("ro",)) as mnt,
+        ):
+            grub_dir = mnt / PREFIX.lstrip("/") / "i386-pc"
+            missing = [n for n in ("boot.img", "core.img") if not (grub_dir / n).is_file()]
+            if missing:
+                raise UserError(
+                    f"the root file system of {image} has no {PREFIX}/i386-pc/"
+                    f"{' or '.join(missing)}",
+                    "stage GRUB's files into the root tree before making the file system",
+                )
+            run(bios_setup_argv(tool, grub_dir, map_file, image))
+    _check_table_kept(image, layout)
+
+
+def _check_table_kept(image: Path, layout: Layout) -> None:
+    written = [(p["start"], p["size"]) for p in read_partitions(image)]
+    planned = [(p.start // SECTOR, p.size // SECTOR) for p in layout.partitions]
+    if written != planned:
+        raise UserError(
+            f"installing GRUB changed the partition table of {image}",
+            "report this together with `grub-install --version`",
+        )
+    with open(image, "rb") as f:
+        mbr = f.read(SECTOR)
+    if mbr[510:] != b"\x55\xaa" or not any(mbr[:440]):
+        raise UserError(
+            f"{image} has no boot code in its MBR after grub-bios-setup",
+            "run the GRUB step again with -v to see grub-bios-setup's output",
+        )

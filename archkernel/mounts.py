@@ -1,0 +1,264 @@
+"""Loop devices and mounts as context managers that undo themselves on any exit.
+
+Every context manager here undoes what it did when its block ends, whether normally, by
+an exception or by Ctrl-C. What a killed process (SIGKILL, a power cut) leaves behind,
+`cleanup_stale(workdir)` finds from the kernel's own lists and removes before a step is
+run again.
+
+This machine's kernel has no partition-table parser: `losetup -P` makes no
+`/dev/loopNp1`, so `loop_device(..., partitions=True)` asks `partx -a` for them.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from archkernel.errors import UserError
+from archkernel.log import log
+from archkernel.run import run
+
+MOUNTINFO = Path("/proc/self/mountinfo")
+
+
+@dataclass(frozen=True)
+class LoopInfo:
+    """One attached loop device as `losetup --list --json` reports it."""
+
+    name: str
+    back_file: str
+    offset: int
+    sizelimit: int
+
+
+def parse_losetup_json(text: str) -> list[LoopInfo]:
+    """The loop devices listed by `losetup --list --json` (empty output: none)."""
+    if not text.strip():
+        return []
+    devices = json.loads(text).get("loopdevices", [])
+    out = []
+    for dev in devices:
+        back = dev.get("back-file") or ""
+        # The kernel reports a backing file that was deleted or renamed away this way.
+        back = back.removesuffix(" (deleted)")
+        out.append(
+            LoopInfo(dev["name"], back, int(dev.get("offset") or 0), int(dev.get("sizelimit") or 0))
+        )
+    return out
+
+
+def list_loop_devices() -> list[LoopInfo]:
+    """Every loop device attached on this machine."""
+    proc = run(
+        ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,OFFSET,SIZELIMIT"], capture=True
+    )
+    return parse_losetup_json(proc.stdout)
+
+
+def _unescape_mountinfo(field: str) -> str:
+    """Undo the octal escapes (\\040 for a space ...) of a /proc/self/mountinfo field."""
+    out = bytearray()
+    raw = os.fsencode(field)
+    i = 0
+    while i < len(raw):
+        if raw[i] == 0x5C and i + 4 <= len(raw) and raw[i + 1 : i + 4].isdigit():
+            out.append(int(raw[i + 1 : i + 4], 8))
+            i += 4
+        else:
+            out.append(raw[i])
+            i += 1
+    return os.fsdecode(bytes(out))
+
+
+def _is_under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def mounts_under(mountinfo: str, directory: str) -> list[str]:
+    """Mount points at or below `directory`, deepest first (the order to unmount them).
+
+    `mountinfo` is the text of /proc/self/mountinfo; its mount point is the fifth field.
+    """
+    found = []
+    for line in mountinfo.splitlines():
+        fields = line.split(" ")
+        if len(fields) > 4:
+            point = _unescape_mountinfo(fields[4])
+            if _is_under(point, directory):
+                found.append(point)
+    # Later mounts over the same point sit on top: unmount them first.
+    ordered = list(reversed(found))
+    ordered.sort(key=lambda p: p.count("/"), reverse=True)
+    return ordered
+
+
+def loops_under(devices: Iterable[LoopInfo], directory: str) -> list[LoopInfo]:
+    """The loop devices whose backing file lies in `directory`."""
+    return [d for d in devices if d.back_file and _is_under(d.back_file, directory)]
+
+
+@contextlib.contextmanager
+def _undo_on_exit(action: str, undo: Callable[[], object]) -> Iterator[None]:
+    """Call `undo` when the block ends. If the block raised, a failing `undo` only warns,
+    so the error that got us here stays the one the user sees."""
+    try:
+        yield
+    except BaseException:
+        try:
+            undo()
+        except UserError as exc:
+            log.warning("could not %s: %s", action, exc.message)
+        raise
+    undo()
+
+
+def _attach(image: Path, options: list[str]) -> Path:
+    """`losetup --find --show`, undone again if it is interrupted after attaching."""
+    before = {d.name for d in list_loop_devices()}
+    try:
+        out = run(["losetup", "--find", "--show", *options, image], capture=True).stdout
+    except BaseException:
+        # Ctrl-C can land after the kernel attached the device and before we learned its
+        # name: detach whatever new device now points at our image.
+        target = os.path.realpath(image)
+        with contextlib.suppress(UserError):
+            for dev in list_loop_devices():
+                if dev.name not in before and dev.back_file == target:
+                    run(["losetup", "--detach", dev.name], check=False)
+        raise
+    return Path(out.strip())
+
+
+@contextlib.contextmanager
+def loop_device(
+    image: Path,
+    *,
+    offset: int | None = None,
+    sizelimit: int | None = None,
+    partitions: bool = False,
+    read_only: bool = False,
+) -> Iterator[Path]:
+    """Attach `image` (or `sizelimit` bytes of it from `offset`) to a free loop device.
+
+    Yields the device (`/dev/loopN`). With `partitions`, `partx -a` also makes
+    `/dev/loopNp1`... for its partition table. Everything is detached when the block ends.
+    """
+    image = Path(image)
+    if not image.is_file():
+        raise UserError(f"cannot attach {image}: no such file", "create the image first")
+    options = []
+    if offset is not None:
+        options += ["--offset", str(offset)]
+    if sizelimit is not None:
+        options += ["--sizelimit", str(sizelimit)]
+    if read_only:
+        options.append("--read-only")
+    device = _attach(image, options)
+    log.debug("attached %s to %s", image, device)
+    with _undo_on_exit(f"detach {device}", lambda: run(["losetup", "--detach", device])):
+        if not partitions:
+            yield device
+            return
+        # Partitions made by partx outlive the loop device unless they are deleted first.
+        delete: list[str | os.PathLike[str]] = ["partx", "--delete", device]
+        try:
+            run(["partx", "--add", device])
+        except BaseException:
+            run(delete, check=False)
+            raise
+        with _undo_on_exit(f"remove the partitions of {device}", lambda: run(delete)):
+            yield device
+
+
+@contextlib.contextmanager
+def mounted(
+    source: str | os.PathLike[str],
+    target: Path,
+    *,
+    fstype: str | None = None,
+    options: Sequence[str] = (),
+    bind: bool = False,
+) -> Iterator[Path]:
+    """Mount `source` on `target` (created if missing) and unmount it when the block ends.
+
+    A target that cannot be unmounted because something still uses it is detached lazily
+    (`umount --lazy`) after a warning, so the block never leaves a mount behind.
+    """
+    target = Path(target)
+    target.mkdir(parents=True, exist_ok=True)
+    argv: list[str | os.PathLike[str]] = ["mount"]
+    if fstype:
+        argv += ["-t", fstype]
+    if bind:
+        argv.append("--bind")
+    if options:
+        argv += ["-o", ",".join(options)]
+    before = _mounts_at(target)
+    try:
+        run([*argv, source, target])
+    except BaseException:
+        # Interrupted after mount(8) mounted but before we could know: undo that mount.
+        if _mounts_at(target) > before:
+            _unmount(target)
+        raise
+    with _undo_on_exit(f"unmount {target}", lambda: _unmount(target)):
+        yield target
+
+
+def _mounts_at(target: Path) -> int:
+    point = os.path.realpath(target)
+    return sum(1 for p in mounts_under(MOUNTINFO.read_text(), point) if p == point)
+
+
+def _unmount(target: Path) -> None:
+    proc = run(["umount", target], check=False)
+    if proc.returncode != 0:
+        log.warning("%s is busy (%s); detaching it lazily", target, proc.stderr.strip())
+        run(["umount", "--lazy", target])
+
+
+@contextlib.contextmanager
+def bind_mounts(root: Path, paths: Iterable[str | os.PathLike[str]]) -> Iterator[list[Path]]:
+    """Bind-mount each host path of `paths` (`/proc`, `/dev` ...) at the same place under
+    `root`; yields the mount points and unmounts them all, in reverse, when the block ends.
+
+    Binds are not recursive: list `/dev/pts` after `/dev` if the chroot needs it.
+    """
+    root = Path(root)
+    with contextlib.ExitStack() as stack:
+        points = []
+        for path in paths:
+            source = Path(path)
+            if not source.is_absolute():
+                raise UserError(
+                    f"bind mount source {source} is not absolute", "give host paths such as /proc"
+                )
+            points.append(
+                stack.enter_context(mounted(source, root / source.relative_to("/"), bind=True))
+            )
+        yield points
+
+
+def cleanup_stale(workdir: Path) -> list[str]:
+    """Undo the mounts under `workdir` and detach loop devices whose image lies there.
+
+    For a re-run after a crash or `kill -9`: a context manager that never got to its
+    cleanup leaves these behind. Returns what was undone, for the log.
+    """
+    directory = os.path.realpath(workdir)
+    undone = []
+    for point in mounts_under(MOUNTINFO.read_text(), directory):
+        _unmount(Path(point))
+        undone.append(f"unmounted {point}")
+    for dev in loops_under(list_loop_devices(), directory):
+        # Partitions made by partx would outlive the device: delete them first.
+        run(["partx", "--delete", dev.name], check=False)
+        run(["losetup", "--detach", dev.name])
+        undone.append(f"detached {dev.name} ({dev.back_file})")
+    for line in undone:
+        log.info("cleaned up: %s", line)
+    return undone

@@ -1,0 +1,251 @@
+"""Boot a disk image or a kernel in QEMU and watch its serial console for a marker.
+
+`qemu_argv` decides the command (pure). `qemu_process` runs it in the background and
+stops it (SIGTERM, then SIGKILL) when its block ends, however it ends. `boot_and_wait`
+polls the serial log until a marker appears.
+
+Always TCG: KVM opens on the build machines but its guests hang. QEMU runs through
+`archkernel.run.run` in a worker thread, so it gets the same minimal environment, logging
+and error messages as every other command; its `-pidfile` is how we find the process to
+stop. The pid is only signalled while /proc shows that same command line, so a reused pid
+is never hit.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import re
+import signal
+import subprocess
+import threading
+import time
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from archkernel.errors import UserError
+from archkernel.fileio import temporary_directory
+from archkernel.log import log
+from archkernel.run import render, run
+
+QEMU = "qemu-system-x86_64"
+DISK_FORMATS = ("raw", "vpc")
+POLL_INTERVAL = 0.2
+# How long QEMU gets to exit after SIGTERM before SIGKILL.
+STOP_GRACE = 5.0
+TAIL_LINES = 20
+
+# CSI sequences (cursor moves, colours) and charset selections GRUB and consoles emit.
+_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
+
+
+def _drive_value(path: Path) -> str:
+    # QEMU option values separate keys with ',' and escape a literal ',' as ',,'.
+    return os.fspath(path).replace(",", ",,")
+
+
+def qemu_argv(
+    *,
+    serial_log: Path,
+    disk: Path | None = None,
+    disk_format: str = "raw",
+    kernel: Path | None = None,
+    initrd: Path | None = None,
+    append: str | None = None,
+    memory: int = 512,
+    firmware: Path | None = None,
+    snapshot: bool = True,
+    extra: Sequence[str] = (),
+) -> list[str]:
+    """The QEMU command that boots `disk` (through its firmware) or `kernel` (directly).
+
+    A PC with SeaBIOS like an Azure generation 1 VM: the disk on IDE, no network, no
+    display, the first serial port written to `serial_log`, no monitor. `-display none`
+    rather than `-nographic`: both work with an explicit `-serial`, but `-display none`
+    never touches the terminal QEMU was started from. With `snapshot` (the default) the
+    guest's writes go to a temporary overlay and the image stays as built. `firmware`
+    replaces SeaBIOS (`-bios`). `extra` is appended as is.
+    """
+    if disk is None and kernel is None:
+        raise ValueError("qemu_argv needs a disk or a kernel to boot")
+    if (initrd is not None or append is not None) and kernel is None:
+        raise ValueError("initrd and append need a kernel")
+    if disk_format not in DISK_FORMATS:
+        raise ValueError(f"disk_format must be one of {DISK_FORMATS}, not {disk_format!r}")
+    # The machine: software emulation of a plain PC, as Azure generation 1 looks to GRUB.
+    argv = [QEMU, "-accel", "tcg", "-M", "pc", "-cpu", "max", "-m", str(memory)]
+    # No window, no network, no reboot loop; the console goes to the log, no monitor.
+    argv += ["-display", "none", "-nic", "none", "-no-reboot"]
+    argv += ["-serial", f"file:{os.fspath(serial_log)}", "-monitor", "none"]
+    if firmware is not None:
+        argv += ["-bios", os.fspath(firmware)]
+    if disk is not None:
+        drive = f"file={_drive_value(disk)},format={disk_format},if=ide,media=disk"
+        if snapshot:
+            drive += ",snapshot=on"
+        argv += ["-drive", drive]
+    if kernel is not None:
+        argv += ["-kernel", os.fspath(kernel)]
+        if initrd is not None:
+            argv += ["-initrd", os.fspath(initrd)]
+        if append is not None:
+            argv += ["-append", append]
+    argv += list(extra)
+    return argv
+
+
+class QemuProcess:
+    """A QEMU started by `qemu_process`: whether it still runs, and how it ended."""
+
+    def __init__(self, argv: Sequence[str], pidfile: Path, limit: float) -> None:
+        self.argv = [*argv, "-pidfile", os.fspath(pidfile)]
+        self.pidfile = pidfile
+        self.limit = limit
+        self.result: subprocess.CompletedProcess[str] | None = None
+        self.error: BaseException | None = None
+        self._thread = threading.Thread(target=self._run, name="qemu", daemon=True)
+
+    def _run(self) -> None:
+        try:
+            # `limit` is a backstop: stop() normally ends QEMU long before.
+            self.result = run(self.argv, check=False, stdin=b"", timeout=self.limit)
+        except BaseException as exc:  # handed to the main thread by raise_error()
+            self.error = exc
+
+    def start(self) -> None:
+        """Start QEMU in the worker thread."""
+        log.debug("starting %s", render(self.argv))
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        """True until QEMU has exited (or failed to start)."""
+        return self._thread.is_alive()
+
+    def raise_error(self) -> None:
+        """Re-raise what stopped QEMU from running at all (e.g. not installed)."""
+        if self.error is not None:
+            raise self.error
+
+    def _pid(self) -> int | None:
+        """QEMU's pid, if its pidfile exists and /proc shows our command line for it."""
+        try:
+            pid = int(self.pidfile.read_text().strip())
+            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        except (OSError, ValueError):
+            return None
+        return pid if os.fsencode(self.pidfile) in cmdline.split(b"\0") else None
+
+    def stop(self) -> None:
+        """Stop QEMU (SIGTERM, then SIGKILL) and wait until it is gone."""
+        # QEMU writes its pidfile early; give it a moment if we are stopping at once.
+        deadline = time.monotonic() + STOP_GRACE
+        while self.running and self._pid() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        for sig in (signal.SIGTERM, signal.SIGKILL):
+            pid = self._pid() if self.running else None
+            if pid is None:
+                break
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+            self._thread.join(STOP_GRACE)
+        # run()'s own timeout ends the thread in the worst case.
+        self._thread.join()
+
+
+@contextlib.contextmanager
+def qemu_process(argv: Sequence[str], *, limit: float = 3600.0) -> Iterator[QemuProcess]:
+    """Run QEMU in the background for the block; stop it and wait for it on any exit.
+
+    `limit` (seconds) is the longest QEMU may run at all.
+    """
+    with temporary_directory(prefix="archkernel-qemu-") as tmp:
+        vm = QemuProcess(argv, tmp / "qemu.pid", limit)
+        vm.start()
+        try:
+            yield vm
+        finally:
+            vm.stop()
+
+
+@dataclass(frozen=True)
+class BootResult:
+    """How a boot went: whether the marker appeared, after how many seconds, and the
+    last lines of the console (escape sequences removed)."""
+
+    found: bool
+    elapsed: float
+    log_tail: str
+
+
+def clean_console(text: str) -> str:
+    """Console output without terminal escape sequences and carriage returns."""
+    return _ESCAPES.sub("", text).replace("\r", "")
+
+
+def console_tail(text: str, lines: int = TAIL_LINES) -> str:
+    """The last `lines` non-empty lines of console output, cleaned."""
+    kept = [line for line in clean_console(text).splitlines() if line.strip()]
+    return "\n".join(kept[-lines:])
+
+
+def _read_log(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+def _contains(text: str, marker: str) -> bool:
+    return marker in text or marker in clean_console(text)
+
+
+def boot_and_wait(
+    argv: Sequence[str], serial_log: Path, marker: str, timeout: float, *, check: bool = True
+) -> BootResult:
+    """Run QEMU (`argv` from qemu_argv, writing `serial_log`) until `marker` appears.
+
+    `marker` is a plain substring of the console output. QEMU is stopped as soon as it
+    appears, and on any other exit. With `check` (the default) a timeout or QEMU exiting
+    first raises UserError quoting the console's last lines; otherwise the result says
+    found=False.
+    """
+    serial_log = Path(serial_log)
+    # A log left from an earlier run could hold the marker already.
+    serial_log.unlink(missing_ok=True)
+    start = time.monotonic()
+    exited = False
+    with qemu_process(argv, limit=timeout + 60) as vm:
+        while True:
+            text = _read_log(serial_log)
+            if _contains(text, marker):
+                return BootResult(True, time.monotonic() - start, console_tail(text))
+            if not vm.running:
+                # It may have written the marker just before it exited.
+                text = _read_log(serial_log)
+                if _contains(text, marker):
+                    return BootResult(True, time.monotonic() - start, console_tail(text))
+                exited = True
+                break
+            if time.monotonic() - start > timeout:
+                break
+            time.sleep(POLL_INTERVAL)
+    elapsed = time.monotonic() - start
+    vm.raise_error()
+    tail = console_tail(_read_log(serial_log))
+    if not check:
+        return BootResult(False, elapsed, tail)
+    shown = "\n".join(f"    {line}" for line in tail.splitlines()) or "    (nothing)"
+    if exited and vm.result is not None:
+        stderr = vm.result.stderr.strip()
+        why = f"QEMU exited with code {vm.result.returncode} after {elapsed:.1f}s"
+        if stderr:
+            why += f" ({stderr.splitlines()[-1]})"
+    else:
+        why = f"it did not appear within {timeout:g}s"
+    raise UserError(
+        f"{marker!r} never appeared on the serial console: {why}; its last lines:\n{shown}",
+        f"the whole console log is {serial_log}; check the boot loader and the kernel "
+        "command line (console=ttyS0)",
+    )
