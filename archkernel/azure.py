@@ -1,0 +1,559 @@
+"""azure_vhd: an Arch Linux image that Azure accepts, one function per numbered step.
+
+Build-environment tools (pacstrap, sfdisk, mkfs, GRUB's installer) run on the build
+host; tools that must match the image (mkinitcpio, unit enabling) act on the image's root
+(`arch-chroot`, `systemctl --root`). What the files say is decided in `azureconf`.
+
+Trees and images are large, so steps record small JSON stamps as their doit targets and
+write the big outputs under temporary names, renamed when complete. The raw disk image
+becomes the VHD by appending a footer and renaming (O(1)); a re-run of an earlier disk step
+takes it back the same way.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import urllib.error
+import urllib.request
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from archkernel import azureconf as conf
+from archkernel import disk, grub, initramfs, mounts, vhd
+from archkernel.errors import UserError
+from archkernel.fileio import (
+    atomic_path,
+    remove_path,
+    write_if_changed,
+    write_text,
+)
+from archkernel.log import log
+from archkernel.run import check_tools, run
+from archkernel.settings import AzureSettings, Settings, format_size
+
+KERNEL = "/boot/vmlinuz-linux"
+INITRD = "/boot/initramfs-linux.img"
+HOST_TOOLS = [
+    "pacman",
+    "pacstrap",
+    "arch-chroot",
+    "systemctl",
+    "useradd",
+    "sfdisk",
+    "mkfs.ext4",
+    "e2fsck",
+    "blkid",
+    "losetup",
+    "mount",
+    "umount",
+    "grub-mkimage",
+    "cp",
+]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The workflow's files under `workdir/azure`."""
+
+    work: Path
+    output_name: str
+
+    @property
+    def pacman_conf(self) -> Path:
+        return self.work / "pacman.conf"
+
+    @property
+    def gnupg(self) -> Path:
+        return self.work / "gnupg"
+
+    @property
+    def ids(self) -> Path:
+        return self.work / "ids.json"
+
+    @property
+    def preflight(self) -> Path:
+        return self.work / "preflight.json"
+
+    @property
+    def root(self) -> Path:
+        return self.work / "root"
+
+    @property
+    def packages(self) -> Path:
+        return self.work / "packages.txt"
+
+    @property
+    def image_root(self) -> Path:
+        return self.work / "image-root"
+
+    @property
+    def configured(self) -> Path:
+        return self.work / "configure.json"
+
+    @property
+    def agent(self) -> Path:
+        return self.work / "agent.json"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.work / "initramfs.json"
+
+    @property
+    def raw(self) -> Path:
+        return self.work / "disk.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.work / "disk.json"
+
+    @property
+    def bootloader(self) -> Path:
+        return self.work / "bootloader.json"
+
+    @property
+    def vhd(self) -> Path:
+        return self.work / self.output_name
+
+    @property
+    def vhd_stamp(self) -> Path:
+        return self.work / "vhd.json"
+
+    @property
+    def report(self) -> Path:
+        return self.work / "verify.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.work / "verify.txt"
+
+    @property
+    def console(self) -> Path:
+        return self.work / "boottest.log"
+
+
+def paths(settings: Settings) -> Paths:
+    """The workflow's paths for these settings."""
+    return Paths(settings.workdir.resolve() / "azure", settings.azure.output)
+
+
+def _json(path: Path, data: Any) -> bool:
+    return write_if_changed(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def root_uuid(p: Paths) -> str:
+    """The root file system's UUID, chosen once by step 1 and kept."""
+    return str(json.loads(p.ids.read_text())["root_uuid"])
+
+
+# --- step 1 -------------------------------------------------------------------------------
+
+
+def _probe_mirror(mirror: str, timeout: float = 20.0) -> None:
+    url = conf.mirror_probe_url(mirror)
+    if not url.startswith(("http://", "https://", "ftp://")):
+        return
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 (checked scheme)
+            response.read(1)
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"the mirror {mirror} does not answer ({url}: {reason})",
+            "check the network, or set azure.mirror to a reachable mirror, or azure.pacman_conf "
+            "to a pacman.conf for a local mirror or cache",
+        ) from None
+
+
+def _init_keyring(p: Paths) -> None:
+    """A pacman keyring for the build, in workdir, from the host's Arch Linux keyring."""
+    if (p.gnupg / "pubring.gpg").exists() or (p.gnupg / "pubring.kbx").exists():
+        return
+    with atomic_path(p.gnupg) as tmp:
+        tmp.mkdir(mode=0o700)
+        try:
+            run(["pacman-key", "--gpgdir", tmp, "--init"], timeout=600)
+            run(["pacman-key", "--gpgdir", tmp, "--populate", "archlinux"], timeout=600)
+        finally:
+            run(["gpgconf", "--homedir", tmp, "--kill", "all"], check=False)
+
+
+def step_preflight(settings: Settings) -> None:
+    """Step 1: every host tool present, the pacman.conf ready, the image's UUIDs chosen."""
+    az, p = settings.azure, paths(settings)
+    tools = list(HOST_TOOLS)
+    if az.pacman_conf is None:
+        tools += ["pacman-key", "gpgconf"]
+    check_tools(tools, "azure_vhd")
+    grub.bios_setup_tool()  # GRUB's i386-pc files on the build host
+    p.work.mkdir(parents=True, exist_ok=True)
+    if az.pacman_conf is not None:
+        if not az.pacman_conf.is_file():
+            raise UserError(
+                f"azure.pacman_conf: {az.pacman_conf} does not exist",
+                "point it at an existing pacman.conf, or remove it to use azure.mirror",
+            )
+        text = az.pacman_conf.read_text(encoding="utf-8", errors="replace")
+        if "[options]" not in text:
+            raise UserError(
+                f"azure.pacman_conf: {az.pacman_conf} has no [options] section",
+                "give a complete pacman.conf (see pacman.conf(5))",
+            )
+        write_if_changed(p.pacman_conf, text.encode())
+    else:
+        _probe_mirror(az.mirror)
+        _init_keyring(p)
+        write_if_changed(p.pacman_conf, conf.pacman_conf(az.mirror, str(p.gnupg)).encode())
+    if not p.ids.exists():
+        _json(p.ids, {"root_uuid": str(uuid.uuid4())})
+    _json(p.preflight, {"tools": sorted(tools), "pacman_conf": str(p.pacman_conf)})
+    log.info("host tools present; pacman.conf %s; root UUID %s", p.pacman_conf, root_uuid(p))
+
+
+# --- step 2 -------------------------------------------------------------------------------
+
+
+def _kill_gpg_agents(root: Path) -> None:
+    for home in (root / "etc/pacman.d/gnupg",):
+        if home.is_dir():
+            run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
+
+
+def step_pacstrap(settings: Settings) -> None:
+    """Step 2: pacstrap the packages into a directory; write the package manifest."""
+    az, p = settings.azure, paths(settings)
+    mounts.cleanup_stale(p.work)
+    packages = az.all_packages()
+    log.info("pacstrap: %s", " ".join(packages))
+    with atomic_path(p.root) as tmp:
+        tmp.mkdir()
+        try:
+            run(
+                ["pacstrap", "-C", p.pacman_conf, "-c", "-G", "-M", tmp, *packages],
+                timeout=3 * 3600,
+            )
+        finally:
+            _kill_gpg_agents(tmp)
+            mounts.cleanup_stale(tmp)
+        listing = run(["pacman", "--root", tmp, "-Q"], capture=True).stdout
+    write_if_changed(p.packages, listing.encode())
+    log.info("installed %d packages; manifest %s", len(listing.splitlines()), p.packages)
+
+
+# --- step 3 -------------------------------------------------------------------------------
+
+
+def _owned_write(path: Path, text: str, mode: int = 0o644) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, text, mode)
+
+
+def _symlink(path: Path, target: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_symlink() or path.exists():
+        path.unlink()
+    path.symlink_to(target)
+
+
+def _passwd_ids(root: Path, user: str) -> tuple[int, int]:
+    for line in (root / "etc/passwd").read_text().splitlines():
+        fields = line.split(":")
+        if fields[0] == user:
+            return int(fields[2]), int(fields[3])
+    raise UserError(f"user {user} was not created in the image", "see useradd's output above")
+
+
+def _add_user(root: Path, az: AzureSettings) -> None:
+    user = az.user
+    if user is None:
+        return
+    run(
+        [
+            "useradd",
+            "--root",
+            root,
+            "--create-home",
+            "--user-group",
+            "--groups",
+            "wheel",
+            "--shell",
+            "/bin/bash",
+            user.name,
+        ]
+    )
+    shadow = root / "etc/shadow"
+    if user.password_hash is not None:
+        # Written here rather than with `usermod -p`, so the hash is on no command line.
+        lines = []
+        for line in shadow.read_text().splitlines():
+            fields = line.split(":")
+            if fields[0] == user.name:
+                fields[1] = user.password_hash.get_secret_value()
+            lines.append(":".join(fields))
+        write_text(shadow, "\n".join(lines) + "\n", 0o600)
+    uid, gid = _passwd_ids(root, user.name)
+    home = root / "home" / user.name
+    ssh = home / ".ssh"
+    ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
+    keys = ssh / "authorized_keys"
+    write_text(keys, "".join(k + "\n" for k in user.ssh_authorized_keys), 0o600)
+    for path in (home, ssh, keys):
+        os.chown(path, uid, gid)
+    log.info("user %s (wheel) with %d SSH key(s)", user.name, len(user.ssh_authorized_keys))
+
+
+def _units_available(root: Path) -> set[str]:
+    found: set[str] = set()
+    for base in ("usr/lib/systemd/system", "etc/systemd/system"):
+        directory = root / base
+        if directory.is_dir():
+            found.update(p.name for p in directory.iterdir())
+    return found
+
+
+def enable_units(root: Path, units: list[str]) -> None:
+    """`systemctl --root` enable `units` in the image (their [Install] sections)."""
+    if units:
+        run(["systemctl", f"--root={root}", "enable", *units])
+
+
+def step_configure(settings: Settings) -> None:
+    """Step 3: a fresh copy of the tree, configured: names, network, sshd, users, clean-up."""
+    az, p = settings.azure, paths(settings)
+    uid = root_uuid(p)
+    with atomic_path(p.image_root) as tree:
+        run(["cp", "-a", "--reflink=auto", p.root, tree])
+        etc = tree / "etc"
+        _owned_write(etc / "hostname", az.hostname + "\n")
+        _owned_write(etc / "locale.gen", conf.locale_gen(az.locale))
+        _owned_write(etc / "locale.conf", f"LANG={az.locale}\n")
+        _owned_write(etc / "vconsole.conf", f"KEYMAP={az.keymap}\n")
+        zone = tree / "usr/share/zoneinfo" / az.timezone
+        if not zone.exists():
+            raise UserError(
+                f"azure.timezone: {az.timezone!r} is not in the image's /usr/share/zoneinfo",
+                "use a name such as UTC or Europe/Paris (the tzdata package must be installed)",
+            )
+        _symlink(etc / "localtime", f"/usr/share/zoneinfo/{az.timezone}")
+        if (tree / "usr/bin/locale-gen").exists():
+            run(["arch-chroot", tree, "locale-gen"], timeout=600)
+        else:
+            log.warning("the image has no locale-gen; %s is not compiled", az.locale)
+        _owned_write(etc / "fstab", conf.fstab(uid))
+        _owned_write(etc / "systemd/network/20-eth0.network", conf.networkd_eth0())
+        _symlink(etc / "resolv.conf", "/run/systemd/resolve/stub-resolv.conf")
+        password_login = az.user is not None and az.user.password_hash is not None
+        if az.user is not None and az.user.ssh_authorized_keys:
+            password_login = False
+        _owned_write(tree / conf.SSHD_DROPIN, conf.sshd_dropin(password_login))
+        _owned_write(etc / "sudoers.d/10-wheel", conf.sudoers_wheel(), 0o440)
+        _owned_write(etc / "modules-load.d/azure-provisioning.conf", conf.modules_load())
+        _owned_write(tree / "usr/lib/systemd/system/pacman-init.service", conf.pacman_init_unit())
+        shadow = etc / "shadow"
+        write_text(shadow, conf.lock_root(shadow.read_text()), 0o600)
+        _add_user(tree, az)
+        # Nothing of the build host may stay: identity, host keys, keyring secrets.
+        write_text(etc / "machine-id", "", 0o444)
+        for key in etc.glob("ssh/ssh_host_*"):
+            key.unlink()
+        remove_path(etc / "pacman.d/gnupg")
+        units = [u for u in conf.BASE_UNITS + conf.OPTIONAL_UNITS if u in _units_available(tree)]
+        enable_units(tree, units)
+    _json(
+        p.configured,
+        {"hostname": az.hostname, "root_uuid": uid, "units": units, "locale": az.locale},
+    )
+    log.info("configured %s: host %s, units %s", p.image_root, az.hostname, " ".join(units))
+
+
+# --- step 4 -------------------------------------------------------------------------------
+
+
+def step_agent(settings: Settings) -> None:
+    """Step 4: cloud-init for Azure, or waagent, configured and enabled."""
+    az, p = settings.azure, paths(settings)
+    tree = p.image_root
+    available = _units_available(tree)
+    wants_agent = az.provisioning == "waagent" or az.extensions
+    if az.provisioning == "cloud-init":
+        if not (tree / "etc/cloud").is_dir():
+            raise UserError(
+                "provisioning is cloud-init but the image has no /etc/cloud",
+                f"install {az.cloud_init_package} (azure.cloud_init_package)",
+            )
+        _owned_write(tree / "etc/cloud/cloud.cfg.d/90-archkernel-azure.cfg", conf.cloud_init_cfg())
+    if wants_agent:
+        agent_conf = tree / "etc/waagent.conf"
+        if not agent_conf.is_file() or conf.WAAGENT_UNIT not in available:
+            raise UserError(
+                f"the image has no Azure Linux Agent ({agent_conf} or {conf.WAAGENT_UNIT} missing)",
+                f"azure.agent_package ({az.agent_package}) must provide them; it is not in "
+                "Arch's official repositories: build it from the AUR into a local repository",
+            )
+        values = conf.waagent_values(az.provisioning)
+        write_text(agent_conf, conf.set_conf_values(agent_conf.read_text(), values))
+        _owned_write(tree / conf.WAAGENT_DROPIN, conf.waagent_dropin())
+    units = [u for u in conf.units_to_enable(az, available) if u not in conf.BASE_UNITS]
+    if az.provisioning == "cloud-init" and not any(u in conf.CLOUD_INIT_UNITS for u in units):
+        raise UserError(
+            "the image has no cloud-init units to enable",
+            f"install {az.cloud_init_package} (azure.cloud_init_package)",
+        )
+    enable_units(tree, units)
+    _json(p.agent, {"provisioning": az.provisioning, "extensions": az.extensions, "units": units})
+    log.info("provisioning by %s; enabled %s", az.provisioning, " ".join(units))
+
+
+# --- step 5 -------------------------------------------------------------------------------
+
+
+def initramfs_modules(image: Path) -> set[str]:
+    """Module names (no suffix) inside an initramfs image."""
+    from archkernel.kmod import module_name
+
+    data = image.read_bytes()
+    entries = initramfs.read_entries(data, source=str(image))
+    return {
+        module_name(e.path)
+        for e in entries
+        if e.type == "file"
+        and any(e.path.endswith(s) for s in (".ko", ".ko.gz", ".ko.xz", ".ko.zst"))
+    }
+
+
+def step_initramfs(settings: Settings) -> None:
+    """Step 5: mkinitcpio -P inside the image, with the Hyper-V modules and no autodetect."""
+    az, p = settings.azure, paths(settings)
+    tree = p.image_root
+    mounts.cleanup_stale(p.work)
+    config = tree / "etc/mkinitcpio.conf"
+    if not config.is_file():
+        raise UserError(
+            "the image has no /etc/mkinitcpio.conf", "install mkinitcpio (azure.packages)"
+        )
+    write_text(config, conf.mkinitcpio_conf(config.read_text(), az.initramfs_modules))
+    for old in tree.glob("boot/initramfs-*.img"):
+        old.unlink()
+    run(["arch-chroot", tree, "mkinitcpio", "-P"], timeout=1800)
+    images = sorted(tree.glob("boot/initramfs-*.img"))
+    if not images:
+        raise UserError("mkinitcpio -P made no /boot/initramfs-*.img", "see its output above")
+    found: dict[str, list[str]] = {}
+    for image in images:
+        modules = initramfs_modules(image)
+        missing = [m for m in az.initramfs_modules if m.replace("-", "_") not in modules]
+        if missing:
+            raise UserError(
+                f"{image.name} lacks {', '.join(missing)} although mkinitcpio.conf asks for them",
+                "the image's mkinitcpio ignored MODULES; check /etc/mkinitcpio.conf in the image",
+            )
+        found[image.name] = sorted(m for m in modules if m in az.initramfs_modules)
+    _json(p.initramfs, {"images": found})
+    log.info("initramfs %s holds %s", ", ".join(found), " ".join(az.initramfs_modules))
+
+
+# --- step 6 -------------------------------------------------------------------------------
+
+
+def layout_for(az: AzureSettings) -> disk.Layout:
+    """The partition layout of the image."""
+    return disk.plan_layout(az.disk_size, az.partition_table)
+
+
+def take_back_raw(p: Paths) -> None:
+    """Make disk.img the raw image again if step 8 already turned it into the VHD."""
+    if p.raw.exists() or not p.vhd.exists():
+        return
+    size = vhd.strip_footer(p.vhd)
+    os.rename(p.vhd, p.raw)
+    p.vhd_stamp.unlink(missing_ok=True)
+    log.info("took the raw image (%s) back from %s", format_size(size), p.vhd.name)
+
+
+def step_disk(settings: Settings) -> None:
+    """Step 6: sparse disk, partition table, GRUB files and ext4 root from the tree."""
+    az, p = settings.azure, paths(settings)
+    mounts.cleanup_stale(p.work)
+    uid = root_uuid(p)
+    layout = layout_for(az)
+    disk.check_disk_size(p.image_root, az.disk_size, az.partition_table)
+    cfg = grub.grub_cfg(uid, KERNEL, INITRD, az.kernel_cmdline)
+    grub.stage_bios_files(p.image_root, grub.GRUB_I386_PC, cfg, root_uuid=uid)
+    p.vhd.unlink(missing_ok=True)  # any earlier VHD holds an older disk
+    p.vhd_stamp.unlink(missing_ok=True)
+    with atomic_path(p.raw) as tmp:
+        disk.create_disk(tmp, layout)
+        disk.make_ext4(tmp, layout.root, p.image_root, uuid=uid)
+        disk.check_ext4(tmp, layout.root)
+    _json(
+        p.disk,
+        {
+            "size": az.disk_size,
+            "table": az.partition_table,
+            "root_uuid": uid,
+            "partitions": [
+                {"number": x.number, "role": x.role, "start": x.start, "size": x.size}
+                for x in layout.partitions
+            ],
+        },
+    )
+    log.info(
+        "disk %s: %s %s, root UUID %s", p.raw, format_size(az.disk_size), az.partition_table, uid
+    )
+
+
+# --- step 7 -------------------------------------------------------------------------------
+
+
+def step_bootloader(settings: Settings) -> None:
+    """Step 7: GRUB's boot code and core.img written into the disk image."""
+    az, p = settings.azure, paths(settings)
+    mounts.cleanup_stale(p.work)
+    take_back_raw(p)
+    if not p.raw.exists():
+        raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")
+    p.vhd.unlink(missing_ok=True)
+    grub.install_bios(p.raw, layout_for(az), root_uuid=root_uuid(p))
+    _json(p.bootloader, {"grub": "i386-pc", "root_uuid": root_uuid(p), "table": az.partition_table})
+    log.info("GRUB i386-pc installed in %s", p.raw)
+
+
+# --- step 8 -------------------------------------------------------------------------------
+
+
+def step_vhd(settings: Settings) -> None:
+    """Step 8: append the fixed-VHD footer and rename: O(1), whatever the disk size."""
+    p = paths(settings)
+    if not p.raw.exists():
+        if p.vhd.exists():
+            vhd.check_or_raise(p.vhd)
+            log.info("%s is already the VHD of the current disk", p.vhd)
+        else:
+            raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")
+    else:
+        footer = vhd.append_footer(p.raw)
+        os.replace(p.raw, p.vhd)
+        log.info(
+            "VHD %s: %s fixed, unique id %s",
+            p.vhd,
+            format_size(footer.current_size),
+            footer.unique_id,
+        )
+    footer = vhd.check_or_raise(p.vhd)
+    _json(
+        p.vhd_stamp, {"vhd": str(p.vhd), "size": footer.current_size, "id": str(footer.unique_id)}
+    )
+
+
+def unlink_outputs(p: Paths) -> None:
+    """Remove outputs an earlier step makes stale (used when a step re-runs)."""
+    for path in (p.report, p.summary):
+        path.unlink(missing_ok=True)
+
+
+def copy_tree(src: Path, dst: Path) -> None:
+    """Copy a directory tree keeping owners, modes and links (used by tests and tools)."""
+    shutil.copytree(src, dst, symlinks=True)

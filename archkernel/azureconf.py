@@ -1,0 +1,278 @@
+"""What the Azure image's configuration files say: pure functions from settings to text.
+
+Each function returns the full content of a file the build owns (drop-ins where the
+distribution has a drop-in directory), or edits a distribution file's text in a way that
+fails loudly when the expected line is not there (the old scripts' `sed` on `MODULES=""`
+silently did nothing once mkinitcpio switched to `MODULES=()`).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping, Sequence
+
+from archkernel.errors import UserError
+from archkernel.settings import AzureSettings
+
+# Loaded at boot so the provisioning DVD (UDF, behind the ATA driver) is there in time.
+PROVISIONING_MODULES = ["ata_piix", "sr_mod", "cdrom", "udf"]
+HYPERV_REQUIRED = ["hv_vmbus", "hv_storvsc", "hv_netvsc"]
+MKINITCPIO_HOOKS = ["base", "udev", "modconf", "block", "filesystems", "keyboard", "fsck"]
+CLOUD_INIT_UNITS = [
+    "cloud-init-main.service",
+    "cloud-init-local.service",
+    "cloud-init-network.service",
+    "cloud-init.service",
+    "cloud-config.service",
+    "cloud-final.service",
+]
+BASE_UNITS = ["systemd-networkd.service", "systemd-resolved.service", "sshd.service"]
+OPTIONAL_UNITS = ["systemd-timesyncd.service", "pacman-init.service"]
+WAAGENT_UNIT = "waagent.service"
+WAAGENT_DROPIN = "etc/systemd/system/waagent.service.d/10-archkernel-udev.conf"
+SSHD_DROPIN = "etc/ssh/sshd_config.d/10-archkernel-azure.conf"
+
+
+def pacman_conf(mirror: str, gpgdir: str | None = None) -> str:
+    """A pacman.conf for a build from `mirror` (Arch's `$repo`/`$arch` placeholders kept)."""
+    lines = [
+        "# Written by archkernel for the Azure image build.",
+        "[options]",
+        "Architecture = x86_64",
+        "SigLevel = Required DatabaseOptional",
+        "LocalFileSigLevel = Optional",
+        "ParallelDownloads = 5",
+    ]
+    if gpgdir:
+        lines.append(f"GPGDir = {gpgdir}")
+    for repo in ("core", "extra"):
+        lines += ["", f"[{repo}]", f"Server = {mirror}"]
+    return "\n".join(lines) + "\n"
+
+
+def mirror_probe_url(mirror: str) -> str:
+    """The URL of core's database on `mirror`, to see whether it answers."""
+    return mirror.replace("$repo", "core").replace("$arch", "x86_64").rstrip("/") + "/core.db"
+
+
+def fstab(root_uuid: str) -> str:
+    """fstab by UUID (the build chose the UUID); no swap on the OS disk."""
+    return (
+        "# Written by archkernel. The root file system, by UUID; no swap on the OS disk\n"
+        "# (Azure puts swap on the resource disk, through the provisioning agent).\n"
+        f"UUID={root_uuid}\t/\text4\trw,relatime\t0 1\n"
+    )
+
+
+def locale_gen(locale: str) -> str:
+    """/etc/locale.gen naming just the image's locale."""
+    charset = locale.split(".", 1)[1] if "." in locale else "ISO-8859-1"
+    return f"# Written by archkernel.\n{locale} {charset}\n"
+
+
+def networkd_eth0() -> str:
+    """DHCP on eth0 (net.ifnames=0 keeps the name) with systemd-networkd."""
+    return (
+        "# Written by archkernel: Azure's NIC, named eth0 by net.ifnames=0.\n"
+        "[Match]\nName=eth0\n\n[Network]\nDHCP=yes\n\n[DHCPv4]\nUseDomains=true\n"
+    )
+
+
+def sshd_dropin(password_login: bool) -> str:
+    """sshd settings: keep-alive under Azure's 4-minute idle timeout, no root login."""
+    lines = [
+        "# Written by archkernel for Azure.",
+        "# Azure's load balancer drops TCP connections idle for 4 minutes.",
+        "ClientAliveInterval 180",
+        "PermitRootLogin no",
+    ]
+    if not password_login:
+        lines += ["PasswordAuthentication no", "KbdInteractiveAuthentication no"]
+    return "\n".join(lines) + "\n"
+
+
+def sudoers_wheel() -> str:
+    """sudo for the wheel group."""
+    return "# Written by archkernel.\n%wheel ALL=(ALL:ALL) ALL\n"
+
+
+def modules_load() -> str:
+    """modules-load.d: the drivers the provisioning DVD needs, loaded at boot."""
+    return (
+        "# Written by archkernel: the provisioning DVD (ovf-env.xml) is UDF on an ATAPI drive.\n"
+        + "\n".join(PROVISIONING_MODULES)
+        + "\n"
+    )
+
+
+def cloud_init_cfg() -> str:
+    """cloud-init: Azure's datasource only, and the resource disk formatted and mounted."""
+    return """\
+# Written by archkernel: provision from Azure only.
+datasource_list: [ Azure ]
+datasource:
+  Azure:
+    apply_network_config: true
+# The resource disk (ephemeral0) holds swap and scratch space, never the OS disk.
+disk_setup:
+  ephemeral0:
+    table_type: gpt
+    layout: [66, [33, 82]]
+    overwrite: true
+fs_setup:
+  - device: ephemeral0.1
+    filesystem: ext4
+  - device: ephemeral0.2
+    filesystem: swap
+mounts:
+  - ["ephemeral0.1", "/mnt/resource"]
+  - ["ephemeral0.2", "none", "swap", "sw,nofail,x-systemd.requires=cloud-init.service", "0", "0"]
+"""
+
+
+def waagent_values(provisioning: str) -> dict[str, str]:
+    """waagent.conf values: the agent provisions, or leaves it (and the disk) to cloud-init."""
+    if provisioning == "waagent":
+        return {
+            "Provisioning.Agent": "waagent",
+            "Provisioning.Enabled": "y",
+            "ResourceDisk.Format": "y",
+            "ResourceDisk.Filesystem": "ext4",
+            "ResourceDisk.MountPoint": "/mnt/resource",
+            "ResourceDisk.EnableSwap": "y",
+            "ResourceDisk.SwapSizeMB": "2048",
+        }
+    return {
+        "Provisioning.Agent": "cloud-init",
+        "Provisioning.Enabled": "n",
+        "ResourceDisk.Format": "n",
+        "ResourceDisk.EnableSwap": "n",
+    }
+
+
+def set_conf_values(text: str, values: Mapping[str, str]) -> str:
+    """`Key=Value` lines set in a waagent-style file: existing lines (even commented) are
+    replaced in place, missing keys appended; everything else is kept."""
+    out: list[str] = []
+    done: set[str] = set()
+    for line in text.splitlines():
+        m = re.match(r"^\s*#?\s*([A-Za-z][\w.]*)\s*=", line)
+        key = m.group(1) if m else None
+        if key is not None and key in values:
+            if key not in done:
+                out.append(f"{key}={values[key]}")
+                done.add(key)
+            continue
+        out.append(line)
+    missing = [k for k in values if k not in done]
+    if missing:
+        out.append("# Added by archkernel")
+        out += [f"{k}={values[k]}" for k in missing]
+    return "\n".join(out) + "\n"
+
+
+def read_conf_values(text: str) -> dict[str, str]:
+    """The effective `Key=Value` settings of a waagent-style file (comments ignored)."""
+    values: dict[str, str] = {}
+    for line in text.splitlines():
+        m = re.match(r"^\s*([A-Za-z][\w.]*)\s*=\s*(.*?)\s*$", line)
+        if m:
+            values[m.group(1)] = m.group(2)
+    return values
+
+
+def waagent_dropin() -> str:
+    """Start waagent once udev has settled, so the provisioning DVD's device exists."""
+    return (
+        "# Written by archkernel: the agent looks for the provisioning DVD once, at start.\n"
+        "[Unit]\nWants=systemd-udev-settle.service\nAfter=systemd-udev-settle.service\n"
+    )
+
+
+def pacman_init_unit() -> str:
+    """A first-boot unit that makes the image's own pacman keyring (none ships in it)."""
+    return """\
+[Unit]
+Description=Initialise the pacman keyring on first boot (archkernel)
+ConditionDirectoryNotEmpty=!/etc/pacman.d/gnupg
+Before=sshd.service cloud-init.service waagent.service
+
+[Service]
+Type=oneshot
+RemainAfterExit=yes
+ExecStart=/usr/bin/pacman-key --init
+ExecStart=/usr/bin/pacman-key --populate
+
+[Install]
+WantedBy=multi-user.target
+"""
+
+
+def _array(values: Sequence[str]) -> str:
+    return "(" + " ".join(values) + ")"
+
+
+def mkinitcpio_conf(text: str, modules: Sequence[str]) -> str:
+    """mkinitcpio.conf with MODULES set and HOOKS fixed, without `autodetect`.
+
+    autodetect would keep only the build host's modules, which left the Hyper-V drivers
+    out of the old images. Raises UserError when there is no MODULES= or HOOKS= line.
+    """
+    out, seen = [], set()
+    for line in text.splitlines():
+        m = re.match(r"^\s*(MODULES|HOOKS)\s*=", line)
+        if m:
+            key = m.group(1)
+            seen.add(key)
+            value = _array(modules) if key == "MODULES" else _array(MKINITCPIO_HOOKS)
+            out.append(f"{key}={value}")
+            continue
+        out.append(line)
+    for key in ("MODULES", "HOOKS"):
+        if key not in seen:
+            raise UserError(
+                f"mkinitcpio.conf has no {key}= line to set",
+                "the mkinitcpio package of the image looks unusual; check /etc/mkinitcpio.conf",
+            )
+    return "\n".join(out) + "\n"
+
+
+def lock_root(shadow: str) -> str:
+    """/etc/shadow with root's password locked (`!*`); other lines unchanged."""
+    out, found = [], False
+    for line in shadow.splitlines():
+        fields = line.split(":")
+        if fields[0] == "root" and len(fields) > 1:
+            fields[1] = "!*"
+            found = True
+            line = ":".join(fields)
+        out.append(line)
+    if not found:
+        raise UserError("the image's /etc/shadow has no root entry", "check the base package")
+    return "\n".join(out) + "\n"
+
+
+def shadow_password(shadow: str, user: str) -> str | None:
+    """The password field of `user` in shadow text, or None when there is no such user."""
+    for line in shadow.splitlines():
+        fields = line.split(":")
+        if fields[0] == user and len(fields) > 1:
+            return fields[1]
+    return None
+
+
+def units_to_enable(settings: AzureSettings, available: set[str]) -> list[str]:
+    """The systemd units the image enables, for the units its packages ship."""
+    units = [u for u in BASE_UNITS if u in available] + [
+        u for u in OPTIONAL_UNITS if u in available
+    ]
+    if settings.provisioning == "cloud-init":
+        units += [u for u in CLOUD_INIT_UNITS if u in available]
+    if settings.provisioning == "waagent" or settings.extensions:
+        units.append(WAAGENT_UNIT)
+    return units
+
+
+def grub_cmdline(root_uuid: str, cmdline: str) -> str:
+    """The kernel command line GRUB passes: the root by UUID, then the settings' line."""
+    return f"root=UUID={root_uuid} rw {cmdline}"

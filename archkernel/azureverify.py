@@ -1,0 +1,335 @@
+"""Step 9 of azure_vhd: check the finished VHD as Azure and a careful reviewer would.
+
+`inspect_tree` and `check_*` are pure over what was read from the image; `verify` reads
+the image (its footer, its partition table through `sfdisk`, its root file system mounted
+read-only from a read-only loop device) and writes the report.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from archkernel import azureconf as conf
+from archkernel import initramfs, mounts, vhd
+from archkernel.disk import MiB
+from archkernel.errors import UserError
+from archkernel.fileio import temporary_directory, write_text
+from archkernel.kmod import module_name
+from archkernel.log import log
+from archkernel.run import run
+from archkernel.settings import AzureSettings
+
+SWAP_TYPES = {"0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "82"}
+
+
+@dataclass
+class Check:
+    """One rule: its name, whether it holds, and what was found."""
+
+    name: str
+    ok: bool
+    detail: str
+
+
+@dataclass
+class Report:
+    """Every check of one image."""
+
+    image: str
+    checks: list[Check] = field(default_factory=list)
+
+    def add(self, name: str, ok: bool, detail: str) -> None:
+        self.checks.append(Check(name, bool(ok), detail))
+
+    @property
+    def failed(self) -> list[Check]:
+        return [c for c in self.checks if not c.ok]
+
+    def summary(self) -> str:
+        lines = [f"archkernel verify: {self.image}"]
+        for c in self.checks:
+            lines.append(f"{'PASS' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
+        lines.append(f"{len(self.checks) - len(self.failed)} passed, {len(self.failed)} failed")
+        return "\n".join(lines) + "\n"
+
+
+@dataclass
+class TreeFacts:
+    """What the checks need from the image's root file system."""
+
+    fstab: str = ""
+    grub_cfg: str = ""
+    shadow: str = ""
+    machine_id: str | None = None
+    host_keys: list[str] = field(default_factory=list)
+    resolv_conf: str = ""
+    keyring_private: list[str] = field(default_factory=list)
+    sshd_config: str = ""
+    sshd_dropins: dict[str, str] = field(default_factory=dict)
+    initramfs_modules: dict[str, list[str]] = field(default_factory=dict)
+    cloud_cfg: dict[str, str] = field(default_factory=dict)
+    waagent_conf: str | None = None
+    enabled_units: list[str] = field(default_factory=list)
+    modules_load: str = ""
+    hostname: str = ""
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_text(encoding="utf-8", errors="replace")
+    except (FileNotFoundError, NotADirectoryError, IsADirectoryError):
+        return ""
+
+
+def inspect_tree(root: Path) -> TreeFacts:
+    """Read what the checks need from a mounted image root (read-only)."""
+    facts = TreeFacts()
+    etc = root / "etc"
+    facts.fstab = _read(etc / "fstab")
+    facts.grub_cfg = _read(root / "boot/grub/grub.cfg")
+    facts.shadow = _read(etc / "shadow")
+    facts.hostname = _read(etc / "hostname").strip()
+    mid = etc / "machine-id"
+    facts.machine_id = mid.read_text() if mid.is_file() else None
+    facts.host_keys = sorted(p.name for p in etc.glob("ssh/ssh_host_*"))
+    resolv = etc / "resolv.conf"
+    facts.resolv_conf = f"-> {resolv.readlink()}" if resolv.is_symlink() else _read(resolv)
+    gnupg = etc / "pacman.d/gnupg"
+    facts.keyring_private = (
+        sorted(
+            str(p.relative_to(root))
+            for p in gnupg.rglob("*")
+            if p.is_file() and "private" in str(p)
+        )
+        if gnupg.is_dir()
+        else []
+    )
+    facts.sshd_config = _read(etc / "ssh/sshd_config")
+    dropins = etc / "ssh/sshd_config.d"
+    if dropins.is_dir():
+        facts.sshd_dropins = {p.name: _read(p) for p in sorted(dropins.glob("*.conf"))}
+    for image in sorted((root / "boot").glob("initramfs-*.img")):
+        entries = initramfs.read_entries(image.read_bytes(), source=image.name)
+        facts.initramfs_modules[image.name] = sorted(
+            module_name(e.path) for e in entries if e.type == "file" and ".ko" in e.path
+        )
+    cfgd = etc / "cloud/cloud.cfg.d"
+    if cfgd.is_dir():
+        facts.cloud_cfg = {p.name: _read(p) for p in sorted(cfgd.glob("*.cfg"))}
+    if (etc / "waagent.conf").is_file():
+        facts.waagent_conf = _read(etc / "waagent.conf")
+    facts.enabled_units = sorted(
+        {p.name for p in (etc / "systemd/system").glob("*.wants/*")}
+        | {p.name for p in (etc / "systemd/system").glob("*.requires/*")}
+    )
+    facts.modules_load = "\n".join(_read(p) for p in sorted(etc.glob("modules-load.d/*.conf")))
+    return facts
+
+
+def _fstab_root_uuid(fstab: str) -> str | None:
+    for line in fstab.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and not fields[0].startswith("#") and fields[1] == "/":
+            m = re.fullmatch(r"UUID=([0-9a-fA-F-]+)", fields[0])
+            return m.group(1).lower() if m else fields[0]
+    return None
+
+
+def _grub_roots(cfg: str) -> list[str]:
+    return [m.lower() for m in re.findall(r"root=UUID=([0-9a-fA-F-]+)", cfg)]
+
+
+def _sshd_value(facts: TreeFacts, key: str) -> str | None:
+    """sshd's first-match-wins value of `key`, drop-ins (included first) before the main file."""
+    texts = list(facts.sshd_dropins.values()) if "Include" in facts.sshd_config else []
+    for text in [*texts, facts.sshd_config]:
+        for line in text.splitlines():
+            words = line.split()
+            if len(words) >= 2 and words[0].lower() == key.lower():
+                return words[1]
+    return None
+
+
+def check_tree(report: Report, facts: TreeFacts, az: AzureSettings, fs_uuid: str) -> None:
+    """The rules about the image's contents."""
+    fs_uuid = fs_uuid.lower()
+    fstab_uuid = _fstab_root_uuid(facts.fstab)
+    report.add(
+        "fstab root by UUID", fstab_uuid == fs_uuid, f"fstab {fstab_uuid}, file system {fs_uuid}"
+    )
+    roots = _grub_roots(facts.grub_cfg)
+    report.add(
+        "grub root=UUID",
+        bool(roots) and set(roots) == {fs_uuid},
+        f"grub.cfg root={roots or 'none'}",
+    )
+    cmdline_ok = all(token in facts.grub_cfg for token in az.kernel_cmdline.split())
+    report.add("kernel command line", cmdline_ok, az.kernel_cmdline)
+    swap = [
+        ln
+        for ln in facts.fstab.splitlines()
+        if not ln.lstrip().startswith("#") and " swap " in f" {ln} "
+    ]
+    report.add("no swap on the OS disk", not swap, "none in fstab" if not swap else "; ".join(swap))
+    for name, modules in facts.initramfs_modules.items():
+        missing = [m for m in conf.HYPERV_REQUIRED if m not in modules]
+        report.add(
+            f"Hyper-V drivers in {name}",
+            not missing,
+            f"missing {missing}" if missing else "hv_vmbus hv_storvsc hv_netvsc",
+        )
+    if not facts.initramfs_modules:
+        report.add("initramfs present", False, "no /boot/initramfs-*.img")
+    alive = _sshd_value(facts, "ClientAliveInterval")
+    report.add(
+        "sshd keep-alive",
+        alive is not None and 0 < int(alive or 0) <= 180,
+        f"ClientAliveInterval {alive}",
+    )
+    root_login = _sshd_value(facts, "PermitRootLogin")
+    report.add("sshd refuses root", root_login == "no", f"PermitRootLogin {root_login}")
+    root_pw = None
+    for line in facts.shadow.splitlines():
+        fields = line.split(":")
+        if fields[0] == "root" and len(fields) > 1:
+            root_pw = fields[1]
+    report.add(
+        "root locked",
+        root_pw is not None and root_pw[:1] in ("!", "*"),
+        f"root password field {root_pw!r:.8}",
+    )
+    dvd = [m for m in conf.PROVISIONING_MODULES if m not in facts.modules_load.split()]
+    report.add(
+        "provisioning DVD drivers loaded at boot",
+        not dvd,
+        f"missing {dvd}" if dvd else " ".join(conf.PROVISIONING_MODULES),
+    )
+    report.add("host name", facts.hostname == az.hostname, facts.hostname)
+    _check_agent(report, facts, az)
+    leftovers = []
+    if facts.machine_id:
+        leftovers.append("machine-id is set")
+    if facts.host_keys:
+        leftovers.append(f"SSH host keys {facts.host_keys}")
+    if facts.resolv_conf and not facts.resolv_conf.startswith("-> /run/"):
+        leftovers.append("a copied /etc/resolv.conf")
+    if facts.keyring_private:
+        leftovers.append(f"pacman keyring secrets {facts.keyring_private}")
+    report.add("no build-host leftovers", not leftovers, "; ".join(leftovers) or "none")
+
+
+def _check_agent(report: Report, facts: TreeFacts, az: AzureSettings) -> None:
+    units = set(facts.enabled_units)
+    if az.provisioning == "cloud-init":
+        azure_only = any(
+            re.search(r"^datasource_list:\s*\[\s*Azure\s*\]", text, re.MULTILINE)
+            for text in facts.cloud_cfg.values()
+        )
+        report.add(
+            "cloud-init datasource Azure",
+            azure_only,
+            ", ".join(facts.cloud_cfg) or "no cloud.cfg.d",
+        )
+        enabled = sorted(units & set(conf.CLOUD_INIT_UNITS))
+        report.add(
+            "cloud-init enabled", bool(enabled), " ".join(enabled) or "no cloud-init unit enabled"
+        )
+    wants_agent = az.provisioning == "waagent" or az.extensions
+    if wants_agent:
+        values = conf.read_conf_values(facts.waagent_conf or "")
+        expected = conf.waagent_values(az.provisioning)
+        wrong = {k: values.get(k) for k, v in expected.items() if values.get(k) != v}
+        report.add(
+            "waagent.conf matches provisioning",
+            facts.waagent_conf is not None and not wrong,
+            f"differs: {wrong}" if wrong else "as expected",
+        )
+        report.add("waagent enabled", conf.WAAGENT_UNIT in units, "waagent.service")
+    elif facts.waagent_conf is not None and conf.WAAGENT_UNIT in units:
+        report.add(
+            "waagent not provisioning", False, "waagent is enabled though cloud-init provisions"
+        )
+
+
+def check_partitions(report: Report, parts: list[dict[str, Any]], size: int, table: str) -> None:
+    """Partitions aligned to 1 MiB and inside the disk; no swap partition."""
+    sectors = size // 512
+    for part in parts:
+        start, length = int(part["start"]), int(part["size"])
+        aligned = start % (MiB // 512) == 0
+        inside = start + length <= sectors
+        report.add(
+            f"partition {part.get('node', '?')} aligned and inside",
+            aligned and inside,
+            f"start {start}, {length} sectors of {sectors}",
+        )
+        if str(part.get("type", "")).lower() in SWAP_TYPES:
+            report.add("no swap partition", False, f"partition {part.get('node')}")
+    report.add("partition table", bool(parts), f"{table}, {len(parts)} partition(s)")
+
+
+def verify(image: Path, az: AzureSettings, root_uuid: str) -> Report:
+    """Check `image` (a fixed VHD) and return the report; reads, never writes."""
+    report = Report(str(image))
+    footer_report = vhd.examine(image)
+    for result in footer_report.results:
+        report.add(f"VHD {result.rule}", result.ok, result.detail)
+    if not footer_report.ok or footer_report.footer is None:
+        return report
+    size = footer_report.footer.current_size
+    report.add("VHD size is disk_size", size == az.disk_size, f"{size // MiB} MiB")
+    with mounts.loop_device(image, sizelimit=size, read_only=True) as dev:
+        table = json.loads(run(["sfdisk", "--json", dev], capture=True).stdout)["partitiontable"]
+        parts = table.get("partitions", [])
+        check_partitions(report, parts, size, table.get("label", "?"))
+        roots = [
+            p
+            for p in parts
+            if str(p.get("type", "")).lower()
+            in (
+                "83",
+                "0fc63daf-8483-4772-8e79-3d69d8477de4",
+                "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+            )
+        ]
+        if not roots:
+            report.add("root partition", False, "no Linux partition")
+            return report
+        root = roots[-1]
+        offset, length = int(root["start"]) * 512, int(root["size"]) * 512
+    with (
+        mounts.loop_device(image, offset=offset, sizelimit=length, read_only=True) as rootdev,
+        temporary_directory(prefix="archkernel-verify-") as tmp,
+    ):
+        fs = run(["blkid", "-p", "-s", "UUID", "-o", "value", rootdev], capture=True).stdout.strip()
+        report.add("file system UUID is the chosen one", fs.lower() == root_uuid.lower(), fs)
+        with mounts.mounted(rootdev, tmp / "root", fstype="ext4", options=("ro", "noload")) as mnt:
+            facts = inspect_tree(mnt)
+    check_tree(report, facts, az, fs)
+    return report
+
+
+def write_report(report: Report, json_path: Path, text_path: Path) -> None:
+    """The report as JSON and as a readable summary."""
+    data = {
+        "image": report.image,
+        "ok": not report.failed,
+        "checks": [asdict(c) for c in report.checks],
+    }
+    write_text(json_path, json.dumps(data, indent=2) + "\n")
+    write_text(text_path, report.summary())
+
+
+def raise_on_failure(report: Report, summary: Path) -> None:
+    """A UserError naming the failed checks, if any."""
+    if report.failed:
+        lines = "\n".join(f"  {c.name}: {c.detail}" for c in report.failed)
+        raise UserError(
+            f"the image failed {len(report.failed)} check(s):\n{lines}",
+            f"the whole report is in {summary}",
+        )
+    log.info("all %d checks passed; report %s", len(report.checks), summary)
