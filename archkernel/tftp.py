@@ -101,8 +101,9 @@ def fetch(server: TftpServer, remote: str, *, timeout: float, retries: int, blks
     before giving up, so a silent server fails after `timeout * (retries + 1)` seconds;
     a transfer that makes no progress for that long fails too, whatever the server
     sends meanwhile. `blksize` is requested with the RFC 2348 option (the server may
-    grant less); `tsize` is always requested so a short file is caught. Every failure
-    is a UserError naming the server and the file.
+    grant less); `tsize` is always requested so that a file that ends early is caught
+    when the server supports the option (tftpd-hpa does). Every failure is a one-line
+    UserError naming the server and the file; nothing is written anywhere.
     """
     check_remote(remote)
     _check_options(timeout, retries, blksize)
@@ -143,11 +144,17 @@ def fetch(server: TftpServer, remote: str, *, timeout: float, retries: int, blks
         ) from exc
 
     data = out.getvalue()
-    if watch.tsize is not None and len(data) != watch.tsize:
+    if watch.tsize is not None and len(data) < watch.tsize:
         raise UserError(
             f"transfer of {what} truncated: got {len(data)} of {watch.tsize} bytes "
             "the server announced",
             "the server ended the transfer early; try again",
+        )
+    if watch.tsize is not None and len(data) > watch.tsize:
+        raise UserError(
+            f"transfer of {what} is longer than announced: got {len(data)} bytes, "
+            f"the server announced {watch.tsize}",
+            "the file may have changed on the server during the transfer; try again",
         )
     log.debug("tftp: got %d bytes of %s", len(data), what)
     return data
@@ -200,6 +207,11 @@ def read_pnp(path: Path = PNP_PATH) -> str | None:
         return path.read_text(encoding="ascii", errors="replace")
     except (FileNotFoundError, NotADirectoryError):
         return None
+    except OSError as exc:
+        raise UserError(
+            f"cannot read {path}: {exc.strerror or exc}",
+            "run as root, or set the boot server address in the settings",
+        ) from exc
 
 
 def choose_server(

@@ -176,7 +176,7 @@ class Stall:
 Content = bytes | Truncate | Short | Stall
 
 
-class InjectedFault(tftpy.TftpException):
+class InjectedFault(tftpy.TftpException):  # type: ignore[misc]  # tftpy is untyped
     """Raised inside the tftpy server: it drops the session without a word."""
 
 
