@@ -31,6 +31,7 @@ from pydantic import (
     ValidationError,
     ValidationInfo,
     field_validator,
+    model_validator,
 )
 
 from archkernel.errors import UserError
@@ -321,7 +322,49 @@ class AzureSettings(Model):
     boottest_timeout: float = Field(
         600.0, gt=0, le=7200, description="seconds azure_boottest waits for the marker"
     )
+    generation: int = Field(1, ge=1, le=2, description="Azure VM generation: 1 (BIOS) or 2 (UEFI)")
+    boot: Literal["bios", "uefi", "hybrid"] | None = Field(
+        None, description="firmware the image boots with; default bios (gen 1), uefi (gen 2)"
+    )
+    builder: Literal["host", "container"] = Field(
+        "host", description="run build tools on the host, or in an Arch bootstrap environment"
+    )
+    container_runtime: Literal["chroot", "docker", "podman"] = Field(
+        "chroot", description="how the bootstrap environment runs (builder = container)"
+    )
+    bootstrap_mirror: MirrorURL = Field(
+        "https://geo.mirror.pkgbuild.com/iso/latest",
+        description="where the newest Arch bootstrap tarball and its signature are found",
+    )
+    bootstrap_tarball: Text | None = Field(
+        None, description="a bootstrap tarball by path or URL instead (needs bootstrap_sha256)"
+    )
+    bootstrap_sha256: Annotated[str, _pattern(r"[0-9a-f]{64}", "a SHA-256 hex digest")] | None = (
+        Field(None, description="SHA-256 of bootstrap_tarball")
+    )
+    bootstrap_keyring: Path = Field(
+        Path("/usr/share/keyrings/archlinux.gpg"),
+        description="OpenPGP keys that may sign the bootstrap tarball (Arch's master keys)",
+    )
     user: AzureUser | None = Field(None, description="optional build-time administrator")
+
+    @model_validator(mode="after")
+    def _boot_modes(self) -> AzureSettings:
+        boot = self.firmware
+        if self.generation == 1 and boot == "uefi":
+            raise ValueError("generation 1 VMs boot BIOS: use boot = 'bios' or 'hybrid'")
+        if self.generation == 2 and boot == "bios":
+            raise ValueError("generation 2 VMs boot UEFI: use boot = 'uefi' or 'hybrid'")
+        if boot != "bios" and self.partition_table != "gpt":
+            raise ValueError(f"boot = {boot!r} needs partition_table = 'gpt' (an EFI partition)")
+        if self.bootstrap_tarball is not None and self.bootstrap_sha256 is None:
+            raise ValueError("bootstrap_tarball needs bootstrap_sha256 to check it")
+        return self
+
+    @property
+    def firmware(self) -> str:
+        """The effective boot mode: `boot`, or the generation's default."""
+        return self.boot or ("bios" if self.generation == 1 else "uefi")
 
     @field_validator("disk_size")
     @classmethod
@@ -451,6 +494,8 @@ def _format_errors(exc: ValidationError, data: Mapping[str, Any], source: str) -
         shown = "****" if "password" in loc else repr(value)
         if kind == "value_error" and msg.startswith(("'", '"')):
             lines.append(f"{loc}: {msg}")
+        elif kind == "value_error" and isinstance(value, dict):
+            lines.append(f"{loc}: {msg}")  # a rule across keys: the message names them
         elif kind == "value_error":
             lines.append(f"{loc}: {shown} {msg}")
         else:

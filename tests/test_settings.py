@@ -78,6 +78,15 @@ def error_of(tmp_path: Path, text: str, env: dict[str, str] | None = None) -> st
         ),
         ('[azure]\ndisk_sise = "8GiB"', "azure.disk_sise: unknown key (typo?)"),
         ('[azuer]\nhostname = "x"', "azuer: unknown key (typo?)"),
+        ('[azure]\ngeneration = 2\nboot = "bios"', "azure: generation 2 VMs boot UEFI"),
+        (
+            '[azure]\nboot = "hybrid"\npartition_table = "mbr"',
+            "azure: boot = 'hybrid' needs partition_table = 'gpt'",
+        ),
+        (
+            '[azure]\nbootstrap_tarball = "a.tar.zst"',
+            "azure: bootstrap_tarball needs bootstrap_sha256",
+        ),
     ],
 )
 def test_each_bad_value_gives_one_line(tmp_path: Path, toml: str, expected: str) -> None:
@@ -179,7 +188,7 @@ def _example_keys(text: str) -> dict[str, str]:
         line = raw.lstrip("# ").strip()
         if m := re.fullmatch(r"\[([a-z_.]+)\]", line):
             section = m.group(1) + "."
-        elif m := re.match(r"([a-z_]+) = ", line):
+        elif m := re.match(r"([a-z0-9_]+) = ", line):
             keys[section + m.group(1)] = raw
     return keys
 
