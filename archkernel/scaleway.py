@@ -18,7 +18,7 @@ from typing import Any
 
 from archkernel import initramfs, kmod, tftp, uimage
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, write_bytes, write_if_changed, write_text
+from archkernel.fileio import atomic_path, write_bytes, write_if_changed
 from archkernel.log import log
 from archkernel.run import check_tools, render, run
 from archkernel.settings import ScalewaySettings, Settings
@@ -166,7 +166,17 @@ def _script_commands(text: str) -> list[list[str]]:
 
 
 def _expand(word: str, env: dict[str, str]) -> str:
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", lambda m: env.get(m.group(1) or m.group(2), ""), word)
+    """`word` with the script's own variables expanded.
+
+    Variables the script does not set (U-Boot's `${ramdisk_addr_r}` ...) stay as written:
+    they still tell two load addresses apart, where expanding them to nothing would make
+    every address equal.
+    """
+
+    def value(m: re.Match[str]) -> str:
+        return env.get(m.group(1) or m.group(2), m.group(0))
+
+    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, word)
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -234,9 +244,7 @@ def init_script(modules: list[str], version: str) -> str:
     for relpath in modules:
         name = kmod.module_name(relpath)
         lines.append(f'echo "archkernel: loading {name}"')
-        lines.append(
-            f'insmod /{MODULE_DIR}/{name}.ko || echo "archkernel: loading {name} failed"'
-        )
+        lines.append(f'insmod /{MODULE_DIR}/{name}.ko || echo "archkernel: loading {name} failed"')
     lines += ['echo "archkernel: starting the provider init"', ". /init.scw", ""]
     return "\n".join(lines)
 
@@ -248,7 +256,9 @@ def patch_shutdown(text: str) -> str | None:
     becomes `kexec -e`. A script that ends another way is an error (nothing to guess).
     """
     lines = text.rstrip("\n").split("\n")
-    commands = [(i, ln) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")]
+    commands = [
+        (i, ln) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")
+    ]
     if any(re.search(r"(^|[\s/;])kexec\s+-e\b", ln) for _, ln in commands):
         return None
     if commands and SHELL_ENDINGS.match(commands[-1][1]):
@@ -297,8 +307,7 @@ def find_kernel_version(moddirs: Path, kernel: Path, configured: str | None) -> 
     if len(same) == 1:
         return same[0]
     raise UserError(
-        f"several kernels are installed ({', '.join(candidates)}) and none is known to be "
-        f"{kernel}",
+        f"several kernels are installed ({', '.join(candidates)}) and none is known to be {kernel}",
         "set scaleway.kernel_version to the one to boot",
     )
 
@@ -369,7 +378,9 @@ def step_check(settings: Settings) -> None:
     p.work.mkdir(parents=True, exist_ok=True)
     cmdline = current_cmdline(settings)
     if os.geteuid() != 0:
-        raise UserError("scaleway_kexec must run as root", "run it from the systemd unit or with sudo")
+        raise UserError(
+            "scaleway_kexec must run as root", "run it from the systemd unit or with sudo"
+        )
     disabled = p.system("/proc/sys/kernel/kexec_load_disabled")
     value = _read(disabled, "kexec switch", "this kernel was built without kexec support")
     if value.strip() != "0":
@@ -469,7 +480,9 @@ def step_modules(settings: Settings) -> None:
     index = kmod.ModulesDep.load(moddir)
     order, missing = index.resolve(cfg.modules, cfg.optional_modules)
     for name in missing:
-        log.warning("optional module %s is not in %s; going on without it", name, check.kernel_version)
+        log.warning(
+            "optional module %s is not in %s; going on without it", name, check.kernel_version
+        )
     manifest: list[dict[str, Any]] = []
     with atomic_path(p.modules) as tmp:
         tmp.mkdir()
@@ -481,7 +494,8 @@ def step_modules(settings: Settings) -> None:
         (tmp / "init").write_text(init_script(order, check.kernel_version))
     write_if_changed(
         p.modules_manifest,
-        json.dumps({"version": check.kernel_version, "modules": manifest}, indent=2).encode() + b"\n",
+        json.dumps({"version": check.kernel_version, "modules": manifest}, indent=2).encode()
+        + b"\n",
     )
     log.info("modules for %s: %s", check.kernel_version, " ".join(m["name"] for m in manifest))
 
@@ -544,6 +558,7 @@ def step_kexec(settings: Settings) -> None:
     load, reboot = kexec_plan(settings)
     log.info("kexec: %s", render(load))
     run(load, timeout=120)
-    write_text(paths(settings).kexec_record, json.dumps({"load": load}) + "\n")
+    # Unchanged on a cached boot: nothing written, nothing fsynced (the root may be NBD).
+    write_if_changed(paths(settings).kexec_record, json.dumps({"load": load}).encode() + b"\n")
     log.info("kexec loaded; %s", render(reboot))
     run(reboot, timeout=120)

@@ -24,10 +24,16 @@ WORKFLOW_MODULES = ["tasks.scaleway_kexec", "tasks.azure_vhd"]
 ENV_EXTRA = "ARCHKERNEL_EXTRA_WORKFLOWS"
 
 
-def workflows() -> dict[str, Workflow]:
-    """Every workflow by name, in a stable order."""
+def workflows(only: str | None = None) -> dict[str, Workflow]:
+    """Every workflow by name, in a stable order.
+
+    With `only`, a built-in workflow's module (`tasks.<only>`) is the one imported: running
+    one workflow does not pay for importing the others (scaleway_kexec runs at every boot).
+    """
     names = list(WORKFLOW_MODULES)
     names += [m for m in os.environ.get(ENV_EXTRA, "").split(",") if m.strip()]
+    if only is not None and f"tasks.{only}" in WORKFLOW_MODULES:
+        names = [f"tasks.{only}"]
     found: dict[str, Workflow] = {}
     for module_name in names:
         module = importlib.import_module(module_name.strip())
@@ -38,7 +44,9 @@ def workflows() -> dict[str, Workflow]:
 
 def get_workflow(name: str) -> Workflow:
     """The workflow called `name`, or a UserError listing the known ones."""
-    known = workflows()
+    known = workflows(only=name)
+    if name not in known:
+        known = workflows()
     if name not in known:
         raise UserError(f"no workflow named {name!r}", f"choose one of: {', '.join(known)}")
     return known[name]
@@ -66,11 +74,17 @@ def doit_config(loaded: Loaded) -> dict[str, Any]:
 
 
 def task_creators(
-    loaded: Loaded, from_step: int | None = None, to_step: int | None = None
+    loaded: Loaded,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    only: str | None = None,
 ) -> dict[str, Callable[[], Iterator[dict[str, Any]]]]:
-    """`task_<workflow>` generator functions, as doit expects to find them in a dodo."""
+    """`task_<workflow>` generator functions, as doit expects to find them in a dodo.
+
+    `only`: just that workflow's (see `workflows`).
+    """
     creators: dict[str, Callable[[], Iterator[dict[str, Any]]]] = {}
-    for wf in workflows().values():
+    for wf in workflows(only).values():
 
         def creator(wf: Workflow = wf) -> Iterator[dict[str, Any]]:
             yield from doit_tasks(wf, loaded, from_step=from_step, to_step=to_step)

@@ -72,6 +72,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     run.add_argument("workflow", help="azure_vhd, scaleway_kexec or azure_boottest")
+    # Also accepted after the command (`archkernel run WORKFLOW --settings PATH`); SUPPRESS
+    # keeps the global option's value when it is not given here.
+    run.add_argument("--settings", metavar="PATH", default=argparse.SUPPRESS, help="settings file")
     run.add_argument("--from", dest="from_step", metavar="N", help="force step N and later to run")
     run.add_argument("--to", dest="to_step", metavar="M", help="stop after step M")
     run.add_argument(
@@ -90,6 +93,9 @@ def _parser() -> argparse.ArgumentParser:
         formatter_class=fmt,
     )
     steps.add_argument("workflow")
+    steps.add_argument(
+        "--settings", metavar="PATH", default=argparse.SUPPRESS, help="settings file"
+    )
 
     sub.add_parser("list", help="list the workflows and their steps")
 
@@ -111,16 +117,25 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _loader(loaded: Loaded, from_step: int | None = None, to_step: int | None = None) -> Any:
+def _loader(
+    loaded: Loaded,
+    from_step: int | None = None,
+    to_step: int | None = None,
+    only: str | None = None,
+) -> Any:
     ns: dict[str, Any] = {"DOIT_CONFIG": doit_config(loaded)}
-    ns.update(task_creators(loaded, from_step, to_step))
+    ns.update(task_creators(loaded, from_step, to_step, only))
     return ModuleTaskLoader(ns)
 
 
 def _doit(
-    loaded: Loaded, args: list[str], from_step: int | None = None, to_step: int | None = None
+    loaded: Loaded,
+    args: list[str],
+    from_step: int | None = None,
+    to_step: int | None = None,
+    only: str | None = None,
 ) -> int:
-    code = DoitMain(_loader(loaded, from_step, to_step)).run(args)
+    code = DoitMain(_loader(loaded, from_step, to_step, only)).run(args)
     return 0 if code == 0 else 1
 
 
@@ -296,7 +311,7 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise UserError(f"--from {first} is after --to {last}", "give a range like --from 3 --to 6")
     if args.dry_run:
         return _dry_run(loaded, args.workflow, first, last)
-    return _doit(loaded, ["run", args.workflow], first, last)
+    return _doit(loaded, ["run", args.workflow], first, last, only=args.workflow)
 
 
 if __name__ == "__main__":

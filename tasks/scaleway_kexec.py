@@ -11,7 +11,12 @@ from archkernel import scaleway as sw
 from archkernel.settings import Loaded
 from tasks.steps import Step, Workflow
 
-TFTP = ["scaleway.tftp_port", "scaleway.tftp_timeout", "scaleway.tftp_retries", "scaleway.tftp_blksize"]
+TFTP = [
+    "scaleway.tftp_port",
+    "scaleway.tftp_timeout",
+    "scaleway.tftp_retries",
+    "scaleway.tftp_blksize",
+]
 
 
 def build(loaded: Loaded) -> list[Step]:

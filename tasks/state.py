@@ -35,10 +35,24 @@ class DurableJsonDB(JsonDB):  # type: ignore[misc]
 
     desc = "JSON file, saved after every task"
 
+    def __init__(self, name: str, codec: Any, **kwargs: Any) -> None:
+        super().__init__(name, codec, **kwargs)
+        # The text the file holds; a dump of the same text is skipped, so a run that
+        # changes nothing (the cached boot path) writes and fsyncs nothing.
+        self._saved = self.codec.encode(self._db) if os.path.exists(name) else None
+
     def dump(self) -> None:
-        write_text(self.name, self.codec.encode(self._db))
+        text = self.codec.encode(self._db)
+        if text == self._saved:
+            return
+        write_text(self.name, text)
+        self._saved = text
 
     def set(self, task_id: str, dependency: str, value: Any) -> None:
+        if dependency == "deps:":
+            # doit keeps file_dep in a set (order varies per process); doit compares it as
+            # a set, so sorting it makes the saved text depend only on the state.
+            value = sorted(value)
         super().set(task_id, dependency, value)
         # `deps:` is the last value doit saves for a successful task.
         if dependency == "deps:":

@@ -1,0 +1,414 @@
+"""The deciding half of scaleway_kexec: plain inputs, plain asserts, no machine needed.
+
+Command lines, the kexec argv, server tags, which file of a bootscript is the initrd, the
+shutdown patch, the new /init and which kernel to boot. The acting half (the steps) is
+proven end to end in test_scaleway_e2e.py and for real in test_scaleway_vm.py.
+"""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+
+from archkernel import scaleway as sw
+from archkernel.errors import UserError
+
+EXTRA = "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel"
+BUSYBOX = shutil.which("busybox") or "/bin/busybox"
+
+
+def sh_syntax_ok(script: str) -> None:
+    """busybox sh parses `script` (the shell that runs it in the initrd)."""
+    if not Path(BUSYBOX).is_file():
+        pytest.skip("busybox not installed")
+    result = subprocess.run(
+        [BUSYBOX, "sh", "-n"], input=script, capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+
+
+# --- split_cmdline -------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "tokens"),
+    [
+        ("", []),
+        ("   \n", []),
+        ("console=ttyS0,115200 root=/dev/nbd0\n", ["console=ttyS0,115200", "root=/dev/nbd0"]),
+        ("a\tb   c", ["a", "b", "c"]),
+        ('dyndbg="file nbd.c +p" quiet', ['dyndbg="file nbd.c +p"', "quiet"]),
+        ('"quoted whole" x', ['"quoted whole"', "x"]),
+        ("x= y", ["x=", "y"]),
+    ],
+)
+def test_split_cmdline(text: str, tokens: list[str]) -> None:
+    assert sw.split_cmdline(text) == tokens
+
+
+# --- kexec_cmdline ---------------------------------------------------------------------------
+
+
+C1_CMDLINE = "console=ttyS0,115200 ip=dhcp root=/dev/nbd0 nbd.max_parts=8 boot=local NO_NTPDATE=0"
+
+
+def test_kexec_cmdline_appends_the_extra_flags() -> None:
+    assert sw.kexec_cmdline("console=ttyS0 root=/dev/nbd0\n", EXTRA) == (
+        f"console=ttyS0 root=/dev/nbd0 {EXTRA}"
+    )
+
+
+def test_kexec_cmdline_replaces_a_flag_the_current_line_already_has() -> None:
+    line = sw.kexec_cmdline(C1_CMDLINE, EXTRA)
+    assert "NO_NTPDATE=0" not in line
+    assert line == (
+        "console=ttyS0,115200 ip=dhcp root=/dev/nbd0 nbd.max_parts=8 boot=local " + EXTRA
+    )
+
+
+@pytest.mark.parametrize(
+    "current",
+    [
+        C1_CMDLINE,
+        f"{C1_CMDLINE} {EXTRA}",  # a second kexec from an already patched line
+        "is_in_kexec=no archkernel NO_SIGNAL_STATE=0 console=ttyS0",
+        "archkernel=1 DONT_FETCH_KERNEL_MODULES",
+        "",
+    ],
+)
+def test_kexec_cmdline_has_no_flag_twice(current: str) -> None:
+    tokens = sw.split_cmdline(sw.kexec_cmdline(current, EXTRA))
+    keys = [t.split("=", 1)[0] for t in tokens]
+    for key in ("is_in_kexec", "NO_SIGNAL_STATE", "DONT_FETCH_KERNEL_MODULES", "NO_NTPDATE"):
+        assert keys.count(key) == 1, tokens
+    assert keys.count("archkernel") == 1
+    assert tokens[-5:] == EXTRA.split()  # the extra values win, in their order
+
+
+def test_kexec_cmdline_keeps_repeated_flags_it_does_not_add() -> None:
+    # Two consoles are legitimate; only the flags we add are deduplicated.
+    line = sw.kexec_cmdline('console=tty0 console=ttyS0 dyndbg="file nbd.c +p"', "archkernel")
+    assert line == 'console=tty0 console=ttyS0 dyndbg="file nbd.c +p" archkernel'
+
+
+def test_already_kexeced_wants_the_whole_token() -> None:
+    assert sw.already_kexeced(f"{C1_CMDLINE} archkernel\n")
+    assert not sw.already_kexeced(C1_CMDLINE)
+    assert not sw.already_kexeced(f"{C1_CMDLINE} archkernel_debug=1 x=archkernel")
+
+
+# --- kexec_argv -------------------------------------------------------------------------------
+
+
+def test_kexec_argv_without_dtb() -> None:
+    line = sw.kexec_cmdline(C1_CMDLINE, EXTRA)
+    assert sw.kexec_argv(
+        Path("/boot/zImage"), Path("/boot/initramfs-archkernel.img"), line, None
+    ) == [
+        "kexec",
+        "-l",
+        "/boot/zImage",
+        "--initrd=/boot/initramfs-archkernel.img",
+        f"--command-line={line}",  # one argument, spaces and all: no shell in between
+    ]
+
+
+def test_kexec_argv_with_dtb() -> None:
+    argv = sw.kexec_argv(
+        Path("/boot/zImage"),
+        Path("/boot/initramfs-archkernel.img"),
+        "console=ttyS0 archkernel",
+        Path("/boot/dtbs/armada-xp-scaleway-c1.dtb"),
+    )
+    assert argv[3:] == [
+        "--initrd=/boot/initramfs-archkernel.img",
+        "--dtb=/boot/dtbs/armada-xp-scaleway-c1.dtb",
+        "--command-line=console=ttyS0 archkernel",
+    ]
+    flags = [a.split("=", 1)[0] for a in argv if a.startswith("-")]
+    assert len(flags) == len(set(flags))
+
+
+# --- tags_from_metadata ------------------------------------------------------------------------
+
+
+def test_tags_from_metadata() -> None:
+    output = (
+        "COMMERCIAL_TYPE=C1\n"
+        "HOSTNAME=c1-10-1-2-3\n"
+        "TAGS=3\n"
+        "TAGS_0=web\n"
+        "TAGS_1='archkernel_disabled'\n"
+        '  TAGS_12="db"  \n'
+        "VOLUMES_0_EXPORT_URI=nbd://10.1.17.180:4448\n"
+        "TAGS_X=not-a-tag\n"
+        "MY_TAGS_2=not-a-tag-either\n"
+    )
+    assert sw.tags_from_metadata(output) == ["web", "archkernel_disabled", "db"]
+
+
+def test_tags_from_metadata_without_tags() -> None:
+    assert sw.tags_from_metadata("TAGS=0\nHOSTNAME=x\n") == []
+
+
+# --- initrd_from_bootscript ---------------------------------------------------------------------
+
+C1_SCRIPT = """\
+# Scaleway C1 boot script
+echo 'Booting from ${serverip}'
+setenv bootargs "console=ttyS0,115200 ip=dhcp root=/dev/nbd0 nbd.max_parts=8"
+setenv kernel_addr  0x00200000
+setenv\tinitrd_addr\t0x02000000
+setenv fdt_addr 0x01f00000
+setenv kernel_path kernel/armv7l-mainline-lts-4.9-4.9.93-rev1
+# tftp ${initrd_addr} initrd/uInitrd-Linux-armv7l-v2.x
+tftp ${kernel_addr} ${kernel_path}
+tftpboot\t${initrd_addr}   initrd/uInitrd-Linux-armv7l-v3.x
+tftp ${fdt_addr} dtb/armada-xp-scaleway-c1.dtb
+bootm ${kernel_addr} ${initrd_addr} ${fdt_addr}
+"""
+
+BOOTSCRIPTS = {
+    "c1 with setenv addresses, initrd in the middle": (
+        C1_SCRIPT,
+        "initrd/uInitrd-Linux-armv7l-v3.x",
+    ),
+    # U-Boot's own variables, never set by the script; the DTB is fetched last.
+    "unset u-boot variables": (
+        "tftp ${kernel_addr_r} zImage\n"
+        "tftp ${ramdisk_addr_r} initrd/uInitrd-Linux-armv7l-v3.2\n"
+        "tftp ${fdt_addr_r} dtb/armada-xp-scaleway-c1.dtb\n"
+        "bootz ${kernel_addr_r} ${ramdisk_addr_r} ${fdt_addr_r}\n",
+        "initrd/uInitrd-Linux-armv7l-v3.2",
+    ),
+    # The initrd is fetched first; bootm names it by a differently written address.
+    "numeric addresses written differently": (
+        "tftp 0x2000000 boot/provider-ramdisk.img\n"
+        "tftp 0x00200000 boot/zImage-4.9\n"
+        "tftp 0x1f00000 boot/c1.dtb\n"
+        "bootm 0x200000 0x02000000 0x01F00000\n",
+        "boot/provider-ramdisk.img",
+    ),
+    "path in a variable, server prefix, env set": (
+        "env set rd 0x2000000\n"
+        "setenv initrd_path initrd/uInitrd-Linux-armv7l-v3.3\n"
+        "tftp 0x200000 10.1.31.34:kernel/zImage\n"
+        "tftp ${rd} 10.1.31.34:${initrd_path}\n"
+        "bootm 0x200000 ${rd}:${filesize}\n",
+        "initrd/uInitrd-Linux-armv7l-v3.3",
+    ),
+    "one line with ; separators and CRLF": (
+        "setenv ra 0x2000000; tftp 0x200000 k/zImage; tftp $ra initrd/uInitrd-v3.4;"
+        " tftp 0x1f00000 d/c1.dtb\r\nbootm 0x200000 $ra 0x1f00000\r\n",
+        "initrd/uInitrd-v3.4",
+    ),
+    "the same address loaded twice: the later file is what boots": (
+        "tftp 0x2000000 initrd/uInitrd-fallback\n"
+        "tftp 0x2000000 initrd/uInitrd-Linux-armv7l-v3.5\n"
+        "tftp 0x200000 zImage\n"
+        "bootm 0x200000 0x2000000\n",
+        "initrd/uInitrd-Linux-armv7l-v3.5",
+    ),
+    "no bootm: the file named like an initrd": (
+        "tftp 0x200000 kernel/zImage\ntftpboot 0x2000000 initrd/uInitrd-v3.6\ntftp 0x1f00000 c1.dtb\n",
+        "initrd/uInitrd-v3.6",
+    ),
+    "tftp without an address": (
+        "tftp kernel/zImage\ntftp initrd/uInitrd-v3.7\nbootm\n",
+        "initrd/uInitrd-v3.7",
+    ),
+}
+
+
+@pytest.mark.parametrize(("text", "expected"), BOOTSCRIPTS.values(), ids=BOOTSCRIPTS.keys())
+def test_initrd_from_bootscript(text: str, expected: str) -> None:
+    assert sw.initrd_from_bootscript(text) == expected
+
+
+@pytest.mark.parametrize(
+    ("text", "problem"),
+    [
+        (
+            "tftp 0x200000 kernel/zImage\ntftp 0x1f00000 dtb/c1.dtb\nbootz 0x200000 - 0x1f00000\n",
+            r"names no initrd to fetch \(it loads: kernel/zImage, dtb/c1.dtb\)",
+        ),
+        ("echo nothing here\nboot\n", r"names no initrd to fetch \(it loads: no tftp command"),
+        ("tftp 0x2000000 /srv/initrd/uInitrd\nbootm 0 0x2000000\n", "unsafe initrd path '/srv"),
+        ("tftp 0x2000000 initrd/../../etc/shadow\nbootm 0 0x2000000\n", "unsafe initrd path"),
+    ],
+)
+def test_initrd_from_bootscript_refuses(text: str, problem: str) -> None:
+    with pytest.raises(UserError, match=problem) as info:
+        sw.initrd_from_bootscript(text, source="bootscript uboot.bootscript")
+    assert info.value.hint
+    assert str(info.value).startswith("bootscript uboot.bootscript ")
+
+
+# --- patch_shutdown -------------------------------------------------------------------------------
+
+OLD_SHUTDOWN = """\
+#!/bin/sh
+echo "Detaching NBD devices"
+for dev in /dev/nbd*; do
+    xnbd-client -d "$dev"
+done
+/bin/sh
+"""
+
+
+@pytest.mark.parametrize(
+    "ending",
+    ["/bin/sh", "sh", "exec /bin/sh", "/bin/busybox sh", "busybox sh", "/bin/bash", "sh -i", "ash"],
+)
+def test_patch_shutdown_replaces_the_final_shell(ending: str) -> None:
+    script = OLD_SHUTDOWN.rsplit("/bin/sh", 1)[0] + ending + "\n"
+    patched = sw.patch_shutdown(script)
+    assert patched is not None
+    assert patched.splitlines()[:-1] == script.splitlines()[:-1]
+    assert patched.splitlines()[-1] == "kexec -e"
+    assert patched.endswith("\n")
+    sh_syntax_ok(patched)
+
+
+def test_patch_shutdown_skips_trailing_comments_and_blank_lines_keeps_indent() -> None:
+    script = "#!/bin/sh\numount -a\n  /bin/sh\n\n# the end\n\n"
+    assert sw.patch_shutdown(script) == "#!/bin/sh\numount -a\n  kexec -e\n\n# the end\n"
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        '#!/bin/sh\nxnbd-client -d /dev/nbd0\nif [ "$1" = kexec ]; then\n  kexec -e\nfi\npoweroff -f\n',
+        "#!/bin/sh\numount -a\n/run/initramfs/sbin/kexec -e\n",
+        '#!/bin/sh\n[ "$1" = kexec ] && kexec -e; halt -f\n',
+    ],
+)
+def test_patch_shutdown_leaves_a_script_that_already_kexecs(script: str) -> None:
+    assert sw.patch_shutdown(script) is None
+
+
+@pytest.mark.parametrize(
+    "script",
+    [
+        "#!/bin/sh\numount -a\npoweroff -f\n",
+        "#!/bin/sh\n# kexec -e is only a comment here\nhalt\n",
+        "",
+        "#!/bin/sh\n",
+    ],
+)
+def test_patch_shutdown_refuses_an_ending_it_cannot_know(script: str) -> None:
+    with pytest.raises(UserError, match="does not end with a shell or `kexec -e`") as info:
+        sw.patch_shutdown(script)
+    assert info.value.hint
+
+
+# --- init_script ----------------------------------------------------------------------------------
+
+ORDER = [
+    "kernel/drivers/virtio/virtio_ring.ko.xz",
+    "kernel/drivers/virtio/virtio.ko.zst",
+    "kernel/net/core/failover.ko",
+    "kernel/drivers/net/net_failover.ko.xz",
+    "kernel/drivers/net/virtio_net.ko.zst",
+    "kernel/drivers/block/nbd.ko.gz",
+    "kernel/drivers/mfd/intel-lpss.ko",
+]
+
+
+def test_init_script_loads_the_modules_in_order_then_sources_the_provider_init() -> None:
+    script = sw.init_script(ORDER, "6.9.1-arch1-1")
+    lines = script.splitlines()
+    assert lines[0] == "#!/bin/sh"
+    insmods = [line.split()[1] for line in lines if line.startswith("insmod ")]
+    assert insmods == [
+        f"/archkernel/modules/{name}.ko"
+        for name in (
+            "virtio_ring",
+            "virtio",
+            "failover",
+            "net_failover",
+            "virtio_net",
+            "nbd",
+            "intel_lpss",
+        )
+    ]
+    logged = [line for line in lines if line.startswith('echo "archkernel: loading')]
+    assert len(logged) == len(ORDER)
+    # applets first (insmod is one), the provider's init last, sourced: it stays PID 1
+    install = lines.index("/bin/busybox --install -s")
+    assert lines.index("/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys") < install
+    assert install < min(i for i, line in enumerate(lines) if line.startswith("insmod "))
+    assert lines[-1] == ". /init.scw"
+    assert "exec" not in script
+    assert "6.9.1-arch1-1" in script
+    sh_syntax_ok(script)
+
+
+def test_init_script_without_modules_still_hands_over() -> None:
+    script = sw.init_script([], "6.9.1-arch1-1")
+    assert "insmod" not in script
+    assert script.splitlines()[-1] == ". /init.scw"
+    sh_syntax_ok(script)
+
+
+# --- find_kernel_version --------------------------------------------------------------------------
+
+
+@pytest.fixture
+def moddirs(tmp_path: Path) -> Path:
+    base = tmp_path / "usr/lib/modules"
+    base.mkdir(parents=True)
+    (tmp_path / "boot").mkdir()
+    (tmp_path / "boot/zImage").write_bytes(b"kernel B")
+    return base
+
+
+def add_kernel(moddirs: Path, version: str, *, pkgbase: bool = True, image: bytes = b"") -> None:
+    (moddirs / version / "kernel").mkdir(parents=True)
+    if pkgbase:
+        (moddirs / version / "pkgbase").write_text("linux-armv7\n")
+    if image:
+        (moddirs / version / "vmlinuz").write_bytes(image)
+
+
+def test_find_kernel_version_the_one_with_pkgbase(moddirs: Path) -> None:
+    add_kernel(moddirs, "6.9.1-1-ARCH")
+    add_kernel(moddirs, "4.5.0-provider", pkgbase=False)  # not an Arch package
+    kernel = moddirs.parents[2] / "boot/zImage"
+    assert sw.find_kernel_version(moddirs, kernel, None) == "6.9.1-1-ARCH"
+
+
+def test_find_kernel_version_configured_wins(moddirs: Path) -> None:
+    add_kernel(moddirs, "6.9.1-1-ARCH")
+    add_kernel(moddirs, "6.8.0-1-ARCH")
+    kernel = moddirs.parents[2] / "boot/zImage"
+    assert sw.find_kernel_version(moddirs, kernel, "6.8.0-1-ARCH") == "6.8.0-1-ARCH"
+    with pytest.raises(UserError, match=r"kernel_version '6\.7': .* does not exist"):
+        sw.find_kernel_version(moddirs, kernel, "6.7")
+
+
+def test_find_kernel_version_several_picks_the_one_shipping_our_kernel(moddirs: Path) -> None:
+    add_kernel(moddirs, "6.9.1-1-ARCH", image=b"kernel A")
+    add_kernel(moddirs, "6.9.2-1-ARCH", image=b"kernel B")
+    kernel = moddirs.parents[2] / "boot/zImage"
+    assert sw.find_kernel_version(moddirs, kernel, None) == "6.9.2-1-ARCH"
+
+
+def test_find_kernel_version_several_and_no_way_to_choose(moddirs: Path) -> None:
+    add_kernel(moddirs, "6.9.1-1-ARCH")
+    add_kernel(moddirs, "6.9.2-1-ARCH")
+    kernel = moddirs.parents[2] / "boot/zImage"
+    with pytest.raises(
+        UserError, match=r"several kernels .*6\.9\.1-1-ARCH, 6\.9\.2-1-ARCH"
+    ) as info:
+        sw.find_kernel_version(moddirs, kernel, None)
+    assert "kernel_version" in (info.value.hint or "")
+
+
+def test_find_kernel_version_none_installed(moddirs: Path) -> None:
+    add_kernel(moddirs, "4.5.0-provider", pkgbase=False)
+    with pytest.raises(UserError, match="no Arch kernel found"):
+        sw.find_kernel_version(moddirs, moddirs.parents[2] / "boot/zImage", None)
