@@ -14,14 +14,17 @@ import shlex
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from archkernel import initramfs, kmod, tftp, uimage
+from archkernel import kmod, tftp, uimage
 from archkernel.errors import UserError
 from archkernel.fileio import atomic_path, write_bytes, write_if_changed
 from archkernel.log import log
 from archkernel.run import check_tools, render, run
 from archkernel.settings import ScalewaySettings, Settings
+
+if TYPE_CHECKING:
+    from archkernel import initramfs
 
 MARKER = "archkernel"
 MODULE_DIR = "archkernel/modules"  # inside the initrd; a directory the provider never has
@@ -454,6 +457,8 @@ def step_fetch_initrd(settings: Settings) -> None:
 
 def step_unpack(settings: Settings) -> None:
     """Step 4: check the uImage, read and check every cpio entry, keep the payload."""
+    from archkernel import initramfs  # libarchive: only when the initrd is rebuilt
+
     p = paths(settings)
     name = json.loads(p.initrd_info.read_text())["name"]
     source = f"initrd {name}"
@@ -502,6 +507,8 @@ def step_modules(settings: Settings) -> None:
 
 def additions(p: Paths, original_init: bytes) -> list[initramfs.Entry]:
     """What the appended archive holds: /init, /init.scw and the modules."""
+    from archkernel import initramfs  # libarchive: only when the initrd is rebuilt
+
     manifest = json.loads(p.modules_manifest.read_text())
     entries = [
         initramfs.Entry.file("init", (p.modules / "init").read_bytes(), mode=0o755),
@@ -517,6 +524,8 @@ def additions(p: Paths, original_init: bytes) -> list[initramfs.Entry]:
 
 def step_pack(settings: Settings) -> None:
     """Step 6: the original payload plus our archive, written atomically to output_initrd."""
+    from archkernel import initramfs  # libarchive: only when the initrd is rebuilt
+
     cfg, p = settings.scaleway, paths(settings)
     payload = p.payload.read_bytes()
     source = f"initrd {json.loads(p.listing.read_text())['name']}"
