@@ -8,9 +8,13 @@ needed. `check_ext4` and `fs_uuid` read it back the same way: e2fsprogs tools ac
 `IMAGE?offset=BYTES` as a device name (the `offset` I/O option of libext2fs), and
 `blkid -p` takes `--offset`.
 
-The only boot mode implemented is 'bios' (Azure generation 1): GPT with a 1 MiB BIOS boot
-partition for GRUB's core.img, or MBR with core.img in the gap before the first
-partition. 'uefi' and 'hybrid' (an EFI system partition) are reserved names.
+Boot modes (the firmware the disk boots with):
+- 'bios' (Azure generation 1): GPT with a 1 MiB BIOS boot partition for GRUB's core.img,
+  or MBR with core.img in the gap before the first partition;
+- 'uefi' (generation 2): GPT with an EFI system partition (ESP) before root;
+- 'hybrid' (either): GPT with the BIOS boot partition, then the ESP, then root, as Arch's
+  own cloud images are laid out. UEFI needs GPT here (Azure generation 2 boots only GPT).
+The ESP's FAT file system is archkernel.esp's business.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from typing import Any, Literal
 from uuid import UUID
 
 from archkernel.errors import UserError
+from archkernel.fileio import temporary_directory
 from archkernel.run import run
 
 SECTOR = 512
@@ -39,12 +44,18 @@ MBR_MAX_SECTORS = (1 << 32) - 1
 MIN_ROOT_SIZE = 16 * MiB
 
 BIOS_BOOT_GUID = "21686148-6449-6E6F-744E-656564454649"
+ESP_GUID = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B"
+# Fixed, and roomy for one boot loader: Microsoft asks for at least 100 MB (260 MB on 4Kn
+# disks); 256 MiB holds a FAT32 with 1 KiB clusters well above FAT32's minimum count.
+ESP_SIZE = 256 * MiB
 # "Linux root (x86-64)" of the Discoverable Partitions Specification.
 ROOT_X86_64_GUID = "4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709"
 MBR_LINUX = "83"
 
 Table = Literal["gpt", "mbr"]
+Boot = Literal["bios", "uefi", "hybrid"]
 Role = Literal["bios_boot", "esp", "root"]
+BOOT_MODES: tuple[Boot, ...] = ("bios", "uefi", "hybrid")
 
 # The ext4 parameters make_ext4 pins, so required_disk_size can count with them whatever
 # the host's /etc/mke2fs.conf says about small file systems.
@@ -88,10 +99,36 @@ class Layout:
                 return part
         raise KeyError(f"the layout has no {role} partition")
 
+    def has(self, role: Role) -> bool:
+        """Whether the layout has a partition with `role`."""
+        return any(part.role == role for part in self.partitions)
+
     @property
     def root(self) -> Partition:
         """The root file system's partition."""
         return self.by_role("root")
+
+    @property
+    def esp(self) -> Partition:
+        """The EFI system partition (KeyError for a 'bios' layout)."""
+        return self.by_role("esp")
+
+    @property
+    def boot(self) -> Boot:
+        """The boot mode the layout was planned for, read from its partitions."""
+        efi = self.has("esp")
+        bios = self.table == "mbr" or self.has("bios_boot")
+        return "hybrid" if efi and bios else "uefi" if efi else "bios"
+
+    @property
+    def boots_bios(self) -> bool:
+        """Whether BIOS firmware boots it: GRUB's boot.img and core.img are needed."""
+        return self.boot in ("bios", "hybrid")
+
+    @property
+    def boots_uefi(self) -> bool:
+        """Whether UEFI firmware boots it: a boot loader on the ESP is needed."""
+        return self.boot in ("uefi", "hybrid")
 
 
 def _align_down(value: int, step: int = MiB) -> int:
@@ -102,32 +139,36 @@ def _mib(size: int) -> str:
     return f"{size // MiB} MiB" if size % MiB == 0 else f"{size} bytes"
 
 
-def _check_table_and_boot(table: str, boot: str) -> Table:
-    """`table` as a Table; UserError for an unknown table or a boot mode not implemented."""
-    if boot != "bios":
-        if boot in ("uefi", "hybrid"):
-            raise UserError(
-                f"boot mode {boot!r} is not implemented yet",
-                "use boot='bios' (Azure generation 1 VMs boot BIOS from GPT or MBR)",
-            )
-        raise UserError(f"unknown boot mode {boot!r}", "use 'bios'")
+def _check_table_and_boot(table: str, boot: str) -> tuple[Table, Boot]:
+    """`table` and `boot` as a Table and a Boot; UserError for unknown or unbootable ones."""
+    if boot not in BOOT_MODES:
+        raise UserError(f"unknown boot mode {boot!r}", "use 'bios', 'uefi' or 'hybrid'")
+    mode: Boot = "bios" if boot == "bios" else "uefi" if boot == "uefi" else "hybrid"
     if table == "gpt":
-        return "gpt"
+        return "gpt", mode
     if table == "mbr":
-        return "mbr"
+        if mode != "bios":
+            raise UserError(
+                f"boot mode {boot!r} needs a GPT partition table, not MBR",
+                "use partition_table 'gpt' (Azure generation 2 VMs boot UEFI only from GPT "
+                "with an EFI system partition)",
+            )
+        return "mbr", mode
     raise UserError(f"unknown partition table {table!r}", "use 'gpt' or 'mbr'")
 
 
 def plan_layout(
     disk_size: int, table: str, *, boot: str = "bios", disk_guid: str | None = None
 ) -> Layout:
-    """Decide the partitions of a `disk_size`-byte disk with a `table` ('gpt' or 'mbr').
+    """Decide the partitions of a `disk_size`-byte disk with a `table` ('gpt' or 'mbr')
+    for the firmware `boot` ('bios', 'uefi' or 'hybrid').
 
-    Everything starts and ends on 1 MiB boundaries. GPT: a 1 MiB BIOS boot partition at
-    1 MiB, then root to the last whole MiB before the backup GPT. MBR: root from 1 MiB to
-    the end; GRUB's core.img goes in the gap before it.
+    Everything starts and ends on 1 MiB boundaries. GPT from 1 MiB on: a 1 MiB BIOS boot
+    partition (bios, hybrid), a 256 MiB EFI system partition (uefi, hybrid), then root to
+    the last whole MiB before the backup GPT. MBR (bios only): root from 1 MiB to the end;
+    GRUB's core.img goes in the gap before it.
     """
-    kind = _check_table_and_boot(table, boot)
+    kind, mode = _check_table_and_boot(table, boot)
     if disk_size <= 0 or disk_size % MiB:
         raise UserError(
             f"disk_size {disk_size} is not a whole number of MiB",
@@ -143,8 +184,16 @@ def plan_layout(
 
     parts: list[Partition] = []
     if kind == "gpt":
-        parts.append(Partition(1, MiB, MiB, BIOS_BOOT_GUID, "BIOS boot", "bios_boot"))
-        root_start = 2 * MiB
+        start = MiB
+        if mode in ("bios", "hybrid"):
+            parts.append(
+                Partition(len(parts) + 1, start, MiB, BIOS_BOOT_GUID, "BIOS boot", "bios_boot")
+            )
+            start += MiB
+        if mode in ("uefi", "hybrid"):
+            parts.append(Partition(len(parts) + 1, start, ESP_SIZE, ESP_GUID, "EFI system", "esp"))
+            start += ESP_SIZE
+        root_start = start
         root_end = _align_down(disk_size - GPT_BACKUP_SECTORS * SECTOR)
         root_type = ROOT_X86_64_GUID
     else:
@@ -301,8 +350,8 @@ def check_ext4(image: Path, partition: Partition) -> None:
         )
 
 
-def fs_uuid(image: Path, partition: Partition) -> str:
-    """The UUID of the file system in `partition` of `image`, as blkid reports it."""
+def _blkid_value(image: Path, partition: Partition, tag: str) -> str:
+    """The blkid `tag` (UUID, TYPE...) of the file system in `partition`; '' if none."""
     proc = run(
         [
             "blkid",
@@ -312,7 +361,7 @@ def fs_uuid(image: Path, partition: Partition) -> str:
             "-S",
             str(partition.size),
             "-s",
-            "UUID",
+            tag,
             "-o",
             "value",
             image,
@@ -320,13 +369,51 @@ def fs_uuid(image: Path, partition: Partition) -> str:
         capture=True,
         check=False,
     )
-    value = proc.stdout.strip()
-    if proc.returncode != 0 or not value:
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def fs_uuid(image: Path, partition: Partition) -> str:
+    """The UUID of the file system in `partition` of `image`, as blkid reports it
+    (`XXXX-XXXX` for FAT)."""
+    value = _blkid_value(image, partition, "UUID")
+    if not value:
         raise UserError(
             f"no file system found in partition {partition.number} of {image}",
-            "run the step that makes the root file system first",
+            "make the file system first (the step that makes the disk)",
         )
     return value
+
+
+def fs_type(image: Path, partition: Partition) -> str | None:
+    """The type of the file system in `partition` of `image` as blkid names it ('ext4',
+    'vfat'), or None when blkid finds none."""
+    return _blkid_value(image, partition, "TYPE") or None
+
+
+def read_ext4_file(image: Path, partition: Partition, path: str) -> bytes:
+    """The content of the regular file at `path` in the ext4 file system in `partition`.
+
+    Read with `debugfs` through libext2fs's offset option: no mount, no loop device.
+    UserError if there is no such file.
+    """
+    if not path.startswith("/") or any(c.isspace() or c in "\"'" for c in path):
+        raise ValueError(f"read_ext4_file needs a plain absolute path, not {path!r}")
+    with temporary_directory(prefix="archkernel-ext4-") as tmp:
+        # A relative output name, so debugfs's own argument parsing never sees our paths.
+        proc = run(
+            ["debugfs", "-R", f"dump {path} out", _ext2_device(image, partition)],
+            capture=True,
+            check=False,
+            cwd=tmp,
+        )
+        out = tmp / "out"
+        # debugfs exits 0 when the path does not exist; only the missing output tells.
+        if proc.returncode != 0 or not out.is_file():
+            raise UserError(
+                f"the file system in partition {partition.number} of {image} has no file {path}",
+                "check that the file was in the tree the file system was made from",
+            )
+        return out.read_bytes()
 
 
 @dataclass(frozen=True)
@@ -426,9 +513,17 @@ def ext4_size_for(usage: TreeUsage) -> int:
 
 def disk_size_for(fs_size: int, table: str, *, boot: str = "bios") -> int:
     """The disk size whose root partition from plan_layout is at least `fs_size` bytes."""
-    kind = _check_table_and_boot(table, boot)
-    # GPT: 1 MiB unused + 1 MiB BIOS boot before root, the backup GPT in 1 MiB after.
-    overhead = 3 * MiB if kind == "gpt" else MiB
+    kind, mode = _check_table_and_boot(table, boot)
+    if kind == "mbr":
+        overhead = MiB  # the table and GRUB's core.img before root
+    else:
+        # 1 MiB for the table, the BIOS boot partition and/or the ESP before root, and the
+        # backup GPT in the last MiB.
+        overhead = 2 * MiB
+        if mode in ("bios", "hybrid"):
+            overhead += MiB
+        if mode in ("uefi", "hybrid"):
+            overhead += ESP_SIZE
     return max(_round_up(fs_size, MiB), MIN_ROOT_SIZE) + overhead
 
 

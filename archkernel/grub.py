@@ -1,14 +1,24 @@
-"""GRUB for BIOS (i386-pc) boot of a disk image, installed with the build host's GRUB.
+"""GRUB for BIOS (i386-pc) and UEFI (x86_64-efi) boot of a disk image, from the build host.
 
 Like mkosi's tools tree, the boot loader comes from the machine that builds the image, not
 from the image, so nothing runs inside the image. It happens in two acts:
 
-1. `stage_bios_files`, *before* the root file system is made: copy the host's i386-pc
-   modules and `boot.img` into `ROOT/boot/grub/i386-pc`, build `core.img` there with
-   `grub-mkimage` (its early config finds the root file system by UUID, which we choose
-   before mkfs), and write `ROOT/boot/grub/grub.cfg`. `mkfs.ext4 -d` then carries them in.
-2. `install_bios`, after mkfs: `grub-bios-setup` writes `boot.img` into the MBR and embeds
-   `core.img` in the BIOS boot partition (GPT) or the gap after the MBR (MBR).
+1. `stage_bios_files` / `stage_efi_files`, *before* the root file system is made: copy the
+   host's modules into `ROOT/boot/grub/i386-pc` or `ROOT/boot/grub/x86_64-efi`, build the
+   core image there with `grub-mkimage` (`core.img`, `core.efi`; its early config finds
+   the root file system by UUID, which we choose before mkfs, and sets the prefix to
+   `/boot/grub` on it), and write `ROOT/boot/grub/grub.cfg`, the one configuration both
+   firmwares end up in. `mkfs.ext4 -d` then carries them in.
+2. `install_bios` / `install_efi`, after mkfs: `grub-bios-setup` writes `boot.img` into the
+   MBR and embeds `core.img` in the BIOS boot partition (GPT) or the gap after the MBR
+   (MBR); `install_efi` copies `core.efi`, read back from the root file system, to the EFI
+   system partition's removable path `EFI/BOOT/BOOTX64.EFI`, which UEFI firmware boots
+   without an NVRAM entry (an uploaded disk has none).
+
+A hybrid disk gets both. For UEFI the core image is small and loads its modules from the
+root file system, as for BIOS, rather than being a standalone image carrying them all: one
+grub.cfg and one module directory per platform, all from the same GRUB build, and the ESP
+holds a single ~200 KiB file that never needs to change when grub.cfg does.
 
 `grub-bios-setup` writes to the image *file* through a device map `(hd0) IMAGE`, but
 before it does anything it insists that the directory holding `boot.img` and `core.img`
@@ -19,7 +29,9 @@ the host, so `install_bios` attaches the image's root partition read-only to a l
 mounts it read-only and points `grub-bios-setup` at the staged files there. The file
 system stays exactly as mkfs made it.
 
-Modules and core.img must come from the same GRUB build; both come from `grub_lib`.
+Modules and core images must come from the same GRUB build; both come from `grub_lib`
+(`efi_lib`). No Secure Boot: the EFI image is unsigned, so Azure generation 2 VMs need the
+"Standard" security type (or Trusted Launch with Secure Boot off).
 """
 
 from __future__ import annotations
@@ -30,18 +42,25 @@ import shutil
 import uuid
 from pathlib import Path
 
-from archkernel.disk import SECTOR, Layout, fs_uuid, read_partitions
+from archkernel import esp
+from archkernel.disk import SECTOR, Layout, fs_type, fs_uuid, read_ext4_file, read_partitions
 from archkernel.errors import UserError
 from archkernel.fileio import temporary_directory, write_text
 from archkernel.mounts import loop_device, mounted
 from archkernel.run import check_tools, minimal_env, package_hint, run
 
 GRUB_I386_PC = Path("/usr/lib/grub/i386-pc")
+GRUB_X86_64_EFI = Path("/usr/lib/grub/x86_64-efi")
 # Where the staged files live inside the root tree, and GRUB's prefix at boot.
 PREFIX = "/boot/grub"
 # What core.img needs to find and read /boot/grub on the root file system; everything else
 # is loaded from there on demand (command.lst says which module holds which command).
 CORE_MODULES = ("biosdisk", "part_gpt", "part_msdos", "ext2", "search")
+# The same for UEFI; the firmware's disk access (efidisk) is part of GRUB's EFI kernel.
+EFI_CORE_MODULES = ("part_gpt", "part_msdos", "ext2", "search")
+# The EFI core image in the root tree, beside its modules (where grub-install puts it).
+EFI_CORE = "core.efi"
+_EFI_HINT = "install 'grub' on Arch Linux or 'grub-efi-amd64-bin' on Debian/Ubuntu"
 
 # Characters that need no quoting in a GRUB script word.
 _PLAIN_WORD = re.compile(r"[A-Za-z0-9_./:=,+@%^-]+")
@@ -108,11 +127,22 @@ def early_cfg(root_uuid: str) -> str:
     return f"search --no-floppy --fs-uuid --set=root {fs}\nset prefix=($root){PREFIX}\n"
 
 
+def _mkimage_argv(
+    platform: str, modules: tuple[str, ...], grub_lib: Path, output: Path, early_config: Path
+) -> list[str]:
+    argv = ["grub-mkimage", "--format", platform, "--directory", os.fspath(grub_lib)]
+    argv += ["--output", os.fspath(output), "--config", os.fspath(early_config)]
+    return [*argv, "--prefix", PREFIX, *modules]
+
+
 def mkimage_argv(grub_lib: Path, output: Path, early_config: Path) -> list[str]:
     """The grub-mkimage command that builds an i386-pc core.img."""
-    argv = ["grub-mkimage", "--format", "i386-pc", "--directory", os.fspath(grub_lib)]
-    argv += ["--output", os.fspath(output), "--config", os.fspath(early_config)]
-    return [*argv, "--prefix", PREFIX, *CORE_MODULES]
+    return _mkimage_argv("i386-pc", CORE_MODULES, grub_lib, output, early_config)
+
+
+def efi_mkimage_argv(efi_lib: Path, output: Path, early_config: Path) -> list[str]:
+    """The grub-mkimage command that builds an x86_64-efi core image (a PE executable)."""
+    return _mkimage_argv("x86_64-efi", EFI_CORE_MODULES, efi_lib, output, early_config)
 
 
 def device_map(image: Path) -> str:
@@ -137,13 +167,27 @@ def bios_setup_tool(grub_lib: Path = GRUB_I386_PC) -> Path:
     raise UserError("command not found: grub-bios-setup", package_hint("grub-install"))
 
 
-def _check_grub_lib(grub_lib: Path) -> None:
-    missing = [n for n in ("kernel.img", "boot.img", "moddep.lst") if not (grub_lib / n).is_file()]
+def _check_grub_lib(grub_lib: Path, platform: str, needed: tuple[str, ...], hint: str) -> None:
+    missing = [n for n in needed if not (grub_lib / n).is_file()]
     if missing:
         raise UserError(
-            f"{grub_lib} is not a GRUB i386-pc directory (no {', '.join(missing)})",
-            package_hint("grub-install"),
+            f"{grub_lib} is not a GRUB {platform} directory (no {', '.join(missing)})", hint
         )
+
+
+def _stage(
+    dest: Path, grub_lib: Path, extra: tuple[str, ...], build: list[str], cfg_text: str
+) -> Path:
+    """Copy `grub_lib`'s modules (and `extra` files) to `dest` (ROOT/boot/grub/PLATFORM),
+    run the grub-mkimage command `build`, write grub.cfg beside `dest`; returns `dest`."""
+    dest.mkdir(parents=True, exist_ok=True)
+    for source in sorted(grub_lib.iterdir()):
+        if source.suffix in (".mod", ".lst") or source.name in extra:
+            shutil.copyfile(source, dest / source.name)
+            os.chmod(dest / source.name, 0o644)
+    run(build)
+    write_text(dest.parent / "grub.cfg", cfg_text)
+    return dest
 
 
 def stage_bios_files(rootdir: Path, grub_lib: Path, cfg_text: str, *, root_uuid: str) -> Path:
@@ -153,19 +197,52 @@ def stage_bios_files(rootdir: Path, grub_lib: Path, cfg_text: str, *, root_uuid:
     the directory `ROOT/boot/grub/i386-pc`.
     """
     grub_lib = Path(grub_lib)
-    _check_grub_lib(grub_lib)
+    needed = ("kernel.img", "boot.img", "moddep.lst")
+    _check_grub_lib(grub_lib, "i386-pc", needed, package_hint("grub-install"))
     check_tools(["grub-mkimage"], "installing GRUB")
     dest = Path(rootdir) / PREFIX.lstrip("/") / "i386-pc"
-    dest.mkdir(parents=True, exist_ok=True)
-    for source in sorted(grub_lib.iterdir()):
-        if source.suffix in (".mod", ".lst") or source.name == "boot.img":
-            shutil.copyfile(source, dest / source.name)
-            os.chmod(dest / source.name, 0o644)
     with temporary_directory(prefix="archkernel-grub-") as tmp:
         config = write_text(tmp / "early.cfg", early_cfg(root_uuid))
-        run(mkimage_argv(grub_lib, dest / "core.img", config))
-    write_text(dest.parent / "grub.cfg", cfg_text)
-    return dest
+        build = mkimage_argv(grub_lib, dest / "core.img", config)
+        return _stage(dest, grub_lib, ("boot.img",), build, cfg_text)
+
+
+def stage_efi_files(rootdir: Path, efi_lib: Path, cfg_text: str, *, root_uuid: str) -> Path:
+    """Put GRUB's x86_64-efi modules, a core.efi for `root_uuid` and grub.cfg into `rootdir`.
+
+    Run before the root file system is made, with the UUID it will be made with;
+    `install_efi` later copies core.efi to the ESP. Returns `ROOT/boot/grub/x86_64-efi`.
+    """
+    efi_lib = Path(efi_lib)
+    _check_grub_lib(efi_lib, "x86_64-efi", ("kernel.img", "moddep.lst"), _EFI_HINT)
+    check_tools(["grub-mkimage"], "installing GRUB")
+    dest = Path(rootdir) / PREFIX.lstrip("/") / "x86_64-efi"
+    with temporary_directory(prefix="archkernel-grub-") as tmp:
+        config = write_text(tmp / "early.cfg", early_cfg(root_uuid))
+        build = efi_mkimage_argv(efi_lib, dest / EFI_CORE, config)
+        return _stage(dest, efi_lib, (), build, cfg_text)
+
+
+def stage_grub_files(
+    rootdir: Path,
+    boot: str,
+    cfg_text: str,
+    *,
+    root_uuid: str,
+    bios_lib: Path = GRUB_I386_PC,
+    efi_lib: Path = GRUB_X86_64_EFI,
+) -> list[Path]:
+    """Stage what the firmware `boot` ('bios', 'uefi' or 'hybrid'; `layout.boot` of the disk
+    it goes on) needs into `rootdir`: `stage_bios_files`, `stage_efi_files` or both.
+    Returns the module directories."""
+    staged = []
+    if boot in ("bios", "hybrid"):
+        staged.append(stage_bios_files(rootdir, bios_lib, cfg_text, root_uuid=root_uuid))
+    if boot in ("uefi", "hybrid"):
+        staged.append(stage_efi_files(rootdir, efi_lib, cfg_text, root_uuid=root_uuid))
+    if not staged:
+        raise UserError(f"unknown boot mode {boot!r}", "use 'bios', 'uefi' or 'hybrid'")
+    return staged
 
 
 def install_bios(
@@ -176,15 +253,14 @@ def install_bios(
     `root_uuid` is the UUID core.img was built for; the root file system must have it, or
     the machine would stop at `grub rescue>`.
     """
+    if not layout.boots_bios:
+        raise UserError(
+            f"the {layout.boot} layout of {image} has no place for BIOS boot code",
+            "plan the disk with boot='bios' or 'hybrid'",
+        )
     tool = bios_setup_tool(grub_lib)
     root = layout.root
-    found = fs_uuid(image, root)
-    if found.lower() != canonical_uuid(root_uuid):
-        raise UserError(
-            f"the root file system of {image} has UUID {found}, but GRUB was staged for "
-            f"{root_uuid}",
-            "make the file system with the UUID given to stage_bios_files",
-        )
+    _check_root_uuid(image, layout, root_uuid)
     with temporary_directory(prefix="archkernel-grub-") as tmp:
         map_file = write_text(tmp / "device.map", device_map(image))
         with (
@@ -201,6 +277,74 @@ def install_bios(
                 )
             run(bios_setup_argv(tool, grub_dir, map_file, image))
     _check_table_kept(image, layout)
+    _check_boot_code(image)
+
+
+def _check_root_uuid(image: Path, layout: Layout, root_uuid: str) -> None:
+    found = fs_uuid(image, layout.root)
+    if found.lower() != canonical_uuid(root_uuid):
+        raise UserError(
+            f"the root file system of {image} has UUID {found}, but GRUB was staged for "
+            f"{root_uuid}",
+            "make the file system with the UUID given when GRUB's files were staged",
+        )
+
+
+def install_efi(image: Path, layout: Layout, *, root_uuid: str) -> None:
+    """Copy the core.efi staged by `stage_efi_files` to the ESP of `image` as
+    EFI/BOOT/BOOTX64.EFI.
+
+    core.efi is read back from the root file system (debugfs, no mount), so the ESP gets
+    exactly the build of the modules beside it. The ESP must already hold a FAT
+    (`esp.make_fat`); other files on it are kept, an earlier BOOTX64.EFI is replaced.
+    """
+    if not layout.boots_uefi:
+        raise UserError(
+            f"the {layout.boot} layout of {image} has no EFI system partition",
+            "plan the disk with boot='uefi' or 'hybrid'",
+        )
+    _check_root_uuid(image, layout, root_uuid)
+    part = layout.esp
+    found = fs_type(image, part)
+    if found != "vfat":
+        raise UserError(
+            f"the EFI system partition of {image} holds "
+            f"{'no file system' if found is None else f'a {found} file system'}, not FAT",
+            "make it with esp.make_fat after creating the disk",
+        )
+    staged = f"{PREFIX}/x86_64-efi/{EFI_CORE}"
+    try:
+        core = read_ext4_file(image, layout.root, staged)
+    except UserError as exc:
+        raise UserError(
+            f"the root file system of {image} has no {staged}",
+            "stage GRUB's EFI files into the root tree before making the file system",
+        ) from exc
+    with temporary_directory(prefix="archkernel-grub-") as tmp:
+        source = tmp / "BOOTX64.EFI"
+        source.write_bytes(core)
+        esp.add_files(image, part, {esp.REMOVABLE_PATH_X64: source})
+    if esp.read_file(image, part, esp.REMOVABLE_PATH_X64) != core:
+        raise UserError(
+            f"{esp.REMOVABLE_PATH_X64} on the ESP of {image} differs from {staged}",
+            "run the boot loader step again with -v to see mcopy's output",
+        )
+    _check_table_kept(image, layout)
+
+
+def install_grub(
+    image: Path, layout: Layout, *, root_uuid: str, bios_lib: Path = GRUB_I386_PC
+) -> list[str]:
+    """Install what the firmware of `layout` boots: `install_bios` for bios, `install_efi`
+    for uefi, both for hybrid. Returns the GRUB platforms installed."""
+    done = []
+    if layout.boots_bios:
+        install_bios(image, layout, root_uuid=root_uuid, grub_lib=bios_lib)
+        done.append("i386-pc")
+    if layout.boots_uefi:
+        install_efi(image, layout, root_uuid=root_uuid)
+        done.append("x86_64-efi")
+    return done
 
 
 def _check_table_kept(image: Path, layout: Layout) -> None:
@@ -211,6 +355,9 @@ def _check_table_kept(image: Path, layout: Layout) -> None:
             f"installing GRUB changed the partition table of {image}",
             "report this together with `grub-install --version`",
         )
+
+
+def _check_boot_code(image: Path) -> None:
     with open(image, "rb") as f:
         mbr = f.read(SECTOR)
     if mbr[510:] != b"\x55\xaa" or not any(mbr[:440]):

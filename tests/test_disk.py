@@ -89,6 +89,69 @@ def test_the_64mib_gpt_layout_by_hand() -> None:
     )
 
 
+EFI_SIZES = {"512MiB": 512 * MiB, "1GiB": GiB, "30GiB": 30 * GiB}
+
+
+@pytest.mark.parametrize("boot", ["uefi", "hybrid"])
+@pytest.mark.parametrize("size", EFI_SIZES.values(), ids=EFI_SIZES.keys())
+def test_efi_layouts_are_aligned_typed_and_inside_the_disk(size: int, boot: str) -> None:
+    layout = disk.plan_layout(size, "gpt", boot=boot)
+    assert layout.boot == boot
+    previous_end = MiB
+    for part in layout.partitions:
+        assert part.start % MiB == 0 and part.size % MiB == 0, part
+        assert part.start == previous_end, "partitions follow each other without gaps"
+        previous_end = part.end
+    assert layout.root.end == size - MiB  # the last MiB holds the backup GPT
+    esp = layout.esp
+    assert (esp.size, esp.type, esp.name) == (
+        256 * MiB,
+        "C12A7328-F81F-11D2-BA4B-00A0C93EC93B",
+        "EFI system",
+    )
+    assert layout.partitions[-1] == layout.root
+    if boot == "hybrid":
+        bios = layout.by_role("bios_boot")
+        assert [p.role for p in layout.partitions] == ["bios_boot", "esp", "root"]
+        assert (bios.start, bios.size, esp.start) == (MiB, MiB, 2 * MiB)
+    else:
+        assert [p.role for p in layout.partitions] == ["esp", "root"]
+        assert esp.start == MiB and not layout.has("bios_boot")
+
+
+def test_the_512mib_efi_layouts_by_hand() -> None:
+    esp_type, root_type = "C12A7328-F81F-11D2-BA4B-00A0C93EC93B", disk.ROOT_X86_64_GUID
+    assert disk.plan_layout(512 * MiB, "gpt", boot="uefi").partitions == (
+        Partition(1, 1_048_576, 268_435_456, esp_type, "EFI system", "esp"),
+        Partition(2, 269_484_032, 266_338_304, root_type, "root", "root"),
+    )
+    assert disk.plan_layout(512 * MiB, "gpt", boot="hybrid").partitions == (
+        Partition(1, 1_048_576, 1_048_576, disk.BIOS_BOOT_GUID, "BIOS boot", "bios_boot"),
+        Partition(2, 2_097_152, 268_435_456, esp_type, "EFI system", "esp"),
+        Partition(3, 270_532_608, 265_289_728, root_type, "root", "root"),
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "boot", "bios", "uefi"),
+    [
+        ("mbr", "bios", True, False),
+        ("gpt", "bios", True, False),
+        ("gpt", "uefi", False, True),
+        ("gpt", "hybrid", True, True),
+    ],
+)
+def test_what_a_layout_boots_is_read_from_its_partitions(
+    table: str, boot: str, bios: bool, uefi: bool
+) -> None:
+    layout = disk.plan_layout(GiB, table, boot=boot)
+    assert (layout.boot, layout.boots_bios, layout.boots_uefi) == (boot, bios, uefi)
+    assert layout.has("esp") == uefi
+    if not uefi:
+        with pytest.raises(KeyError, match="no esp partition"):
+            _ = layout.esp
+
+
 @pytest.mark.parametrize(
     ("size", "table", "boot", "words"),
     [
@@ -97,8 +160,10 @@ def test_the_64mib_gpt_layout_by_hand() -> None:
         (8 * MiB, "gpt", "bios", "no room for a root partition"),
         (16 * MiB, "gpt", "bios", "no room for a root partition"),
         (3 * 1024 * GiB, "mbr", "bios", "too large for an MBR"),
-        (64 * MiB, "gpt", "uefi", "not implemented yet"),
-        (64 * MiB, "gpt", "hybrid", "not implemented yet"),
+        (64 * MiB, "gpt", "uefi", "no room for a root partition"),
+        (274 * MiB, "gpt", "hybrid", "no room for a root partition"),
+        (GiB, "mbr", "uefi", "needs a GPT partition table"),
+        (GiB, "mbr", "hybrid", "needs a GPT partition table"),
         (64 * MiB, "gpt", "coreboot", "unknown boot mode"),
         (64 * MiB, "apm", "bios", "unknown partition table"),
     ],
@@ -113,6 +178,11 @@ def test_impossible_layouts_are_user_errors(size: int, table: str, boot: str, wo
 def test_the_smallest_disks_that_fit() -> None:
     assert disk.plan_layout(19 * MiB, "gpt").root.size == 16 * MiB
     assert disk.plan_layout(17 * MiB, "mbr").root.size == 16 * MiB
+    assert disk.plan_layout(274 * MiB, "gpt", boot="uefi").root.size == 16 * MiB
+    assert disk.plan_layout(275 * MiB, "gpt", boot="hybrid").root.size == 16 * MiB
+    with pytest.raises(UserError, match="no room") as err:
+        disk.plan_layout(273 * MiB, "gpt", boot="uefi")
+    assert err.value.hint == "use a disk of at least 274 MiB"
     with pytest.raises(UserError, match="no room"):
         disk.plan_layout(16 * MiB, "mbr")
 
@@ -137,6 +207,18 @@ def test_sfdisk_script_for_gpt() -> None:
         "\n"
         'start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name="BIOS boot"\n'
         'start=4096, size=124928, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name="root"\n'
+    )
+
+
+def test_sfdisk_script_for_a_hybrid_gpt() -> None:
+    assert disk.sfdisk_script(disk.plan_layout(GiB, "gpt", boot="hybrid")) == (
+        "label: gpt\n"
+        "unit: sectors\n"
+        "sector-size: 512\n"
+        "\n"
+        'start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name="BIOS boot"\n'
+        'start=4096, size=524288, type=C12A7328-F81F-11D2-BA4B-00A0C93EC93B, name="EFI system"\n'
+        'start=528384, size=1566720, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name="root"\n'
     )
 
 
@@ -207,6 +289,20 @@ def test_disk_size_for_is_the_smallest_disk_whose_root_is_that_big(
             disk.plan_layout(size - MiB, table)
 
 
+@pytest.mark.parametrize("boot", ["uefi", "hybrid"])
+@pytest.mark.parametrize("fs_size", [MiB, 100 * MiB, 3000 * MiB + 4096])
+def test_disk_size_for_counts_the_esp(boot: str, fs_size: int) -> None:
+    size = disk.disk_size_for(fs_size, "gpt", boot=boot)
+    bios_size = disk.disk_size_for(fs_size, "gpt")
+    # The ESP replaces (uefi) or joins (hybrid) the 1 MiB BIOS boot partition.
+    assert size - bios_size == (255 * MiB if boot == "uefi" else 256 * MiB)
+    assert disk.plan_layout(size, "gpt", boot=boot).root.size >= fs_size
+    if fs_size > 16 * MiB:
+        assert disk.plan_layout(size - MiB, "gpt", boot=boot).root.size < fs_size
+    with pytest.raises(UserError, match="needs a GPT"):
+        disk.disk_size_for(fs_size, "mbr", boot=boot)
+
+
 def make_tree(root: Path) -> Path:
     """A small root tree with every kind of file mkfs.ext4 -d has to carry over."""
     (root / "etc").mkdir(parents=True)
@@ -259,6 +355,10 @@ def test_a_too_small_disk_says_how_much_the_tree_needs(tmp_path: Path) -> None:
         f"it needs at least {need // MiB} MiB"
     )
     disk.check_disk_size(root, need, "gpt")  # exactly enough is enough
+    # The ESP takes its share of the disk.
+    assert disk.required_disk_size(root, "gpt", boot="hybrid") == need + 256 * MiB
+    with pytest.raises(UserError, match="too small"):
+        disk.check_disk_size(root, need, "gpt", boot="uefi")
 
 
 # --- real images ------------------------------------------------------------------------------
@@ -321,6 +421,25 @@ def test_create_disk_writes_the_planned_table(tmp_path: Path, table: str) -> Non
 
 
 @pytest.mark.integration
+@needs_tools("sfdisk", "sgdisk")
+@pytest.mark.parametrize("boot", ["uefi", "hybrid"])
+def test_create_disk_writes_efi_layouts_that_sgdisk_agrees_with(tmp_path: Path, boot: str) -> None:
+    image = tmp_path / "disk.raw"
+    layout = disk.plan_layout(GiB, "gpt", boot=boot)
+    disk.create_disk(image, layout)
+    assert "No problems found" in run(["sgdisk", "--verify", image], capture=True).stdout
+    printed = run(["sgdisk", "--print", image], capture=True).stdout
+    rows = [line.split() for line in printed.splitlines() if line[:4].strip().isdigit()]
+    # number, first and last sector, size, unit, type code, name
+    expected = [
+        [str(p.number), str(p.start // 512), str(p.end // 512 - 1)] for p in layout.partitions
+    ]
+    assert [row[:3] for row in rows] == expected
+    codes = {"bios_boot": "EF02", "esp": "EF00", "root": "8304"}
+    assert [row[5] for row in rows] == [codes[p.role] for p in layout.partitions]
+
+
+@pytest.mark.integration
 @needs_root
 @needs_tools("sfdisk", "sgdisk", "mkfs.ext4", "e2fsck", "debugfs", "blkid")
 def test_make_ext4_carries_the_tree_over_without_mounting(tmp_path: Path) -> None:
@@ -363,6 +482,27 @@ def test_make_ext4_carries_the_tree_over_without_mounting(tmp_path: Path) -> Non
     dumped = tmp_path / "tool.out"
     run(["debugfs", "-R", f"dump /usr/bin/tool {dumped}", device])
     assert dumped.read_bytes() == (root / "usr/bin/tool").read_bytes()
+
+
+@pytest.mark.integration
+@needs_root
+@needs_tools("sfdisk", "mkfs.ext4", "debugfs", "blkid")
+def test_files_are_read_back_from_ext4_without_mounting(tmp_path: Path) -> None:
+    root = make_tree(tmp_path / "root")
+    image = tmp_path / "disk.raw"
+    layout = disk.plan_layout(300 * MiB, "gpt", boot="uefi")
+    disk.create_disk(image, layout)
+    assert disk.fs_type(image, layout.root) is None
+    disk.make_ext4(image, layout.root, root, uuid=UUID)
+    assert disk.fs_type(image, layout.root) == "ext4"
+    assert disk.fs_type(image, layout.esp) is None
+    tool = (root / "usr/bin/tool").read_bytes()
+    assert disk.read_ext4_file(image, layout.root, "/usr/bin/tool") == tool
+    with pytest.raises(UserError, match="has no file /usr/bin/missing"):
+        disk.read_ext4_file(image, layout.root, "/usr/bin/missing")
+    with pytest.raises(ValueError, match="plain absolute path"):
+        disk.read_ext4_file(image, layout.root, "usr/bin/tool")
+    assert loops_under(tmp_path) == [] and mounts_below(tmp_path) == []
 
 
 @pytest.mark.integration
