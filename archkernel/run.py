@@ -1,14 +1,26 @@
-"""One `run()` for every external command, and the host-tool checks built on it."""
+"""One `run()` for every external command, and the host-tool checks built on it.
+
+Where a command runs can be redirected: inside `wrapping(wrapper)`, run() hands every
+command to `wrapper.wrap()` just before starting it, and runs what comes back. That is the
+whole hook; `archkernel.buildenv` uses it to run the Arch tools of the Azure build inside a
+bootstrap build environment while the code that calls run() stays as it is. The wrapper
+lives in a context variable, so it applies to the current thread (or task) only and ends
+with its `with` block, whatever ends the block.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
+from contextvars import ContextVar
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from archkernel.errors import UserError
 from archkernel.log import log
@@ -54,6 +66,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "in.tftpd": ("tftp-hpa", "tftpd-hpa"),
     "tftp": ("tftp-hpa", "tftp-hpa"),
     "gpg": ("gnupg", "gpg"),
+    "gpgv": ("gnupg", "gpgv"),
     "gpgconf": ("gnupg", "gpgconf"),
     "systemd-analyze": ("systemd", "systemd"),
     "unshare": ("util-linux", "util-linux"),
@@ -89,6 +102,44 @@ def render(argv: Sequence[str | os.PathLike[str]]) -> str:
     return shlex.join(os.fspath(a) for a in argv)
 
 
+@dataclass(frozen=True)
+class Command:
+    """A command as run() is about to start it, for a `CommandWrapper` to rewrite."""
+
+    argv: list[str]
+    env: dict[str, str]  # the child's whole environment (`minimal_env` plus extras)
+    cwd: str | None  # directory to start it in (a wrapper that moves it elsewhere clears it)
+    has_input: bool  # run() feeds it `stdin` (a container runtime must keep stdin open)
+    where: str | None = None  # where it runs, for logs and errors: None is the host
+
+
+class CommandWrapper(Protocol):
+    """Decides where commands run; see `wrapping`."""
+
+    def wrap(self, command: Command) -> Command:
+        """The command to start instead (`command` itself to run it on the host).
+
+        May raise UserError, e.g. when the tool is missing where it would run."""
+        ...
+
+    def which(self, tool: str) -> str | None:
+        """Where `tool` would be found if run() ran it now, or None if it would not be."""
+        ...
+
+
+_wrapper: ContextVar[CommandWrapper | None] = ContextVar("archkernel_run_wrapper", default=None)
+
+
+@contextlib.contextmanager
+def wrapping(wrapper: CommandWrapper) -> Iterator[None]:
+    """Let `wrapper` rewrite every command run() starts in this block (nested: innermost)."""
+    token = _wrapper.set(wrapper)
+    try:
+        yield
+    finally:
+        _wrapper.reset(token)
+
+
 def _tail(text: str | bytes | None, lines: int = 8) -> str:
     if not text:
         return ""
@@ -117,30 +168,41 @@ def run(
     args = [os.fspath(a) for a in argv]
     if not args:
         raise ValueError("run() needs a command")
-    log.debug("+ %s", render(args))
+    command = Command(
+        args, minimal_env(env), os.fspath(cwd) if cwd is not None else None, stdin is not None
+    )
+    wrapper = _wrapper.get()
+    if wrapper is not None:
+        command = wrapper.wrap(command)
+    # Logs and errors show the command as the caller wrote it, and where it ran.
+    shown = render(args) if command.where is None else f"{render(args)} (in {command.where})"
+    log.debug("+ %s", shown)
+    if command.argv != args:
+        log.debug("  as %s", render(command.argv))
     if isinstance(stdin, str):
         stdin = stdin.encode()
     try:
         proc = subprocess.run(
-            args,
+            command.argv,
             input=stdin,
             stdout=subprocess.PIPE if capture else stdout_file,
             stderr=subprocess.PIPE,
-            env=minimal_env(env),
-            cwd=cwd,
+            env=command.env,
+            cwd=command.cwd,
             timeout=timeout,
             check=False,
         )
     except FileNotFoundError as exc:
-        tool = Path(args[0]).name
-        raise UserError(f"command not found: {args[0]}", package_hint(tool)) from exc
+        tool = Path(command.argv[0]).name
+        raise UserError(f"command not found: {command.argv[0]}", package_hint(tool)) from exc
     except PermissionError as exc:
         raise UserError(
-            f"cannot execute {args[0]}: permission denied", "check the file's mode and owner"
+            f"cannot execute {command.argv[0]}: permission denied",
+            "check the file's mode and owner",
         ) from exc
     except subprocess.TimeoutExpired as exc:
         raise UserError(
-            f"{render(args)} did not finish within {timeout:g}s",
+            f"{shown} did not finish within {timeout:g}s",
             "check that the tool is not waiting for input or a network peer",
         ) from exc
     out = proc.stdout.decode("utf-8", "replace") if proc.stdout is not None else ""
@@ -149,30 +211,41 @@ def run(
     if err and not check:
         log.debug("%s", err.rstrip())
     if check and proc.returncode != 0:
-        raise command_error(args, proc.returncode, err)
+        raise command_error(args, proc.returncode, err, where=command.where)
     return result
 
 
-def command_error(args: Sequence[str], code: int, stderr: str | bytes | None) -> UserError:
-    """The UserError for a command that exited non-zero or was killed."""
+def command_error(
+    args: Sequence[str], code: int, stderr: str | bytes | None, *, where: str | None = None
+) -> UserError:
+    """The UserError for a command that exited non-zero or was killed (`where`: not on the
+    host but in that build environment)."""
     tail = _tail(stderr)
+    shown = render(args) if where is None else f"{render(args)} (in {where})"
     if code < 0:
         try:
             name = signal.Signals(-code).name
         except ValueError:
             name = f"signal {-code}"
-        message = f"{render(args)} was killed by {name}"
+        message = f"{shown} was killed by {name}"
     else:
-        message = f"{render(args)} failed with exit code {code}"
+        message = f"{shown} failed with exit code {code}"
     if tail:
         message += f"; its last output:\n{tail}"
     return UserError(message, "see the command's output above; run with -v for every command")
 
 
+def which(tool: str) -> str | None:
+    """Where run() would find `tool` now: on PATH, or where the active wrapper runs it."""
+    wrapper = _wrapper.get()
+    if wrapper is not None:
+        return wrapper.which(tool)
+    return shutil.which(tool, path=minimal_env()["PATH"])
+
+
 def missing_tools(tools: Iterable[str]) -> list[str]:
-    """The tools of `tools` that are not on PATH, in order."""
-    path = minimal_env()["PATH"]
-    return [t for t in dict.fromkeys(tools) if shutil.which(t, path=path) is None]
+    """The tools of `tools` that run() would not find (see `which`), in order."""
+    return [t for t in dict.fromkeys(tools) if which(t) is None]
 
 
 def check_tools(tools: Iterable[str], purpose: str) -> None:

@@ -1,0 +1,275 @@
+"""Arch's bootstrap tarball: find the newest, download it, verify it, unpack it safely.
+
+Arch publishes the tarball in each release directory (`.../iso/latest/` is the newest) as
+`archlinux-bootstrap-YYYY.MM.DD-x86_64.tar.zst` and, for the latest release, also as
+`archlinux-bootstrap-x86_64.tar.zst`; each with a detached OpenPGP signature (`.sig`) and
+listed in `sha256sums.txt`. Its entries all sit under one directory, `root.x86_64/`.
+
+Trust comes from the signature alone: it is checked with `gpgv` against
+`azure.bootstrap_keyring` (by default Debian's `archlinux-keyring`), and a missing or bad
+signature stops the build. `sha256sums.txt` is not signed; it only names the release and
+its SHA-256, which lets a second build see that the environment it has is already that
+release without downloading it again. A tarball given by path or URL
+(`azure.bootstrap_tarball`) is trusted through the SHA-256 the user gives with it.
+
+The functions that decide (`parse_sha256sums`, `parse_listing`, `pick_tarball`,
+`signature_verdict`, `tree_root`) are pure; `newest`, `download`, `verify_signature` and
+`unpack` act.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import html
+import os
+import re
+import time
+import urllib.error
+import urllib.parse
+import urllib.request
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from archkernel.errors import UserError
+from archkernel.fileio import atomic_path, sha256_file, temporary_directory
+from archkernel.log import log
+from archkernel.run import run
+
+ARCH = "x86_64"
+TOP_DIRECTORY = f"root.{ARCH}"
+SUMS = "sha256sums.txt"
+_NAME = re.compile(
+    rf"archlinux-bootstrap-(?:(?P<date>\d{{4}}\.\d{{2}}\.\d{{2}})-)?{ARCH}\.tar\.(?P<ext>zst|gz)"
+)
+_CHUNK = 1 << 20
+
+
+@dataclass(frozen=True)
+class Release:
+    """The newest bootstrap tarball on a mirror: where it is and, if listed, its SHA-256."""
+
+    name: str
+    url: str
+    sha256: str | None
+
+    @property
+    def signature_url(self) -> str:
+        return self.url + ".sig"
+
+
+# --- deciding ---------------------------------------------------------------------------------
+
+
+def parse_sha256sums(text: str) -> dict[str, str]:
+    """File name -> SHA-256 from `sha256sum` output (`HASH  NAME` or `HASH *NAME`)."""
+    sums = {}
+    for line in text.splitlines():
+        m = re.fullmatch(r"\s*([0-9a-fA-F]{64})\s+\*?(\S.*?)\s*", line)
+        if m:
+            sums[m.group(2).lstrip("./")] = m.group(1).lower()
+    return sums
+
+
+def parse_listing(page: str) -> list[str]:
+    """The file names a web server's directory listing links to (`href="NAME"`)."""
+    names = []
+    for href in re.findall(r"""href\s*=\s*["']([^"'?#]+)["']""", page, flags=re.IGNORECASE):
+        name = urllib.parse.unquote(html.unescape(href)).rstrip("/").rsplit("/", 1)[-1]
+        if name:
+            names.append(name)
+    return names
+
+
+def pick_tarball(names: Iterable[str]) -> str | None:
+    """The newest bootstrap tarball among `names`: the latest date, zstd before gzip; the
+    undated name (`archlinux-bootstrap-x86_64.tar.zst`) when no dated one is listed."""
+    best: tuple[str, bool, str] | None = None
+    for name in names:
+        m = _NAME.fullmatch(name)
+        if m:
+            key = (m.group("date") or "", m.group("ext") == "zst", name)
+            if best is None or key > best:
+                best = key
+    return best[2] if best else None
+
+
+def signature_verdict(status: str) -> tuple[str | None, str]:
+    """Read gpgv's `--status-fd` lines: (signer's primary key fingerprint, "") for a good
+    signature by a valid key, else (None, why not)."""
+    codes: dict[str, list[str]] = {}
+    for line in status.splitlines():
+        words = line.split()
+        if len(words) >= 2 and words[0] == "[GNUPG:]":
+            codes.setdefault(words[1], words[2:])
+    if "BADSIG" in codes:
+        return None, "the signature does not match the file (BAD signature)"
+    if "REVKEYSIG" in codes:
+        return None, "it was made by a revoked key"
+    if "EXPKEYSIG" in codes:
+        return None, "it was made by an expired key"
+    if "NO_PUBKEY" in codes or "ERRSIG" in codes:
+        key = (codes.get("NO_PUBKEY") or codes.get("ERRSIG") or ["?"])[0]
+        return None, f"it was made by key {key}, which is not in the keyring"
+    if "NODATA" in codes:
+        return None, "the signature file holds no OpenPGP signature"
+    valid = codes.get("VALIDSIG")
+    if "GOODSIG" not in codes or not valid:
+        return None, "gpgv did not report a good signature"
+    # VALIDSIG's tenth field is the primary key's fingerprint (the signing key's own first).
+    return (valid[9] if len(valid) > 9 else valid[0]), ""
+
+
+def tree_root(unpacked: Path) -> Path:
+    """The root file system in a freshly unpacked tarball: the single top-level directory
+    when there is one (Arch's `root.x86_64/`), else the unpacked directory itself."""
+    entries = list(unpacked.iterdir())
+    single = entries[0] if len(entries) == 1 else None
+    if single is not None and single.is_dir() and not single.is_symlink() and single.name != "usr":
+        return single
+    return unpacked
+
+
+# --- acting -----------------------------------------------------------------------------------
+
+
+def _open(url: str, timeout: float) -> Any:
+    if not url.startswith(("http://", "https://", "ftp://", "file:/")):
+        raise UserError(f"cannot fetch {url}: not an http(s), ftp or file URL")
+    return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (scheme checked)
+
+
+def fetch_text(url: str, *, timeout: float = 60.0) -> str:
+    """A small text file from a URL; UserError if it cannot be had (HTTPError for 404)."""
+    try:
+        with _open(url, timeout) as response:
+            data: bytes = response.read(4 << 20)
+    except urllib.error.HTTPError:
+        raise
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(
+            f"cannot fetch {url}: {reason}",
+            "check the network and azure.bootstrap_mirror, or give a tarball with "
+            "azure.bootstrap_tarball and azure.bootstrap_sha256",
+        ) from None
+    return data.decode("utf-8", "replace")
+
+
+def newest(mirror: str, *, timeout: float = 60.0) -> Release:
+    """The newest bootstrap tarball in the release directory `mirror`, from its
+    sha256sums.txt or, if it has none, its directory listing."""
+    base = mirror.rstrip("/") + "/"
+    sums: dict[str, str] = {}
+    try:
+        sums = parse_sha256sums(fetch_text(base + SUMS, timeout=timeout))
+        names: Iterable[str] = sums
+    except urllib.error.HTTPError as exc:
+        log.debug("%s%s: HTTP %s; reading the directory listing", base, SUMS, exc.code)
+        try:
+            names = parse_listing(fetch_text(base, timeout=timeout))
+        except urllib.error.HTTPError as exc2:
+            raise UserError(
+                f"{base} lists no files (HTTP {exc2.code})",
+                "set azure.bootstrap_mirror to an Arch release directory such as "
+                "https://geo.mirror.pkgbuild.com/iso/latest",
+            ) from None
+    name = pick_tarball(names)
+    if name is None:
+        raise UserError(
+            f"no archlinux-bootstrap-{ARCH}.tar.zst in {base}",
+            "set azure.bootstrap_mirror to an Arch release directory (…/iso/latest)",
+        )
+    return Release(name, base + urllib.parse.quote(name), sums.get(name))
+
+
+def download(url: str, dest: Path, *, timeout: float = 60.0) -> str:
+    """Download `url` to `dest` (atomically: all or nothing); returns its SHA-256."""
+    digest = hashlib.sha256()
+    start = time.monotonic()
+    size = 0
+    try:
+        with atomic_path(dest) as tmp, _open(url, timeout) as response, open(tmp, "wb") as out:
+            while block := response.read(_CHUNK):
+                digest.update(block)
+                out.write(block)
+                size += len(block)
+    except urllib.error.HTTPError as exc:
+        raise UserError(
+            f"cannot download {url}: HTTP {exc.code} {exc.reason}",
+            "check azure.bootstrap_mirror / azure.bootstrap_tarball",
+        ) from None
+    except (urllib.error.URLError, OSError, ValueError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise UserError(f"cannot download {url}: {reason}", "check the network") from None
+    log.info("downloaded %s: %.1f MiB in %.1fs", url, size / _CHUNK, time.monotonic() - start)
+    return digest.hexdigest()
+
+
+def check_sha256(path: Path, expected: str, what: str) -> str:
+    """Raise UserError unless the file's SHA-256 is `expected`; returns it."""
+    found = sha256_file(path)
+    if found != expected.lower():
+        raise UserError(
+            f"{what} {path} has SHA-256 {found}, not the expected {expected}",
+            "the file is damaged or not the one meant: fetch it again, or correct "
+            "azure.bootstrap_sha256",
+        )
+    return found
+
+
+def verify_signature(path: Path, signature: Path, keyring: Path, scratch: Path) -> str:
+    """Check `signature` (detached) on `path` against the keys in `keyring` with gpgv;
+    returns the signer's fingerprint, UserError for anything but a good signature.
+
+    gpgv reads only the keyring it is given, trusts every key in it and starts no agent;
+    it gets a private, empty home directory under `scratch` so nothing of the user's
+    GnuPG setup takes part (and nothing is left: the directory is removed afterwards).
+    """
+    if not keyring.is_file():
+        raise UserError(
+            f"azure.bootstrap_keyring: {keyring} does not exist",
+            "install 'archlinux-keyring' (Debian/Ubuntu or Arch), or point "
+            "azure.bootstrap_keyring at a keyring with the key that signs Arch's releases",
+        )
+    if not signature.is_file():
+        raise UserError(f"no signature {signature} for {path}", "the tarball must be signed")
+    scratch.mkdir(parents=True, exist_ok=True)
+    with temporary_directory(prefix=".gnupg-", parent=str(scratch)) as home:
+        home.chmod(0o700)
+        argv: list[str | os.PathLike[str]] = ["gpgv", "--homedir", home, "--status-fd", "1"]
+        argv += ["--keyring", keyring.resolve(), signature, path]
+        proc = run(argv, capture=True, check=False)
+    signer, why = signature_verdict(proc.stdout)
+    if proc.returncode != 0 or signer is None:
+        why = why or f"gpgv failed with exit code {proc.returncode}"
+        raise UserError(
+            f"the signature of {path.name} is not good: {why}",
+            f"the tarball may have been tampered with; keys trusted: {keyring} "
+            "(azure.bootstrap_keyring)",
+        )
+    return signer
+
+
+def unpack(tarball: Path, dest: Path) -> Path:
+    """Unpack `tarball` into the new directory `dest`, as root, owners by number; returns
+    the root file system in it (see `tree_root`).
+
+    bsdtar refuses entries with `..`, entries that would be written through a symbolic
+    link, and strips a leading `/` (it never writes outside `dest`); any refused entry
+    fails the unpack.
+    """
+    dest.mkdir(parents=True)
+    run(
+        # Without -P (never given) bsdtar refuses `..` and extracting through symlinks.
+        ["bsdtar", "-x", "-p", "--numeric-owner", "-f", os.path.abspath(tarball), "-C", dest],
+        timeout=3600,
+    )
+    root = tree_root(dest)
+    if not (root / "usr").is_dir():
+        raise UserError(
+            f"{tarball.name} holds no root file system (no usr/ in it)",
+            "give Arch's bootstrap tarball (archlinux-bootstrap-x86_64.tar.zst) or one like it",
+        )
+    return root
