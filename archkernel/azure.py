@@ -12,12 +12,16 @@ takes it back the same way.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
+import signal
+import time
 import urllib.error
 import urllib.request
 import uuid
+from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -32,7 +36,7 @@ from archkernel.fileio import (
     write_text,
 )
 from archkernel.log import log
-from archkernel.run import check_tools, run
+from archkernel.run import command_error, missing_tools, package_hint, run
 from archkernel.settings import AzureSettings, Settings, format_size
 
 KERNEL = "/boot/vmlinuz-linux"
@@ -187,7 +191,14 @@ def step_preflight(settings: Settings) -> None:
     tools = list(HOST_TOOLS)
     if az.pacman_conf is None:
         tools += ["pacman-key", "gpgconf"]
-    check_tools(tools, "azure_vhd")
+    missing = missing_tools(tools)
+    if missing:
+        # The tools' names on the first line: it is the one the error line shows.
+        raise UserError(
+            f"missing host tool(s): {', '.join(missing)}\n"
+            + "\n".join(f"  {t}: {package_hint(t)}" for t in missing),
+            "install the packages above and run again; finished steps are kept",
+        )
     grub.bios_setup_tool()  # GRUB's i386-pc files on the build host
     p.work.mkdir(parents=True, exist_ok=True)
     if az.pacman_conf is not None:
@@ -213,6 +224,87 @@ def step_preflight(settings: Settings) -> None:
     log.info("host tools present; pacman.conf %s; root UUID %s", p.pacman_conf, root_uuid(p))
 
 
+# --- processes left working in a tree ------------------------------------------------------
+
+
+def _is_under(path: str, directory: str) -> bool:
+    return path == directory or path.startswith(directory.rstrip("/") + "/")
+
+
+def processes_in(tree: Path, table: Iterable[tuple[int, list[str], str]]) -> list[int]:
+    """Of the processes (pid, argv, root directory) in `table`, those working in `tree`:
+    an argument names it or a path below it (`pacman -r TREE`, `--cachedir=TREE/...`), or
+    they are chrooted inside it."""
+    base = os.path.realpath(tree)
+    found = []
+    for pid, argv, root in table:
+        paths = [arg.split("=", 1)[-1] for arg in argv]
+        if any(_is_under(x, base) for x in paths) or _is_under(root, base):
+            found.append(pid)
+    return found
+
+
+def _process_table() -> Iterator[tuple[int, list[str], str]]:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            raw = (entry / "cmdline").read_bytes()
+            root = os.readlink(entry / "root")
+        except OSError:  # gone meanwhile, or a kernel thread
+            continue
+        yield int(entry.name), [os.fsdecode(a) for a in raw.split(b"\0") if a], root
+
+
+def _gone(pid: int) -> bool:
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # a zombie no longer runs
+
+
+def stop_processes_in(tree: Path, timeout: float = 10.0) -> list[int]:
+    """SIGKILL the processes still working in `tree` and wait until they are gone.
+
+    pacstrap runs pacman as PID 1 of a new PID namespace (`unshare --fork --pid`), and
+    pacman ignores Ctrl-C while it unpacks packages: killing pacstrap leaves it writing
+    into the tree, so the tree could be neither removed nor trusted.
+    """
+    pids = processes_in(tree, _process_table())
+    for pid in pids:
+        try:
+            name = Path(f"/proc/{pid}/comm").read_text().strip()
+        except OSError:
+            name = "?"
+        log.info("stopping process %d (%s), still working in %s", pid, name, tree)
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(_gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise UserError(
+                f"processes {pids} still work in {tree} after SIGKILL",
+                "wait for them to end (they may be stuck on a file system), then run again",
+            )
+        time.sleep(0.05)
+    return pids
+
+
+def release_tree(tree: Path) -> None:
+    """Stop what still works in `tree` and undo the mounts inside it (after a chroot)."""
+    stop_processes_in(tree)
+    mounts.cleanup_stale(tree)
+
+
+def release_stale_trees(target: Path) -> None:
+    """Release the temporary trees of `target` left by killed runs (their owner is gone)."""
+    for tmp in target.parent.glob(f".{target.name}.tmp-*"):
+        owner = tmp.name.rsplit("-", 1)[-1]
+        if owner.isdigit() and not Path(f"/proc/{owner}").exists():
+            release_tree(tmp)
+
+
 # --- step 2 -------------------------------------------------------------------------------
 
 
@@ -222,20 +314,45 @@ def _kill_gpg_agents(root: Path) -> None:
             run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
 
 
+def pacman_errors(output: str) -> list[str]:
+    """pacman's own `error: ...` lines in `output` (what went wrong, in its words), once each."""
+    found = [
+        line.strip().removeprefix("error: ")
+        for line in output.splitlines()
+        if line.strip().startswith("error: ")
+    ]
+    return list(dict.fromkeys(found))
+
+
+def pacstrap_error(argv: list[str], code: int, stderr: str) -> UserError:
+    """The UserError for a failed pacstrap: pacman's reasons on the first line, if it gave any."""
+    errors = pacman_errors(stderr)
+    if code < 0 or not errors:
+        return command_error(argv, code, stderr)
+    if any(e.startswith("target not found") for e in errors):
+        hint = "check the names in azure.packages and azure.extra_packages (pacman -Sl lists them)"
+    else:
+        hint = "see pacman's output above; check azure.mirror or azure.pacman_conf"
+    return UserError(f"pacstrap could not install the packages: {'; '.join(errors)}", hint)
+
+
 def step_pacstrap(settings: Settings) -> None:
     """Step 2: pacstrap the packages into a directory; write the package manifest."""
     az, p = settings.azure, paths(settings)
+    release_stale_trees(p.root)  # a killed run's pacman may still be writing
     mounts.cleanup_stale(p.work)
     packages = az.all_packages()
     log.info("pacstrap: %s", " ".join(packages))
     with atomic_path(p.root) as tmp:
         tmp.mkdir()
         try:
-            run(
-                ["pacstrap", "-C", p.pacman_conf, "-c", "-G", "-M", tmp, *packages],
-                timeout=3 * 3600,
-            )
+            argv = ["pacstrap", "-C", str(p.pacman_conf), "-c", "-G", "-M", str(tmp), *packages]
+            proc = run(argv, check=False, timeout=3 * 3600)
+            if proc.returncode != 0:
+                raise pacstrap_error(argv, proc.returncode, proc.stderr)
         finally:
+            # Also on Ctrl-C and errors, before atomic_path removes the tree.
+            stop_processes_in(tmp)
             _kill_gpg_agents(tmp)
             mounts.cleanup_stale(tmp)
         listing = run(["pacman", "--root", tmp, "-Q"], capture=True).stdout
@@ -323,6 +440,9 @@ def enable_units(root: Path, units: list[str]) -> None:
 def step_configure(settings: Settings) -> None:
     """Step 3: a fresh copy of the tree, configured: names, network, sshd, users, clean-up."""
     az, p = settings.azure, paths(settings)
+    # A killed arch-chroot (locale-gen) leaves its API mounts in the temporary tree.
+    release_stale_trees(p.image_root)
+    mounts.cleanup_stale(p.work)
     uid = root_uuid(p)
     with atomic_path(p.image_root) as tree:
         run(["cp", "-a", "--reflink=auto", p.root, tree])
@@ -339,7 +459,10 @@ def step_configure(settings: Settings) -> None:
             )
         _symlink(etc / "localtime", f"/usr/share/zoneinfo/{az.timezone}")
         if (tree / "usr/bin/locale-gen").exists():
-            run(["arch-chroot", tree, "locale-gen"], timeout=600)
+            try:
+                run(["arch-chroot", tree, "locale-gen"], timeout=600)
+            finally:
+                release_tree(tree)  # so atomic_path can remove the tree if this failed
         else:
             log.warning("the image has no locale-gen; %s is not compiled", az.locale)
         _owned_write(etc / "fstab", conf.fstab(uid))
@@ -482,8 +605,14 @@ def step_disk(settings: Settings) -> None:
     disk.check_disk_size(p.image_root, az.disk_size, az.partition_table)
     cfg = grub.grub_cfg(uid, KERNEL, INITRD, az.kernel_cmdline)
     grub.stage_bios_files(p.image_root, grub.GRUB_I386_PC, cfg, root_uuid=uid)
+    # From here on the old disk is destroyed: drop the stamps that describe it first, so a
+    # run killed from now on re-runs this step rather than finding it done (a re-run
+    # after `--from 6` keeps doit's record of the earlier success).
+    p.disk.unlink(missing_ok=True)
+    p.bootloader.unlink(missing_ok=True)
     p.vhd.unlink(missing_ok=True)  # any earlier VHD holds an older disk
     p.vhd_stamp.unlink(missing_ok=True)
+    unlink_outputs(p)  # and so does the verify report about it
     with atomic_path(p.raw) as tmp:
         disk.create_disk(tmp, layout)
         disk.make_ext4(tmp, layout.root, p.image_root, uuid=uid)
@@ -512,6 +641,7 @@ def step_bootloader(settings: Settings) -> None:
     """Step 7: GRUB's boot code and core.img written into the disk image."""
     az, p = settings.azure, paths(settings)
     mounts.cleanup_stale(p.work)
+    p.bootloader.unlink(missing_ok=True)  # killed while writing boot code: not done
     take_back_raw(p)
     if not p.raw.exists():
         raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")

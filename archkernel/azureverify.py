@@ -262,8 +262,11 @@ def check_partitions(report: Report, parts: list[dict[str, Any]], size: int, tab
         start, length = int(part["start"]), int(part["size"])
         aligned = start % (MiB // 512) == 0
         inside = start + length <= sectors
+        # By number, not by the loop device node it was read through (which varies).
+        number = re.search(r"(\d+)$", str(part.get("node", "")))
+        label = number[1] if number else "?"
         report.add(
-            f"partition {part.get('node', '?')} aligned and inside",
+            f"partition {label} aligned and inside",
             aligned and inside,
             f"start {start}, {length} sectors of {sectors}",
         )
