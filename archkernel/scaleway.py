@@ -10,13 +10,12 @@ from __future__ import annotations
 import json
 import os
 import re
-import shlex
 import shutil
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from archkernel import kmod, tftp, uimage
+from archkernel import tftp
 from archkernel.errors import UserError
 from archkernel.fileio import atomic_path, write_bytes, write_if_changed
 from archkernel.log import log
@@ -154,6 +153,8 @@ def tags_from_metadata(text: str) -> list[str]:
 
 def _script_commands(text: str) -> list[list[str]]:
     """U-Boot script commands as word lists: lines, `;` separators, comments dropped."""
+    import shlex  # only when a bootscript is parsed, not on every boot
+
     commands = []
     for line in text.replace("\r", "\n").splitlines():
         if line.lstrip().startswith("#"):
@@ -237,6 +238,8 @@ def init_script(modules: list[str], version: str) -> str:
 
     It sources /init.scw so the provider's script keeps running as PID 1.
     """
+    from archkernel import kmod
+
     lines = [
         "#!/bin/sh",
         f"# archkernel: load the modules of the Arch kernel {version} the root needs,",
@@ -441,6 +444,8 @@ def step_fetch_bootscript(settings: Settings) -> None:
 
 def bootscript_initrd(path: Path) -> str:
     """The initrd path named by the bootscript image at `path`."""
+    from archkernel import uimage
+
     source = f"bootscript {path.name}"
     _, payload = uimage.parse(path.read_bytes(), expect_type=uimage.SCRIPT, source=source)
     return initrd_from_bootscript(uimage.script_text(payload, source), source=source)
@@ -457,7 +462,8 @@ def step_fetch_initrd(settings: Settings) -> None:
 
 def step_unpack(settings: Settings) -> None:
     """Step 4: check the uImage, read and check every cpio entry, keep the payload."""
-    from archkernel import initramfs  # libarchive: only when the initrd is rebuilt
+    # libarchive and friends: only when the initrd is rebuilt, not on every boot
+    from archkernel import initramfs, uimage
 
     p = paths(settings)
     name = json.loads(p.initrd_info.read_text())["name"]
@@ -479,6 +485,8 @@ def step_unpack(settings: Settings) -> None:
 
 def step_modules(settings: Settings) -> None:
     """Step 5: the modules and their dependencies, decompressed, and the new /init."""
+    from archkernel import kmod
+
     cfg, p = settings.scaleway, paths(settings)
     check = load_check(p)
     moddir = p.system("/usr/lib/modules") / check.kernel_version

@@ -137,8 +137,9 @@ def main(argv: list[str] | None = None) -> int:
         label: tuple(statistics.median(x) for x in zip(*runs, strict=True))
         for label, runs in times.items()
     }
-    ours, deps = list(medians)[:2]
-    ratio = medians[ours][0] / medians[deps][0]
+    ours, literal, in_use = list(medians)[:3]
+    ratio = medians[ours][0] / medians[in_use][0]
+    ratio_literal = medians[ours][0] / medians[literal][0]
     print(f"scaleway_kexec cached boot path, {args.reps} runs each (load {load_before:.2f})")
     print(f"  first run (builds the initrd): {full:.3f} s")
     print(f"  {'':<62} wall best  median    CPU median")
@@ -146,11 +147,14 @@ def main(argv: list[str] | None = None) -> int:
         best = min(wall for wall, _ in runs)
         wall, cpu = medians[label]
         print(f"  {label:<62} {best:6.3f} s {wall:6.3f} s   {cpu:6.3f} s")
+    # `import pydantic` is lazy: it loads almost nothing until a name such as BaseModel is
+    # used, so the third row is what importing the dependencies really costs.
     verdict = "ok" if ratio <= TARGET else "above target"
     print(
-        f"  ratio of the medians, first two rows: wall {ratio:.2f} (target <= {TARGET}: "
-        f"{verdict}), CPU {medians[ours][1] / medians[deps][1]:.2f}"
+        f"  ratio to importing the dependencies as used (row 3): wall {ratio:.2f} "
+        f"(target <= {TARGET}: {verdict}), CPU {medians[ours][1] / medians[in_use][1]:.2f}"
     )
+    print(f"  ratio to the bare `{IMPORTS}` (row 2): wall {ratio_literal:.2f}")
     if args.profile:
         print("slowest imports of a cached run (cumulative):")
         print(profile)
