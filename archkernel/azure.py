@@ -1,8 +1,15 @@
 """azure_vhd: an Arch Linux image that Azure accepts, one function per numbered step.
 
-Build-environment tools (pacstrap, sfdisk, mkfs, GRUB's installer) run on the build
-host; tools that must match the image (mkinitcpio, unit enabling) act on the image's root
-(`arch-chroot`, `systemctl --root`). What the files say is decided in `azureconf`.
+Build-environment tools (pacstrap, sfdisk, mkfs, GRUB's installer) run on the build host,
+or with `azure.builder = "container"` in the bootstrap build environment step 1 prepares
+(`archkernel.buildenv`: every step runs in `buildenv.activate`, which routes those tools
+into it); tools that must match the image (mkinitcpio, unit enabling) act on the image's
+root (`arch-chroot`, `systemctl --root`). What the files say is decided in `azureconf`.
+
+The firmware the image boots with (`azure.firmware`: bios for generation 1, uefi for
+generation 2, or hybrid) decides the partition layout (`disk.plan_layout`), the GRUB
+platforms staged and installed (`grub`), and whether there is an EFI system partition,
+made FAT by `esp` and mounted at /efi by fstab.
 
 Trees and images are large, so steps record small JSON stamps as their doit targets and
 write the big outputs under temporary names, renamed when complete. The raw disk image
@@ -17,17 +24,19 @@ import json
 import os
 import shutil
 import signal
+import tempfile
 import time
 import urllib.error
 import urllib.request
 import uuid
 from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 from archkernel import azureconf as conf
-from archkernel import disk, grub, initramfs, mounts, vhd
+from archkernel import buildenv, disk, esp, grub, initramfs, mounts, qemu, vhd
 from archkernel.errors import UserError
 from archkernel.fileio import (
     atomic_path,
@@ -36,7 +45,7 @@ from archkernel.fileio import (
     write_text,
 )
 from archkernel.log import log
-from archkernel.run import command_error, missing_tools, package_hint, run
+from archkernel.run import command_error, missing_tools, package_hint, render, run
 from archkernel.settings import AzureSettings, Settings, format_size
 
 KERNEL = "/boot/vmlinuz-linux"
@@ -57,6 +66,9 @@ HOST_TOOLS = [
     "grub-mkimage",
     "cp",
 ]
+# The EFI system partition (uefi, hybrid): made, filled, listed and checked without a
+# mount; core.efi is read back from the root file system with debugfs.
+UEFI_TOOLS = ["mkfs.fat", "mcopy", "mdir", "fsck.fat", "debugfs"]
 
 
 @dataclass(frozen=True)
@@ -138,6 +150,10 @@ class Paths:
     def console(self) -> Path:
         return self.work / "boottest.log"
 
+    @property
+    def boottest(self) -> Path:
+        return self.work / "boottest.json"
+
 
 def paths(settings: Settings) -> Paths:
     """The workflow's paths for these settings."""
@@ -148,9 +164,59 @@ def _json(path: Path, data: Any) -> bool:
     return write_if_changed(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
 
+def tree_id(stamp: Path) -> str | None:
+    """Which copy of the image tree a stamp of steps 3-5 describes.
+
+    Step 3 makes a new copy of the tree each time it runs; steps 4 and 5 edit that copy.
+    Their stamps carry the copy's identity, so a new copy changes them and doit runs the
+    later steps on it (an unchanged configuration would otherwise leave them "up to date"
+    with their work gone with the old copy)."""
+    try:
+        value = json.loads(stamp.read_text()).get("tree")
+    except (OSError, ValueError):
+        return None
+    return str(value) if value is not None else None
+
+
 def root_uuid(p: Paths) -> str:
     """The root file system's UUID, chosen once by step 1 and kept."""
     return str(json.loads(p.ids.read_text())["root_uuid"])
+
+
+def esp_volume(p: Paths) -> str:
+    """The EFI system partition's FAT volume ID (`1234-ABCD`), chosen once by step 1."""
+    return str(json.loads(p.ids.read_text())["esp_volume"])
+
+
+def choose_ids(p: Paths, az: AzureSettings) -> None:
+    """Choose the image's IDs that are not chosen yet: the root file system's UUID, and
+    for a UEFI image the ESP's volume ID. Chosen ones never change (fstab, the file
+    systems and GRUB's core images are made with them)."""
+    chosen = json.loads(p.ids.read_text()) if p.ids.exists() else {}
+    new = {"root_uuid": str(uuid.uuid4())}
+    if az.firmware != "bios":
+        volume = uuid.uuid4().hex[:8].upper()
+        new["esp_volume"] = f"{volume[:4]}-{volume[4:]}"
+    # Unchanged IDs leave the file as it is: the steps that read it stay up to date.
+    _json(p.ids, {**new, **chosen})
+
+
+def build_environment(settings: Settings) -> AbstractContextManager[buildenv.BuildEnv | None]:
+    """The block in which build tools run in the bootstrap build environment (builder =
+    container; it yields it) or, for builder = host, on the host (it yields None)."""
+    return buildenv.activate(settings.azure, settings.workdir)
+
+
+def grub_dirs(env: buildenv.BuildEnv | None) -> tuple[Path, Path]:
+    """GRUB's i386-pc and x86_64-efi directories: the build environment's (as host paths:
+    modules and core images must come from the GRUB build that runs), or the host's."""
+    if env is None:
+        return grub.GRUB_I386_PC, grub.GRUB_X86_64_EFI
+    bios, efi = (
+        buildenv.resolve_in_root(env.root, os.fspath(d)) or env.host_path(os.fspath(d))
+        for d in (grub.GRUB_I386_PC, grub.GRUB_X86_64_EFI)
+    )
+    return bios, efi
 
 
 # --- step 1 -------------------------------------------------------------------------------
@@ -185,21 +251,44 @@ def _init_keyring(p: Paths) -> None:
             run(["gpgconf", "--homedir", tmp, "--kill", "all"], check=False)
 
 
-def step_preflight(settings: Settings) -> None:
-    """Step 1: every host tool present, the pacman.conf ready, the image's UUIDs chosen."""
-    az, p = settings.azure, paths(settings)
+def preflight_tools(az: AzureSettings) -> list[str]:
+    """The tools the build runs, for these settings (with builder = container, the build
+    environment's tools count for the routed ones)."""
     tools = list(HOST_TOOLS)
     if az.pacman_conf is None:
         tools += ["pacman-key", "gpgconf"]
-    missing = missing_tools(tools)
-    if missing:
-        # The tools' names on the first line: it is the one the error line shows.
-        raise UserError(
-            f"missing host tool(s): {', '.join(missing)}\n"
-            + "\n".join(f"  {t}: {package_hint(t)}" for t in missing),
-            "install the packages above and run again; finished steps are kept",
-        )
-    grub.bios_setup_tool()  # GRUB's i386-pc files on the build host
+    if az.firmware != "bios":
+        tools += UEFI_TOOLS
+    if az.builder == "container":
+        tools.append("unshare" if az.container_runtime == "chroot" else az.container_runtime)
+    return list(dict.fromkeys(tools))
+
+
+def step_preflight(settings: Settings) -> None:
+    """Step 1: the build environment ready (builder = container), every tool present, the
+    pacman.conf ready, the image's IDs chosen."""
+    az, p = settings.azure, paths(settings)
+    tools = preflight_tools(az)
+    buildenv.prepare(az, settings.workdir)  # None with builder = "host"
+    with build_environment(settings) as env:
+        missing = missing_tools(tools)
+        if missing:
+            where = "host tool(s)" if env is None else "tool(s) (host or build environment)"
+            # The tools' names on the first line: it is the one the error line shows.
+            raise UserError(
+                f"missing {where}: {', '.join(missing)}\n"
+                + "\n".join(f"  {t}: {package_hint(t)}" for t in missing),
+                "install the packages above and run again; finished steps are kept",
+            )
+        bios_lib, efi_lib = grub_dirs(env)
+        grub.check_platforms(az.firmware, bios_lib=bios_lib, efi_lib=efi_lib)
+        _prepare_pacman_conf(az, p)
+    choose_ids(p, az)
+    _json(p.preflight, {"tools": sorted(tools), "pacman_conf": str(p.pacman_conf)})
+    log.info("tools present; pacman.conf %s; root UUID %s", p.pacman_conf, root_uuid(p))
+
+
+def _prepare_pacman_conf(az: AzureSettings, p: Paths) -> None:
     p.work.mkdir(parents=True, exist_ok=True)
     if az.pacman_conf is not None:
         if not az.pacman_conf.is_file():
@@ -218,10 +307,6 @@ def step_preflight(settings: Settings) -> None:
         _probe_mirror(az.mirror)
         _init_keyring(p)
         write_if_changed(p.pacman_conf, conf.pacman_conf(az.mirror, str(p.gnupg)).encode())
-    if not p.ids.exists():
-        _json(p.ids, {"root_uuid": str(uuid.uuid4())})
-    _json(p.preflight, {"tools": sorted(tools), "pacman_conf": str(p.pacman_conf)})
-    log.info("host tools present; pacman.conf %s; root UUID %s", p.pacman_conf, root_uuid(p))
 
 
 # --- processes left working in a tree ------------------------------------------------------
@@ -336,6 +421,12 @@ def pacstrap_error(argv: list[str], code: int, stderr: str) -> UserError:
     return UserError(f"pacstrap could not install the packages: {'; '.join(errors)}", hint)
 
 
+def pacstrap_argv(pacman_conf: Path, root: Path, packages: list[str]) -> list[str]:
+    """The pacstrap command that installs `packages` into `root` (the host's cache, no
+    keyring copied, no mirror list copied)."""
+    return ["pacstrap", "-C", str(pacman_conf), "-c", "-G", "-M", str(root), *packages]
+
+
 def step_pacstrap(settings: Settings) -> None:
     """Step 2: pacstrap the packages into a directory; write the package manifest."""
     az, p = settings.azure, paths(settings)
@@ -343,10 +434,10 @@ def step_pacstrap(settings: Settings) -> None:
     mounts.cleanup_stale(p.work)
     packages = az.all_packages()
     log.info("pacstrap: %s", " ".join(packages))
-    with atomic_path(p.root) as tmp:
+    with build_environment(settings), atomic_path(p.root) as tmp:
         tmp.mkdir()
         try:
-            argv = ["pacstrap", "-C", str(p.pacman_conf), "-c", "-G", "-M", str(tmp), *packages]
+            argv = pacstrap_argv(p.pacman_conf, tmp, packages)
             proc = run(argv, check=False, timeout=3 * 3600)
             if proc.returncode != 0:
                 raise pacstrap_error(argv, proc.returncode, proc.stderr)
@@ -444,7 +535,9 @@ def step_configure(settings: Settings) -> None:
     release_stale_trees(p.image_root)
     mounts.cleanup_stale(p.work)
     uid = root_uuid(p)
-    with atomic_path(p.image_root) as tree:
+    # A UEFI image mounts its EFI system partition (its volume ID chosen by step 1).
+    esp_id = esp_volume(p) if az.firmware != "bios" else None
+    with build_environment(settings), atomic_path(p.image_root) as tree:
         run(["cp", "-a", "--reflink=auto", p.root, tree])
         etc = tree / "etc"
         _owned_write(etc / "hostname", az.hostname + "\n")
@@ -465,7 +558,9 @@ def step_configure(settings: Settings) -> None:
                 release_tree(tree)  # so atomic_path can remove the tree if this failed
         else:
             log.warning("the image has no locale-gen; %s is not compiled", az.locale)
-        _owned_write(etc / "fstab", conf.fstab(uid))
+        _owned_write(etc / "fstab", conf.fstab(uid, esp_id))
+        if esp_id is not None:
+            (tree / conf.ESP_MOUNT.lstrip("/")).mkdir(mode=0o755, exist_ok=True)
         _owned_write(etc / "systemd/network/20-eth0.network", conf.networkd_eth0())
         _symlink(etc / "resolv.conf", "/run/systemd/resolve/stub-resolv.conf")
         password_login = az.user is not None and az.user.password_hash is not None
@@ -487,7 +582,14 @@ def step_configure(settings: Settings) -> None:
         enable_units(tree, units)
     _json(
         p.configured,
-        {"hostname": az.hostname, "root_uuid": uid, "units": units, "locale": az.locale},
+        {
+            "hostname": az.hostname,
+            "root_uuid": uid,
+            "esp_volume": esp_id,
+            "units": units,
+            "locale": az.locale,
+            "tree": str(uuid.uuid4()),  # this copy of the tree (see tree_id)
+        },
     )
     log.info("configured %s: host %s, units %s", p.image_root, az.hostname, " ".join(units))
 
@@ -525,8 +627,17 @@ def step_agent(settings: Settings) -> None:
             "the image has no cloud-init units to enable",
             f"install {az.cloud_init_package} (azure.cloud_init_package)",
         )
-    enable_units(tree, units)
-    _json(p.agent, {"provisioning": az.provisioning, "extensions": az.extensions, "units": units})
+    with build_environment(settings):
+        enable_units(tree, units)
+    _json(
+        p.agent,
+        {
+            "provisioning": az.provisioning,
+            "extensions": az.extensions,
+            "units": units,
+            "tree": tree_id(p.configured),
+        },
+    )
     log.info("provisioning by %s; enabled %s", az.provisioning, " ".join(units))
 
 
@@ -560,7 +671,8 @@ def step_initramfs(settings: Settings) -> None:
     write_text(config, conf.mkinitcpio_conf(config.read_text(), az.initramfs_modules))
     for old in tree.glob("boot/initramfs-*.img"):
         old.unlink()
-    run(["arch-chroot", tree, "mkinitcpio", "-P"], timeout=1800)
+    with build_environment(settings):
+        run(["arch-chroot", tree, "mkinitcpio", "-P"], timeout=1800)
     images = sorted(tree.glob("boot/initramfs-*.img"))
     if not images:
         raise UserError("mkinitcpio -P made no /boot/initramfs-*.img", "see its output above")
@@ -574,7 +686,7 @@ def step_initramfs(settings: Settings) -> None:
                 "the image's mkinitcpio ignored MODULES; check /etc/mkinitcpio.conf in the image",
             )
         found[image.name] = sorted(m for m in modules if m in az.initramfs_modules)
-    _json(p.initramfs, {"images": found})
+    _json(p.initramfs, {"images": found, "tree": tree_id(p.agent)})
     log.info("initramfs %s holds %s", ", ".join(found), " ".join(az.initramfs_modules))
 
 
@@ -582,8 +694,17 @@ def step_initramfs(settings: Settings) -> None:
 
 
 def layout_for(az: AzureSettings) -> disk.Layout:
-    """The partition layout of the image."""
-    return disk.plan_layout(az.disk_size, az.partition_table)
+    """The partition layout of the image, for the firmware it boots with."""
+    return disk.plan_layout(az.disk_size, az.partition_table, boot=az.firmware)
+
+
+def unstage_other_platforms(rootdir: Path, boot: str) -> None:
+    """Remove GRUB platform directories an earlier run of step 6 staged for another boot
+    mode: the image gets only what its firmware uses."""
+    wanted = {"bios": {"i386-pc"}, "uefi": {"x86_64-efi"}}.get(boot, {"i386-pc", "x86_64-efi"})
+    for platform in ("i386-pc", "x86_64-efi"):
+        if platform not in wanted:
+            remove_path(rootdir / grub.PREFIX.lstrip("/") / platform)
 
 
 def take_back_raw(p: Paths) -> None:
@@ -597,32 +718,44 @@ def take_back_raw(p: Paths) -> None:
 
 
 def step_disk(settings: Settings) -> None:
-    """Step 6: sparse disk, partition table, GRUB files and ext4 root from the tree."""
+    """Step 6: sparse disk, partition table, GRUB files and ext4 root from the tree, and
+    the EFI system partition's FAT (uefi, hybrid)."""
     az, p = settings.azure, paths(settings)
     mounts.cleanup_stale(p.work)
     uid = root_uuid(p)
     layout = layout_for(az)
-    disk.check_disk_size(p.image_root, az.disk_size, az.partition_table)
-    cfg = grub.grub_cfg(uid, KERNEL, INITRD, az.kernel_cmdline)
-    grub.stage_bios_files(p.image_root, grub.GRUB_I386_PC, cfg, root_uuid=uid)
-    # From here on the old disk is destroyed: drop the stamps that describe it first, so a
-    # run killed from now on re-runs this step rather than finding it done (a re-run
-    # after `--from 6` keeps doit's record of the earlier success).
-    p.disk.unlink(missing_ok=True)
-    p.bootloader.unlink(missing_ok=True)
-    p.vhd.unlink(missing_ok=True)  # any earlier VHD holds an older disk
-    p.vhd_stamp.unlink(missing_ok=True)
-    unlink_outputs(p)  # and so does the verify report about it
-    with atomic_path(p.raw) as tmp:
-        disk.create_disk(tmp, layout)
-        disk.make_ext4(tmp, layout.root, p.image_root, uuid=uid)
-        disk.check_ext4(tmp, layout.root)
+    esp_id = esp_volume(p) if layout.boots_uefi else None
+    with build_environment(settings) as env:
+        bios_lib, efi_lib = grub_dirs(env)
+        cfg = grub.grub_cfg(uid, KERNEL, INITRD, az.kernel_cmdline)
+        unstage_other_platforms(p.image_root, layout.boot)
+        grub.stage_grub_files(
+            p.image_root, layout.boot, cfg, root_uuid=uid, bios_lib=bios_lib, efi_lib=efi_lib
+        )
+        # With GRUB's files: they go into the root file system too.
+        disk.check_disk_size(p.image_root, az.disk_size, az.partition_table, boot=layout.boot)
+        # From here on the old disk is destroyed: drop the stamps that describe it first, so
+        # a run killed from now on re-runs this step rather than finding it done (a re-run
+        # after `--from 6` keeps doit's record of the earlier success).
+        p.disk.unlink(missing_ok=True)
+        p.bootloader.unlink(missing_ok=True)
+        p.vhd.unlink(missing_ok=True)  # any earlier VHD holds an older disk
+        p.vhd_stamp.unlink(missing_ok=True)
+        unlink_outputs(p)  # and so does the verify report about it
+        with atomic_path(p.raw) as tmp:
+            disk.create_disk(tmp, layout)
+            disk.make_ext4(tmp, layout.root, p.image_root, uuid=uid)
+            disk.check_ext4(tmp, layout.root)
+            if esp_id is not None:
+                esp.make_fat(tmp, layout.esp, volume=esp_id)
     _json(
         p.disk,
         {
             "size": az.disk_size,
             "table": az.partition_table,
+            "boot": layout.boot,
             "root_uuid": uid,
+            "esp_volume": esp_id,
             "partitions": [
                 {"number": x.number, "role": x.role, "start": x.start, "size": x.size}
                 for x in layout.partitions
@@ -630,7 +763,12 @@ def step_disk(settings: Settings) -> None:
         },
     )
     log.info(
-        "disk %s: %s %s, root UUID %s", p.raw, format_size(az.disk_size), az.partition_table, uid
+        "disk %s: %s %s for %s, root UUID %s",
+        p.raw,
+        format_size(az.disk_size),
+        az.partition_table,
+        layout.boot,
+        uid,
     )
 
 
@@ -638,7 +776,8 @@ def step_disk(settings: Settings) -> None:
 
 
 def step_bootloader(settings: Settings) -> None:
-    """Step 7: GRUB's boot code and core.img written into the disk image."""
+    """Step 7: GRUB for the image's firmware: boot code and core.img (BIOS), core.efi at
+    the ESP's removable path EFI/BOOT/BOOTX64.EFI (UEFI), or both (hybrid)."""
     az, p = settings.azure, paths(settings)
     mounts.cleanup_stale(p.work)
     p.bootloader.unlink(missing_ok=True)  # killed while writing boot code: not done
@@ -646,9 +785,22 @@ def step_bootloader(settings: Settings) -> None:
     if not p.raw.exists():
         raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")
     p.vhd.unlink(missing_ok=True)
-    grub.install_bios(p.raw, layout_for(az), root_uuid=root_uuid(p))
-    _json(p.bootloader, {"grub": "i386-pc", "root_uuid": root_uuid(p), "table": az.partition_table})
-    log.info("GRUB i386-pc installed in %s", p.raw)
+    layout = layout_for(az)
+    with build_environment(settings) as env:
+        bios_lib, _ = grub_dirs(env)
+        installed = grub.install_grub(p.raw, layout, root_uuid=root_uuid(p), bios_lib=bios_lib)
+        if layout.boots_uefi:
+            esp.check_fat(p.raw, layout.esp)
+    _json(
+        p.bootloader,
+        {
+            "grub": installed,
+            "boot": layout.boot,
+            "root_uuid": root_uuid(p),
+            "table": az.partition_table,
+        },
+    )
+    log.info("GRUB %s installed in %s", " and ".join(installed), p.raw)
 
 
 # --- step 8 -------------------------------------------------------------------------------
@@ -687,3 +839,156 @@ def unlink_outputs(p: Paths) -> None:
 def copy_tree(src: Path, dst: Path) -> None:
     """Copy a directory tree keeping owners, modes and links (used by tests and tools)."""
     shutil.copytree(src, dst, symlinks=True)
+
+
+# --- what steps 6-8 would run (for --dry-run; nothing here runs or writes) ------------------
+
+Planned = list[list[str] | str]  # argv lists, and descriptions of what is not a command
+
+
+def _planned_ids(p: Paths) -> tuple[str, str]:
+    """The IDs step 1 chose, or placeholders before it ran."""
+    try:
+        return root_uuid(p), esp_volume(p)
+    except (OSError, ValueError, KeyError):
+        return "ROOT-UUID-FROM-STEP-1", "0000-0000"
+
+
+def _planned_tmp(name: str) -> Path:
+    return Path(tempfile.gettempdir()) / "archkernel-grub-XXXXXXXX" / name
+
+
+def _in_environment(az: AzureSettings) -> Planned:
+    if az.builder != "container":
+        return []
+    return [f"build tools run in the bootstrap build environment ({az.container_runtime})"]
+
+
+def disk_commands(settings: Settings) -> Planned:
+    """What step 6 runs: GRUB's core images staged into the tree, the partition table,
+    ext4 from the tree, e2fsck, and the ESP's FAT (uefi, hybrid)."""
+    az, p = settings.azure, paths(settings)
+    uid, volume = _planned_ids(p)
+    layout = layout_for(az)
+    early = _planned_tmp("early.cfg")
+    grub_dir = p.image_root / grub.PREFIX.lstrip("/")
+    planned: Planned = _in_environment(az)
+    if layout.boots_bios:
+        planned.append(f"copy GRUB's i386-pc modules from {grub.GRUB_I386_PC} to {grub_dir}")
+        planned.append(grub.mkimage_argv(grub.GRUB_I386_PC, grub_dir / "i386-pc/core.img", early))
+    if layout.boots_uefi:
+        planned.append(f"copy GRUB's x86_64-efi modules from {grub.GRUB_X86_64_EFI} to {grub_dir}")
+        core = grub_dir / "x86_64-efi" / grub.EFI_CORE
+        planned.append(grub.efi_mkimage_argv(grub.GRUB_X86_64_EFI, core, early))
+    planned.append(f"write {grub_dir}/grub.cfg: root=UUID={uid} {az.kernel_cmdline}")
+    planned.append(f"create the sparse file {p.raw} of {format_size(az.disk_size)}")
+    script = "; ".join(line for line in disk.sfdisk_script(layout).splitlines() if line)
+    planned += [disk.create_argv(p.raw), f"sfdisk reads: {script}"]
+    planned.append(disk.mkfs_argv(p.raw, layout.root, p.image_root, uuid=uid, label="archroot"))
+    planned.append(disk.e2fsck_argv(p.raw, layout.root))
+    if layout.boots_uefi:
+        planned.append(esp.mkfs_argv(p.raw, layout.esp, volume=volume))
+    return planned
+
+
+def bootloader_commands(settings: Settings) -> Planned:
+    """What step 7 runs: grub-bios-setup from the staged files (bios, hybrid); core.efi
+    copied to the ESP's removable path and the FAT checked (uefi, hybrid)."""
+    az, p = settings.azure, paths(settings)
+    layout = layout_for(az)
+    planned: Planned = _in_environment(az)
+    if layout.boots_bios:
+        mnt = _planned_tmp("root")
+        planned.append(
+            f"attach partition {layout.root.number} of {p.raw} read-only to a loop device and "
+            f"mount it read-only on {mnt}"
+        )
+        grub_dir = mnt / grub.PREFIX.lstrip("/") / "i386-pc"
+        tool = Path("grub-bios-setup")
+        planned.append(grub.bios_setup_argv(tool, grub_dir, _planned_tmp("device.map"), p.raw))
+    if layout.boots_uefi:
+        core = f"{grub.PREFIX}/x86_64-efi/{grub.EFI_CORE}"
+        planned.append(f"read {core} from the root file system with debugfs")
+        staged = _planned_tmp("esp")
+        planned.append(f"copy it to {staged}/{esp.REMOVABLE_PATH_X64}")
+        planned.append(esp.copy_argv(p.raw, layout.esp, [staged / "EFI"]))
+        planned.append(
+            f"copy the ESP to a sparse file and check it: {render(esp.fsck_argv(Path('esp.img')))}"
+        )
+    return planned
+
+
+def vhd_commands(settings: Settings) -> Planned:
+    """What step 8 does: no command, an append and a rename."""
+    az, p = settings.azure, paths(settings)
+    return [
+        f"append the 512-byte fixed-VHD footer ({format_size(az.disk_size)}) to {p.raw} and "
+        f"rename it to {p.vhd}: no data is copied, the file stays sparse"
+    ]
+
+
+# --- azure_boottest -------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class BootTest:
+    """One boot of the VHD in QEMU: the firmware, the step's verb, its console log and its
+    stamp."""
+
+    firmware: Literal["bios", "uefi"]
+    verb: str
+    console: Path
+    stamp: Path
+
+    @property
+    def firmware_name(self) -> str:
+        return "SeaBIOS" if self.firmware == "bios" else "OVMF (UEFI)"
+
+
+def boot_tests(settings: Settings) -> list[BootTest]:
+    """The boots azure_boottest makes: first with the firmware of the VM generation the
+    image is for (SeaBIOS for 1, OVMF for 2), into `boottest.log`; a hybrid image then
+    also with the other one, into `boottest-bios.log` or `boottest-uefi.log`."""
+    az, p = settings.azure, paths(settings)
+    first: Literal["bios", "uefi"] = "bios" if az.generation == 1 else "uefi"
+    tests = [BootTest(first, "boot", p.console, p.boottest)]
+    if az.firmware == "hybrid":
+        other: Literal["bios", "uefi"] = "uefi" if first == "bios" else "bios"
+        log_file, stamp = p.work / f"boottest-{other}.log", p.work / f"boottest-{other}.json"
+        tests.append(BootTest(other, f"boot_{other}", log_file, stamp))
+    return tests
+
+
+def boottest_argv(settings: Settings, test: BootTest, firmware: qemu.Firmware | None) -> list[str]:
+    """The QEMU command of `test` (`firmware`: OVMF for a UEFI boot)."""
+    p = paths(settings)
+    return qemu.qemu_argv(
+        disk=p.vhd, disk_format="vpc", serial_log=test.console, memory=1024, firmware=firmware
+    )
+
+
+def boottest_commands(settings: Settings, test: BootTest) -> Planned:
+    """What `test` runs (for --dry-run)."""
+    try:
+        firmware = qemu.find_ovmf() if test.firmware == "uefi" else None
+    except UserError as exc:
+        return [f"{exc.message} ({exc.hint})"]
+    return [boottest_argv(settings, test, firmware)]
+
+
+def run_boottest(settings: Settings, test: BootTest) -> qemu.BootResult:
+    """Boot the VHD as `test` says and wait for `azure.boottest_marker`; writes its stamp."""
+    az = settings.azure
+    firmware = qemu.find_ovmf() if test.firmware == "uefi" else None
+    argv = boottest_argv(settings, test, firmware)
+    result = qemu.boot_and_wait(argv, test.console, az.boottest_marker, az.boottest_timeout)
+    stamp = {"marker": az.boottest_marker, "seconds": result.elapsed, "firmware": test.firmware}
+    _json(test.stamp, stamp)
+    log.info(
+        "%r on the console after %.1fs with %s; log %s",
+        az.boottest_marker,
+        result.elapsed,
+        test.firmware_name,
+        test.console,
+    )
+    return result

@@ -55,13 +55,28 @@ def mirror_probe_url(mirror: str) -> str:
     return mirror.replace("$repo", "core").replace("$arch", "x86_64").rstrip("/") + "/core.db"
 
 
-def fstab(root_uuid: str) -> str:
-    """fstab by UUID (the build chose the UUID); no swap on the OS disk."""
-    return (
+# Where the EFI system partition is mounted: /efi, as in Arch's own cloud images (the
+# kernel and GRUB's files stay on the root file system; only BOOTX64.EFI is on the ESP).
+ESP_MOUNT = "/efi"
+# nofail: a missing vfat driver or a damaged ESP must not keep the VM from booting (the
+# firmware has already read what it needs); umask: only root reads boot files.
+ESP_OPTIONS = "umask=0077,nofail"
+
+
+def fstab(root_uuid: str, esp_volume: str | None = None) -> str:
+    """fstab by UUID (the build chose the UUIDs); no swap on the OS disk. With
+    `esp_volume` (the FAT volume ID, `1234-ABCD`), the EFI system partition at /efi."""
+    text = (
         "# Written by archkernel. The root file system, by UUID; no swap on the OS disk\n"
         "# (Azure puts swap on the resource disk, through the provisioning agent).\n"
         f"UUID={root_uuid}\t/\text4\trw,relatime\t0 1\n"
     )
+    if esp_volume is not None:
+        text += (
+            "# The EFI system partition, so the running system can update the boot loader.\n"
+            f"UUID={esp_volume}\t{ESP_MOUNT}\tvfat\t{ESP_OPTIONS}\t0 2\n"
+        )
+    return text
 
 
 def locale_gen(locale: str) -> str:

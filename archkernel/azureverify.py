@@ -2,7 +2,16 @@
 
 `inspect_tree` and `check_*` are pure over what was read from the image; `verify` reads
 the image (its footer, its partition table through `sfdisk`, its root file system mounted
-read-only from a read-only loop device) and writes the report.
+read-only from a read-only loop device, the EFI system partition through mtools at its
+offset in the VHD file: a fixed VHD is the raw disk with the footer after it) and writes
+the report.
+
+The boot rules follow the firmware the image is for (`azure.firmware`): a UEFI image
+(generation 2, or hybrid) needs a GPT, an EFI system partition with a FAT, and a boot
+loader at the removable path EFI/BOOT/BOOTX64.EFI (an uploaded disk has no NVRAM entry),
+here GRUB's core.efi, which must look for the root file system's UUID; a BIOS image
+(generation 1, or hybrid) needs boot code in the MBR and, on GPT, a BIOS boot partition
+for GRUB's core.img.
 """
 
 from __future__ import annotations
@@ -14,7 +23,7 @@ from pathlib import Path
 from typing import Any
 
 from archkernel import azureconf as conf
-from archkernel import initramfs, mounts, vhd
+from archkernel import disk, esp, initramfs, mounts, vhd
 from archkernel.disk import MiB
 from archkernel.errors import UserError
 from archkernel.fileio import temporary_directory, write_text
@@ -24,6 +33,9 @@ from archkernel.run import run
 from archkernel.settings import AzureSettings
 
 SWAP_TYPES = {"0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "82"}
+# PE32+ machine type x86-64 and subsystem "EFI application".
+PE_MACHINE_X86_64 = 0x8664
+PE_SUBSYSTEM_EFI_APPLICATION = 10
 
 
 @dataclass
@@ -255,6 +267,130 @@ def _check_agent(report: Report, facts: TreeFacts, az: AzureSettings) -> None:
         )
 
 
+@dataclass
+class BootFacts:
+    """What the boot rules need from the disk itself (outside the root file system)."""
+
+    label: str  # the partition table: 'gpt' or 'dos'
+    types: list[str]  # each partition's type GUID (or MBR type), upper case, in order
+    mbr_boot_code: bool  # boot code in the first 440 bytes and the 55AA signature
+    esp_fs: str | None = None  # what blkid finds on the ESP ('vfat'); None: nothing
+    esp_volume: str | None = None  # its FAT volume ID, `1234-ABCD`
+    esp_files: list[str] = field(default_factory=list)  # every path on it
+    esp_error: str | None = None  # why the FAT could not be read
+    loader: bytes = b""  # EFI/BOOT/BOOTX64.EFI
+
+
+def has_boot_code(mbr: bytes) -> bool:
+    """Whether a first sector holds boot code: any byte of the code area, and 55AA."""
+    return len(mbr) >= 512 and mbr[510:512] == b"\x55\xaa" and any(mbr[:440])
+
+
+def pe_kind(data: bytes) -> tuple[int, int] | None:
+    """(machine, subsystem) of a PE32+ executable, or None if `data` is not one."""
+    if data[:2] != b"MZ" or len(data) < 0x40:
+        return None
+    pe = int.from_bytes(data[0x3C:0x40], "little")
+    optional = pe + 24
+    if data[pe : pe + 4] != b"PE\0\0" or data[optional : optional + 2] != b"\x0b\x02":
+        return None
+    machine = int.from_bytes(data[pe + 4 : pe + 6], "little")
+    return machine, int.from_bytes(data[optional + 68 : optional + 70], "little")
+
+
+def _fstab_mount(fstab: str, mount_point: str) -> str | None:
+    for line in fstab.splitlines():
+        fields = line.split()
+        if len(fields) >= 2 and not fields[0].startswith("#") and fields[1] == mount_point:
+            return fields[0]
+    return None
+
+
+def check_boot(report: Report, facts: BootFacts, firmware: str, root_uuid: str, fstab: str) -> None:
+    """The rules of the firmware the image boots with: 'bios', 'uefi' or 'hybrid'."""
+    esp_type, bios_type = disk.ESP_GUID.upper(), disk.BIOS_BOOT_GUID.upper()
+    if firmware in ("uefi", "hybrid"):
+        report.add(
+            "UEFI: GPT partition table",
+            facts.label == "gpt",
+            f"{facts.label} (generation 2 VMs boot GPT disks only)",
+        )
+        esps = [n for n, t in enumerate(facts.types, start=1) if t == esp_type]
+        if len(esps) != 1:
+            esp_ok, detail = False, f"{len(esps)} partitions of type {disk.ESP_GUID}"
+        elif facts.esp_fs != "vfat":
+            esp_ok, detail = False, f"partition {esps[0]} holds {facts.esp_fs or 'nothing'}"
+        else:
+            esp_ok, detail = True, f"partition {esps[0]}, FAT volume {facts.esp_volume}"
+        report.add("UEFI: EFI system partition with a FAT", esp_ok, detail)
+        files = {f.upper() for f in facts.esp_files}
+        kind = pe_kind(facts.loader)
+        if facts.esp_error is not None:
+            loader_ok, detail = False, facts.esp_error
+        elif esp.REMOVABLE_PATH_X64.upper() not in files:
+            loader_ok, detail = False, f"not there; the ESP holds {sorted(files) or 'nothing'}"
+        elif kind != (PE_MACHINE_X86_64, PE_SUBSYSTEM_EFI_APPLICATION):
+            loader_ok, detail = False, f"not an x86-64 EFI application (PE {kind})"
+        else:
+            loader_ok, detail = True, f"x86-64 EFI application, {len(facts.loader)} bytes"
+        report.add(f"UEFI: boot loader at {esp.REMOVABLE_PATH_X64}", loader_ok, detail)
+        # GRUB's core image carries its early configuration as text.
+        search = f"--set=root {root_uuid.lower()}".encode()
+        report.add(
+            "UEFI: boot loader looks for the root file system",
+            search in facts.loader,
+            f"search {'finds' if search in facts.loader else 'does not name'} {root_uuid}",
+        )
+        source = _fstab_mount(fstab, conf.ESP_MOUNT)
+        wanted = f"UUID={facts.esp_volume}"
+        report.add(
+            f"UEFI: ESP mounted at {conf.ESP_MOUNT} by volume ID",
+            source is not None and source.upper() == wanted.upper(),
+            f"fstab {source or 'does not mount it'}, ESP {facts.esp_volume}",
+        )
+    if firmware in ("bios", "hybrid"):
+        report.add(
+            "BIOS: boot code in the MBR",
+            facts.mbr_boot_code,
+            "GRUB boot.img" if facts.mbr_boot_code else "none: SeaBIOS/Hyper-V BIOS cannot boot it",
+        )
+        if facts.label == "gpt":
+            found = [n for n, t in enumerate(facts.types, start=1) if t == bios_type]
+            report.add(
+                "BIOS: BIOS boot partition for GRUB's core.img",
+                len(found) == 1,
+                f"partition {found[0]}" if len(found) == 1 else f"{len(found)} found",
+            )
+
+
+def read_boot_facts(image: Path, label: str, parts: list[dict[str, Any]]) -> BootFacts:
+    """The boot facts of `image` (raw, or a fixed VHD) whose partitions sfdisk listed as
+    `parts`; the ESP's FAT is read in place (mtools at its offset), nothing is mounted."""
+    with open(image, "rb") as f:
+        mbr = f.read(512)
+    types = [str(p.get("type", "")).upper() for p in parts]
+    facts = BootFacts(label, types, has_boot_code(mbr))
+    for number, part in enumerate(parts, start=1):
+        if types[number - 1] != disk.ESP_GUID.upper():
+            continue
+        start, size = int(part["start"]) * 512, int(part["size"]) * 512
+        partition = disk.Partition(number, start, size, disk.ESP_GUID, "", "esp")
+        facts.esp_fs = disk.fs_type(image, partition)
+        if facts.esp_fs != "vfat":
+            break
+        facts.esp_volume = disk.fs_uuid(image, partition)
+        try:
+            facts.esp_files = esp.list_files(image, partition)
+            present = {f.upper(): f for f in facts.esp_files}
+            path = present.get(esp.REMOVABLE_PATH_X64.upper())
+            if path is not None:
+                facts.loader = esp.read_file(image, partition, path)
+        except UserError as exc:
+            facts.esp_error = exc.message
+        break
+    return facts
+
+
 def check_partitions(report: Report, parts: list[dict[str, Any]], size: int, table: str) -> None:
     """Partitions aligned to 1 MiB and inside the disk; no swap partition."""
     sectors = size // 512
@@ -289,6 +425,7 @@ def verify(image: Path, az: AzureSettings, root_uuid: str) -> Report:
         table = json.loads(run(["sfdisk", "--json", dev], capture=True).stdout)["partitiontable"]
         parts = table.get("partitions", [])
         check_partitions(report, parts, size, table.get("label", "?"))
+        boot = read_boot_facts(image, table.get("label", "?"), parts)
         roots = [
             p
             for p in parts
@@ -313,6 +450,7 @@ def verify(image: Path, az: AzureSettings, root_uuid: str) -> Report:
         with mounts.mounted(rootdev, tmp / "root", fstype="ext4", options=("ro", "noload")) as mnt:
             facts = inspect_tree(mnt)
     check_tree(report, facts, az, fs)
+    check_boot(report, boot, az.firmware, fs, facts.fstab)
     return report
 
 

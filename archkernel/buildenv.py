@@ -127,8 +127,10 @@ ARCH_PACKAGES: dict[str, str] = {
     "grub-mkimage": "grub",
     "mkfs.fat": "dosfstools",
     "mkfs.vfat": "dosfstools",
+    "fsck.fat": "dosfstools",
     "mcopy": "mtools",
     "mmd": "mtools",
+    "mdir": "mtools",
 }
 
 # PATH inside the environment, whatever the host's PATH holds.
@@ -513,7 +515,8 @@ def required_tools(az: AzureSettings) -> list[str]:
     if az.firmware in ("bios", "hybrid"):
         tools.append("grub-bios-setup")
     if az.firmware in ("uefi", "hybrid"):
-        tools += ["mkfs.fat", "mcopy", "mmd"]
+        # The ESP: made, filled, listed (step 9) and checked.
+        tools += ["mkfs.fat", "mcopy", "mmd", "mdir", "fsck.fat"]
     return tools
 
 

@@ -251,7 +251,7 @@ def create_disk(path: Path, layout: Layout) -> None:
             f.truncate(layout.disk_size)
     except OSError as exc:
         raise UserError(f"cannot create {path}: {exc.strerror}", "check the directory") from exc
-    run(["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", path], stdin=sfdisk_script(layout))
+    run(create_argv(path), stdin=sfdisk_script(layout))
     written = [(p["start"] * SECTOR, p["size"] * SECTOR) for p in read_partitions(path)]
     planned = [(p.start, p.size) for p in layout.partitions]
     if written != planned:
@@ -336,9 +336,19 @@ def make_ext4(
         ) from exc
 
 
+def e2fsck_argv(image: Path, partition: Partition) -> list[str]:
+    """The e2fsck command that checks the file system in `partition` without changing it."""
+    return ["e2fsck", "-f", "-n", _ext2_device(image, partition)]
+
+
+def create_argv(image: Path) -> list[str]:
+    """The sfdisk command that writes a partition table (`sfdisk_script`, on its input)."""
+    return ["sfdisk", "--quiet", "--no-reread", "--no-tell-kernel", os.fspath(image)]
+
+
 def check_ext4(image: Path, partition: Partition) -> None:
     """Run `e2fsck -fn` on the file system in `partition`; raise UserError on any problem."""
-    proc = run(["e2fsck", "-f", "-n", _ext2_device(image, partition)], capture=True, check=False)
+    proc = run(e2fsck_argv(image, partition), capture=True, check=False)
     if proc.returncode != 0:
         tail = "\n".join(
             f"    {line}" for line in (proc.stdout + proc.stderr).strip().splitlines()[-12:]

@@ -47,7 +47,7 @@ from archkernel.disk import SECTOR, Layout, fs_type, fs_uuid, read_ext4_file, re
 from archkernel.errors import UserError
 from archkernel.fileio import temporary_directory, write_text
 from archkernel.mounts import loop_device, mounted
-from archkernel.run import check_tools, minimal_env, package_hint, run
+from archkernel.run import check_tools, package_hint, run, which
 
 GRUB_I386_PC = Path("/usr/lib/grub/i386-pc")
 GRUB_X86_64_EFI = Path("/usr/lib/grub/x86_64-efi")
@@ -157,8 +157,11 @@ def bios_setup_argv(tool: Path, grub_dir: Path, map_file: Path, image: Path) -> 
 
 
 def bios_setup_tool(grub_lib: Path = GRUB_I386_PC) -> Path:
-    """Where grub-bios-setup is: on PATH (Arch) or beside the modules (Debian)."""
-    found = shutil.which("grub-bios-setup", path=minimal_env()["PATH"])
+    """Where grub-bios-setup is: on PATH (Arch) or beside the modules (Debian).
+
+    Asked through run.which, so inside a build environment (archkernel.buildenv) it is
+    the environment's, found on its PATH or beside its modules."""
+    found = which("grub-bios-setup")
     if found:
         return Path(found)
     beside = Path(grub_lib) / "grub-bios-setup"
@@ -173,6 +176,20 @@ def _check_grub_lib(grub_lib: Path, platform: str, needed: tuple[str, ...], hint
         raise UserError(
             f"{grub_lib} is not a GRUB {platform} directory (no {', '.join(missing)})", hint
         )
+
+
+def check_platforms(
+    boot: str, *, bios_lib: Path = GRUB_I386_PC, efi_lib: Path = GRUB_X86_64_EFI
+) -> None:
+    """UserError unless GRUB's files for the firmware `boot` are there: the i386-pc
+    directory and grub-bios-setup (bios, hybrid), the x86_64-efi directory (uefi, hybrid).
+    What a build checks before it starts, so a missing package fails it at once."""
+    if boot in ("bios", "hybrid"):
+        needed = ("kernel.img", "boot.img", "moddep.lst")
+        _check_grub_lib(Path(bios_lib), "i386-pc", needed, package_hint("grub-install"))
+        bios_setup_tool(bios_lib)
+    if boot in ("uefi", "hybrid"):
+        _check_grub_lib(Path(efi_lib), "x86_64-efi", ("kernel.img", "moddep.lst"), _EFI_HINT)
 
 
 def _stage(

@@ -45,6 +45,55 @@ def _drive_value(path: Path) -> str:
     return os.fspath(path).replace(",", ",,")
 
 
+@dataclass(frozen=True)
+class Firmware:
+    """A UEFI firmware build for QEMU: one image holding code and variable store (given
+    as `-bios`), or a code image and a variable-store template (two flash drives)."""
+
+    code: Path
+    variables: Path | None = None
+
+    def argv(self) -> list[str]:
+        """The QEMU options that make this the machine's firmware."""
+        if self.variables is None:
+            return ["-bios", os.fspath(self.code)]
+        code = f"if=pflash,unit=0,format=raw,readonly=on,file={_drive_value(self.code)}"
+        # The guest may write variables (boot entries); a snapshot keeps the template as
+        # it is, as `snapshot` does for the disk.
+        store = f"if=pflash,unit=1,format=raw,snapshot=on,file={_drive_value(self.variables)}"
+        return ["-drive", code, "-drive", store]
+
+    def exists(self) -> bool:
+        """Whether every file of this build is there."""
+        return all(p is None or p.is_file() for p in (self.code, self.variables))
+
+
+# Where distributions put OVMF (UEFI for QEMU's x86-64 PC), combined images first.
+OVMF_CANDIDATES = (
+    Firmware(Path("/usr/share/ovmf/OVMF.fd")),  # Debian, Ubuntu: ovmf
+    Firmware(Path("/usr/share/edk2/x64/OVMF.4m.fd")),  # Arch: edk2-ovmf
+    Firmware(Path("/usr/share/edk2-ovmf/x64/OVMF.fd")),  # older Arch
+    Firmware(Path("/usr/share/qemu/OVMF.fd")),
+    Firmware(Path("/usr/share/OVMF/OVMF_CODE_4M.fd"), Path("/usr/share/OVMF/OVMF_VARS_4M.fd")),
+    Firmware(Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/OVMF/OVMF_VARS.fd")),
+    Firmware(
+        Path("/usr/share/edk2/x64/OVMF_CODE.4m.fd"), Path("/usr/share/edk2/x64/OVMF_VARS.4m.fd")
+    ),
+)
+OVMF_HINT = "install 'ovmf' on Debian/Ubuntu or 'edk2-ovmf' on Arch Linux"
+
+
+def find_ovmf(candidates: Sequence[Firmware] | None = None) -> Firmware:
+    """The first OVMF build of `candidates` (default OVMF_CANDIDATES) whose files exist;
+    UserError if none does."""
+    candidates = OVMF_CANDIDATES if candidates is None else candidates
+    for firmware in candidates:
+        if firmware.exists():
+            return firmware
+    looked = ", ".join(os.fspath(f.code) for f in candidates)
+    raise UserError(f"no OVMF (UEFI firmware for QEMU) found; looked for {looked}", OVMF_HINT)
+
+
 def qemu_argv(
     *,
     serial_log: Path,
@@ -54,7 +103,7 @@ def qemu_argv(
     initrd: Path | None = None,
     append: str | None = None,
     memory: int = 512,
-    firmware: Path | None = None,
+    firmware: Path | Firmware | None = None,
     snapshot: bool = True,
     extra: Sequence[str] = (),
 ) -> list[str]:
@@ -65,7 +114,8 @@ def qemu_argv(
     rather than `-nographic`: both work with an explicit `-serial`, but `-display none`
     never touches the terminal QEMU was started from. With `snapshot` (the default) the
     guest's writes go to a temporary overlay and the image stays as built. `firmware`
-    replaces SeaBIOS (`-bios`). `extra` is appended as is.
+    replaces SeaBIOS: a file given as `-bios`, or a `Firmware` (OVMF, see `find_ovmf`).
+    `extra` is appended as is.
     """
     if disk is None and kernel is None:
         raise ValueError("qemu_argv needs a disk or a kernel to boot")
@@ -78,7 +128,9 @@ def qemu_argv(
     # No window, no network, no reboot loop; the console goes to the log, no monitor.
     argv += ["-display", "none", "-nic", "none", "-no-reboot"]
     argv += ["-serial", f"file:{os.fspath(serial_log)}", "-monitor", "none"]
-    if firmware is not None:
+    if isinstance(firmware, Firmware):
+        argv += firmware.argv()
+    elif firmware is not None:
         argv += ["-bios", os.fspath(firmware)]
     if disk is not None:
         drive = f"file={_drive_value(disk)},format={disk_format},if=ide,media=disk"

@@ -3,17 +3,23 @@
 Steps 3-5 work on a fresh copy of the pacstrapped tree, so re-running one after a
 settings change starts from a clean tree. Step 8 turns the raw image into the VHD in
 place (O(1)); step 9 checks the result and fails the build on any error.
+
+With `azure.builder = "container"`, step 1 also prepares the bootstrap build environment
+(its record, `workdir/buildenv/buildenv.json`, is a target of step 1 and an input of every
+later step: another environment rebuilds the image). The firmware (`azure.generation`,
+`azure.boot`) is read by the steps it changes: 1 (tools), 3 (fstab mounts the ESP), 6
+(layout, ESP), 7 (GRUB platforms) and 9 (rules).
 """
 
 from __future__ import annotations
 
-import json
+from pathlib import Path
 
-from archkernel import azure, azureverify, qemu
-from archkernel.log import log
-from archkernel.settings import Loaded
+from archkernel import azure, azureverify, buildenv
+from archkernel.settings import Loaded, Settings
 from tasks.steps import Step, Workflow
 
+FIRMWARE_SETTINGS = ["azure.generation", "azure.boot"]
 PACKAGE_SETTINGS = [
     "azure.packages",
     "azure.extra_packages",
@@ -31,9 +37,12 @@ def build(loaded: Loaded) -> list[Step]:
     pacman_conf_dep = (
         [az.pacman_conf] if az.pacman_conf is not None and az.pacman_conf.is_file() else []
     )
+    # The build environment's record: made by step 1, read by every later step.
+    env: list[Path] = [buildenv.state_file(s.workdir)] if az.builder == "container" else []
 
     def verify() -> None:
-        report = azureverify.verify(p.vhd, az, azure.root_uuid(p))
+        with azure.build_environment(s):
+            report = azureverify.verify(p.vhd, az, azure.root_uuid(p))
         azureverify.write_report(report, p.report, p.summary)
         azureverify.raise_on_failure(report, p.summary)
 
@@ -41,11 +50,11 @@ def build(loaded: Loaded) -> list[Step]:
         Step(
             1,
             "preflight",
-            "check host tools, prepare pacman.conf, choose the image's UUIDs",
+            "prepare the build environment, check tools, prepare pacman.conf, choose IDs",
             lambda: azure.step_preflight(s),
-            targets=[p.preflight, p.pacman_conf, p.ids],
+            targets=[p.preflight, p.pacman_conf, p.ids, *env],
             file_dep=pacman_conf_dep,
-            settings=["azure.pacman_conf", "azure.mirror"],
+            settings=list(dict.fromkeys([*buildenv.SETTINGS, *FIRMWARE_SETTINGS])),
         ),
         Step(
             2,
@@ -53,20 +62,9 @@ def build(loaded: Loaded) -> list[Step]:
             "pacstrap the packages into a directory; write the package manifest",
             lambda: azure.step_pacstrap(s),
             targets=[p.packages],
-            file_dep=[p.pacman_conf],
+            file_dep=[p.pacman_conf, *env],
             settings=PACKAGE_SETTINGS,
-            commands=lambda: [
-                [
-                    "pacstrap",
-                    "-C",
-                    str(p.pacman_conf),
-                    "-c",
-                    "-G",
-                    "-M",
-                    str(p.root),
-                    *az.all_packages(),
-                ]
-            ],
+            commands=lambda: [azure.pacstrap_argv(p.pacman_conf, p.root, az.all_packages())],
         ),
         Step(
             3,
@@ -74,13 +72,14 @@ def build(loaded: Loaded) -> list[Step]:
             "host name, locale, time, fstab by UUID, network, sshd, users, clean-up",
             lambda: azure.step_configure(s),
             targets=[p.configured],
-            file_dep=[p.packages, p.ids],
+            file_dep=[p.packages, p.ids, *env],
             settings=[
                 "azure.hostname",
                 "azure.locale",
                 "azure.timezone",
                 "azure.keymap",
                 "azure.user",
+                *FIRMWARE_SETTINGS,
             ],
         ),
         Step(
@@ -89,7 +88,7 @@ def build(loaded: Loaded) -> list[Step]:
             "configure and enable cloud-init or the Azure Linux Agent",
             lambda: azure.step_agent(s),
             targets=[p.agent],
-            file_dep=[p.configured],
+            file_dep=[p.configured, *env],
             settings=["azure.provisioning", "azure.extensions"],
         ),
         Step(
@@ -98,31 +97,35 @@ def build(loaded: Loaded) -> list[Step]:
             "mkinitcpio -P in the image with the Hyper-V drivers, checked",
             lambda: azure.step_initramfs(s),
             targets=[p.initramfs],
-            file_dep=[p.agent],
+            file_dep=[p.agent, *env],
             settings=["azure.initramfs_modules"],
             commands=lambda: [["arch-chroot", str(p.image_root), "mkinitcpio", "-P"]],
         ),
         Step(
             6,
             "disk",
-            "sparse disk, partition table, ext4 root made from the tree, e2fsck",
+            "sparse disk, partition table, ext4 root made from the tree, e2fsck, ESP",
             lambda: azure.step_disk(s),
             targets=[p.disk],
-            file_dep=[p.initramfs],
+            file_dep=[p.initramfs, *env],
             settings=[
                 "azure.disk_size",
                 "azure.partition_table",
                 "azure.filesystem",
                 "azure.kernel_cmdline",
+                *FIRMWARE_SETTINGS,
             ],
+            commands=lambda: azure.disk_commands(s),
         ),
         Step(
             7,
             "bootloader",
-            "GRUB i386-pc boot code and core.img into the disk",
+            "GRUB for the firmware: boot code and core.img, and/or EFI/BOOT/BOOTX64.EFI",
             lambda: azure.step_bootloader(s),
             targets=[p.bootloader],
-            file_dep=[p.disk],
+            file_dep=[p.disk, *env],
+            settings=FIRMWARE_SETTINGS,
+            commands=lambda: azure.bootloader_commands(s),
         ),
         Step(
             8,
@@ -130,8 +133,9 @@ def build(loaded: Loaded) -> list[Step]:
             "append the fixed-VHD footer (O(1)) and name the image",
             lambda: azure.step_vhd(s),
             targets=[p.vhd_stamp, p.vhd],
-            file_dep=[p.bootloader],
+            file_dep=[p.bootloader, *env],
             settings=["azure.output"],
+            commands=lambda: azure.vhd_commands(s),
         ),
         Step(
             9,
@@ -139,46 +143,40 @@ def build(loaded: Loaded) -> list[Step]:
             "check the image against Azure's rules; write verify.json and .txt",
             verify,
             targets=[p.report, p.summary],
-            file_dep=[p.vhd_stamp, p.vhd],
+            file_dep=[p.vhd_stamp, p.vhd, *env],
             settings=[
                 "azure.hostname",
                 "azure.kernel_cmdline",
                 "azure.provisioning",
                 "azure.extensions",
                 "azure.disk_size",
+                *FIRMWARE_SETTINGS,
             ],
         ),
     ]
+
+
+def _boot_step(number: int, s: Settings, test: azure.BootTest) -> Step:
+    def boot() -> None:
+        azure.run_boottest(s, test)
+
+    return Step(
+        number,
+        test.verb,
+        f"boot the VHD in QEMU with {test.firmware_name}; wait for the marker on the console",
+        boot,
+        targets=[test.stamp],
+        file_dep=[azure.paths(s).vhd_stamp],
+        settings=["azure.boottest_marker", "azure.boottest_timeout"],
+        commands=lambda: azure.boottest_commands(s, test),
+    )
 
 
 def build_boottest(loaded: Loaded) -> list[Step]:
-    """azure_boottest: boot the VHD in QEMU and wait for the marker on the serial console."""
+    """azure_boottest: boot the VHD in QEMU with the firmware of its VM generation (and a
+    hybrid image with the other one too) and wait for the marker on the serial console."""
     s = loaded.settings
-    az, p = s.azure, azure.paths(s)
-    stamp = p.work / "boottest.json"
-
-    def boot() -> None:
-        argv = qemu.qemu_argv(disk=p.vhd, disk_format="vpc", serial_log=p.console, memory=1024)
-        result = qemu.boot_and_wait(argv, p.console, az.boottest_marker, az.boottest_timeout)
-        stamp.write_text(json.dumps({"marker": az.boottest_marker, "seconds": result.elapsed}))
-        log.info(
-            "%r on the console after %.1fs; log %s", az.boottest_marker, result.elapsed, p.console
-        )
-
-    return [
-        Step(
-            1,
-            "boot",
-            "boot the VHD in QEMU; wait for the marker on the serial console",
-            boot,
-            targets=[stamp],
-            file_dep=[p.vhd_stamp],
-            settings=["azure.boottest_marker", "azure.boottest_timeout"],
-            commands=lambda: [
-                qemu.qemu_argv(disk=p.vhd, disk_format="vpc", serial_log=p.console, memory=1024)
-            ],
-        ),
-    ]
+    return [_boot_step(n, s, test) for n, test in enumerate(azure.boot_tests(s), start=1)]
 
 
 WORKFLOWS = [

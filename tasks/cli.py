@@ -187,6 +187,10 @@ def step_states(
                 reasons.append(f"input changed: {f}")
             for f in r.get("missing_file_dep", []):
                 reasons.append(f"input not there yet: {f}")
+            for f in r.get("added_file_dep", []):
+                reasons.append(f"new input: {f}")
+            for f in r.get("removed_file_dep", []):
+                reasons.append(f"input no longer read: {f}")
             if r.get("has_no_dependencies"):
                 reasons.append("always runs")
             upstream = [f for f in task.file_dep if f in rerun_targets]
@@ -231,7 +235,10 @@ def _dry_run(loaded: Loaded, workflow: str, first: int | None, last: int | None)
             print(f"        because {reason}")
         commands = s.step.commands() if s.step.commands else []
         for argv in commands:
-            print(f"        + {render(argv)}")
+            if isinstance(argv, str):
+                print(f"        # {argv}")
+            else:
+                print(f"        + {render(argv)}")
     return 0
 
 

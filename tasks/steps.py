@@ -25,7 +25,9 @@ from archkernel.settings import Loaded, subset
 SETTINGS_VALUE = "_archkernel_settings"
 
 Action = Callable[[], None]
-Commands = Callable[[], list[list[str]]]
+# What a step would run, for --dry-run: argv lists, and plain descriptions (str) of what
+# it does without a command (write a file, append a footer). Must not run or change anything.
+Commands = Callable[[], Sequence[list[str] | str]]
 
 
 @dataclass

@@ -5,7 +5,17 @@ from __future__ import annotations
 import pytest
 
 from archkernel import azureconf as conf
-from archkernel.azureverify import Report, TreeFacts, check_partitions, check_tree
+from archkernel import disk
+from archkernel.azureverify import (
+    BootFacts,
+    Report,
+    TreeFacts,
+    check_boot,
+    check_partitions,
+    check_tree,
+    has_boot_code,
+    pe_kind,
+)
 from archkernel.errors import UserError
 from archkernel.settings import AzureSettings
 
@@ -84,6 +94,15 @@ def test_lock_root_locks_only_root() -> None:
 def test_fstab_mounts_root_by_uuid_and_no_swap() -> None:
     lines = [ln for ln in conf.fstab(UUID).splitlines() if not ln.startswith("#")]
     assert lines == [f"UUID={UUID}\t/\text4\trw,relatime\t0 1"]
+
+
+def test_fstab_of_a_uefi_image_mounts_the_esp_at_efi_by_volume_id() -> None:
+    lines = [ln for ln in conf.fstab(UUID, "1234-ABCD").splitlines() if not ln.startswith("#")]
+    assert lines == [
+        f"UUID={UUID}\t/\text4\trw,relatime\t0 1",
+        # nofail: the VM boots even if the ESP cannot be mounted.
+        "UUID=1234-ABCD\t/efi\tvfat\tumask=0077,nofail\t0 2",
+    ]
 
 
 def test_sshd_keepalive_and_password_login() -> None:
@@ -203,3 +222,128 @@ def test_partitions_must_be_aligned_and_inside() -> None:
     report = Report("x")
     check_partitions(report, [{"node": "p1", "start": 2048, "size": size // 512}], size, "gpt")
     assert report.failed
+
+
+# --- boot rules: generation 1 (BIOS), generation 2 (UEFI) and hybrid ----------------------------
+
+ESP_VOLUME = "1234-ABCD"
+ESP, BIOS_BOOT, ROOT = disk.ESP_GUID, disk.BIOS_BOOT_GUID, disk.ROOT_X86_64_GUID
+
+
+def pe32_plus(machine: int = 0x8664, subsystem: int = 10, body: bytes = b"") -> bytes:
+    """The headers of a PE32+ executable (what the rules read), then `body`."""
+    data = bytearray(0x200)
+    data[:2] = b"MZ"
+    data[0x3C:0x40] = (0x80).to_bytes(4, "little")
+    data[0x80:0x84] = b"PE\0\0"
+    data[0x84:0x86] = machine.to_bytes(2, "little")
+    data[0x98:0x9A] = b"\x0b\x02"
+    data[0x98 + 68 : 0x98 + 70] = subsystem.to_bytes(2, "little")
+    return bytes(data) + body
+
+
+SEARCH = f"search --no-floppy --fs-uuid --set=root {UUID}\n".encode()
+LOADER = pe32_plus(body=SEARCH)
+
+
+def boot_facts(firmware: str) -> BootFacts:
+    """What a good disk for `firmware` shows (layouts of disk.plan_layout)."""
+    types = {
+        "bios": [BIOS_BOOT, ROOT],
+        "uefi": [ESP, ROOT],
+        "hybrid": [BIOS_BOOT, ESP, ROOT],
+    }[firmware]
+    facts = BootFacts("gpt", types, mbr_boot_code=firmware != "uefi")
+    if firmware != "bios":
+        facts.esp_fs, facts.esp_volume = "vfat", ESP_VOLUME
+        facts.esp_files = ["EFI/", "EFI/BOOT/", "EFI/BOOT/BOOTX64.EFI"]
+        facts.loader = LOADER
+    return facts
+
+
+def boot_checks(facts: BootFacts, firmware: str, fstab: str | None = None) -> dict[str, bool]:
+    report = Report("test")
+    esp = ESP_VOLUME if firmware != "bios" else None
+    check_boot(report, facts, firmware, UUID, conf.fstab(UUID, esp) if fstab is None else fstab)
+    return {c.name: c.ok for c in report.checks}
+
+
+UEFI_RULES = {
+    "UEFI: GPT partition table",
+    "UEFI: EFI system partition with a FAT",
+    "UEFI: boot loader at EFI/BOOT/BOOTX64.EFI",
+    "UEFI: boot loader looks for the root file system",
+    "UEFI: ESP mounted at /efi by volume ID",
+}
+BIOS_RULES = {"BIOS: boot code in the MBR", "BIOS: BIOS boot partition for GRUB's core.img"}
+
+
+@pytest.mark.parametrize(
+    ("firmware", "rules"),
+    [("bios", BIOS_RULES), ("uefi", UEFI_RULES), ("hybrid", UEFI_RULES | BIOS_RULES)],
+)
+def test_each_firmware_has_its_rules_and_a_good_disk_passes_them(firmware, rules) -> None:
+    assert boot_checks(boot_facts(firmware), firmware) == dict.fromkeys(rules, True)
+
+
+def test_an_mbr_disk_for_bios_needs_no_bios_boot_partition() -> None:
+    facts = BootFacts("dos", ["83"], mbr_boot_code=True)
+    assert boot_checks(facts, "bios") == {"BIOS: boot code in the MBR": True}
+
+
+@pytest.mark.parametrize(
+    ("firmware", "change", "rule"),
+    [
+        ("uefi", {"label": "dos"}, "UEFI: GPT partition table"),
+        ("uefi", {"types": [ROOT]}, "UEFI: EFI system partition with a FAT"),
+        ("uefi", {"types": [ESP, ESP, ROOT]}, "UEFI: EFI system partition with a FAT"),
+        ("uefi", {"esp_fs": None}, "UEFI: EFI system partition with a FAT"),
+        (
+            "uefi",
+            {"esp_files": ["EFI/", "EFI/arch/", "EFI/arch/grubx64.efi"]},
+            "UEFI: boot loader at EFI/BOOT/BOOTX64.EFI",
+        ),
+        ("uefi", {"esp_error": "cannot read the FAT"}, "UEFI: boot loader at EFI/BOOT/BOOTX64.EFI"),
+        (
+            "uefi",
+            {"loader": pe32_plus(machine=0x14C, body=SEARCH)},
+            "UEFI: boot loader at EFI/BOOT/BOOTX64.EFI",
+        ),
+        (
+            "uefi",
+            {"loader": pe32_plus(subsystem=3, body=SEARCH)},
+            "UEFI: boot loader at EFI/BOOT/BOOTX64.EFI",
+        ),
+        ("uefi", {"loader": b"\x7fELF" + SEARCH}, "UEFI: boot loader at EFI/BOOT/BOOTX64.EFI"),
+        ("uefi", {"loader": pe32_plus()}, "UEFI: boot loader looks for the root file system"),
+        ("uefi", {"esp_volume": "9999-0000"}, "UEFI: ESP mounted at /efi by volume ID"),
+        ("hybrid", {"mbr_boot_code": False}, "BIOS: boot code in the MBR"),
+        ("hybrid", {"types": [ESP, ROOT]}, "BIOS: BIOS boot partition for GRUB's core.img"),
+        ("bios", {"types": [ROOT]}, "BIOS: BIOS boot partition for GRUB's core.img"),
+    ],
+)
+def test_each_broken_boot_rule_is_caught(firmware: str, change: dict[str, object], rule: str):
+    facts = boot_facts(firmware)
+    for key, value in change.items():
+        setattr(facts, key, value)
+    checks = boot_checks(facts, firmware)
+    assert checks[rule] is False
+    assert [name for name, ok in checks.items() if not ok] == [rule]
+
+
+def test_a_uefi_image_must_mount_its_esp() -> None:
+    checks = boot_checks(boot_facts("uefi"), "uefi", fstab=conf.fstab(UUID))
+    assert [name for name, ok in checks.items() if not ok] == [
+        "UEFI: ESP mounted at /efi by volume ID"
+    ]
+
+
+def test_boot_code_and_pe_headers_are_recognised() -> None:
+    mbr = bytearray(512)
+    mbr[510:] = b"\x55\xaa"
+    assert not has_boot_code(bytes(mbr))  # a protective MBR: the signature, no code
+    mbr[0:2] = b"\xeb\x63"
+    assert has_boot_code(bytes(mbr))
+    assert not has_boot_code(bytes(mbr[:510]))
+    assert pe_kind(LOADER) == (0x8664, 10)
+    assert pe_kind(b"MZ") is None and pe_kind(b"") is None

@@ -82,6 +82,46 @@ def test_argv_with_firmware_and_a_comma_in_the_disk_path() -> None:
     ]
 
 
+def test_split_ovmf_is_two_flash_drives_with_the_variables_in_a_snapshot() -> None:
+    ovmf = qemu.Firmware(Path("/fw/OVMF_CODE_4M.fd"), Path("/fw/OVMF_VARS_4M.fd"))
+    argv = qemu.qemu_argv(disk=Path("/w/d.vhd"), disk_format="vpc", serial_log=LOG, firmware=ovmf)
+    assert argv[len(BASE) :] == [
+        "-drive",
+        "if=pflash,unit=0,format=raw,readonly=on,file=/fw/OVMF_CODE_4M.fd",
+        "-drive",
+        "if=pflash,unit=1,format=raw,snapshot=on,file=/fw/OVMF_VARS_4M.fd",
+        "-drive",
+        "file=/w/d.vhd,format=vpc,if=ide,media=disk,snapshot=on",
+    ]
+    combined = qemu.Firmware(Path("/usr/share/ovmf/OVMF.fd"))
+    assert combined.argv() == ["-bios", "/usr/share/ovmf/OVMF.fd"]
+
+
+def test_find_ovmf_takes_the_first_build_whose_files_all_exist(tmp_path: Path) -> None:
+    code, variables, whole = (tmp_path / n for n in ("CODE.fd", "VARS.fd", "OVMF.fd"))
+    code.write_bytes(b"c")
+    variables_missing = qemu.Firmware(code, tmp_path / "NO_VARS.fd")
+    split = qemu.Firmware(code, variables)
+    candidates = [qemu.Firmware(whole), variables_missing, split]
+    with pytest.raises(UserError):
+        qemu.find_ovmf(candidates)  # a code image without its variable store is no use
+    variables.write_bytes(b"v")
+    assert qemu.find_ovmf(candidates) == split
+    whole.write_bytes(b"o")
+    assert qemu.find_ovmf(candidates) == qemu.Firmware(whole)
+
+
+def test_without_ovmf_the_error_names_the_packages(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"no OVMF .* found; looked for .*/OVMF\.fd") as err:
+        qemu.find_ovmf([qemu.Firmware(tmp_path / "OVMF.fd")])
+    assert "'ovmf' on Debian/Ubuntu" in (err.value.hint or "")
+    assert "'edk2-ovmf' on Arch Linux" in (err.value.hint or "")
+    # The distributions' places are all known, Debian's combined image first.
+    assert qemu.OVMF_CANDIDATES[0] == qemu.Firmware(Path("/usr/share/ovmf/OVMF.fd"))
+    codes = {f.code for f in qemu.OVMF_CANDIDATES}
+    assert {Path("/usr/share/OVMF/OVMF_CODE.fd"), Path("/usr/share/edk2/x64/OVMF.4m.fd")} <= codes
+
+
 @pytest.mark.parametrize(
     ("kwargs", "words"),
     [
