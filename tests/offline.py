@@ -33,9 +33,7 @@ Needs: bsdtar, repo-add (pacman), depmod (kmod), apt-get and dpkg-deb (Debian/Ub
 from __future__ import annotations
 
 import argparse
-import contextlib
 import dataclasses
-import fcntl
 import gzip
 import hashlib
 import json
@@ -45,7 +43,7 @@ import shutil
 import stat
 import struct
 import sys
-from collections.abc import Callable, Iterable, Iterator
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -645,17 +643,6 @@ def cache_dir() -> Path:
     return Path(configured) if configured else Path.home() / ".cache" / "archkernel-tests"
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def apt_download(package: str, cache: Path) -> Path:
     """`package`'s .deb, from the cache or from `apt-get download` (after one update)."""
     debs = sorted(cache.glob(f"{package}_*.deb"))
@@ -720,7 +707,9 @@ def _linux_package(cache: Path, tree: Path, work: Path) -> tuple[Path, Package, 
     key = _source_digest("linux", _tree_identity(tree))[:16]
     store = cache / "offline-packages"
     slot = store / key
-    with _locked(store / ".lock"):
+    from tests.support_kernel import locked  # imported here, like debian_kernel: needs pytest
+
+    with locked(store / ".lock"):
         meta = slot / "package.json"
         if meta.is_file():
             data = json.loads(meta.read_text())

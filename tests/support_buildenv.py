@@ -19,13 +19,11 @@ made with its secret half.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import hashlib
 import os
 import shutil
 import sys
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -34,6 +32,7 @@ from archkernel.fileio import atomic_path, remove_path, temporary_directory, wri
 from archkernel.log import complete_step
 from archkernel.run import check_tools, minimal_env, run
 from tests.offline import cache_dir
+from tests.support_kernel import locked
 
 SUITE = "bookworm"
 # What the Azure workflow runs inside the environment (see buildenv.ROUTED_TOOLS), and
@@ -184,22 +183,10 @@ def build_tarball(dest: Path, mirror: str | None = None) -> Path:
     return dest
 
 
-@contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    """One test process at a time builds the tarball (pytest-xdist, parallel CI jobs)."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
-
-
 def environment_tarball(cache: Path | None = None) -> Path:
     """The cached environment tarball, built first if it is not there yet."""
     dest = tarball_path(cache)
-    with _locked(dest.with_name(dest.name + ".lock")):
+    with locked(dest.with_name(dest.name + ".lock")):
         if not dest.is_file():
             build_tarball(dest)
     return dest

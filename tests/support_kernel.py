@@ -75,7 +75,7 @@ def debian_kernel_tree(cache_dir: Path | None = None, meta_package: str = META_P
     if missing:
         pytest.skip(f"a Debian kernel for tests needs {', '.join(missing)}")
     cache.mkdir(parents=True, exist_ok=True)
-    with _locked(cache / ".debian-kernel.lock"):
+    with locked(cache / ".debian-kernel.lock"):
         if (root / _STAMP).is_file():  # another process finished while we waited
             return root
         package = _versioned_package(meta_package)
@@ -119,7 +119,9 @@ def _index(tree: Path) -> None:
 
 
 @contextlib.contextmanager
-def _locked(path: Path) -> Iterator[None]:
+def locked(path: Path) -> Iterator[None]:
+    """Hold an exclusive lock on `path` (created) so one test process at a time fills a cache."""
+    path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "a") as handle:
         fcntl.flock(handle, fcntl.LOCK_EX)
         try:
