@@ -22,7 +22,6 @@ from __future__ import annotations
 import contextlib
 import json
 import os
-import shutil
 import signal
 import tempfile
 import time
@@ -834,11 +833,6 @@ def unlink_outputs(p: Paths) -> None:
     """Remove outputs an earlier step makes stale (used when a step re-runs)."""
     for path in (p.report, p.summary):
         path.unlink(missing_ok=True)
-
-
-def copy_tree(src: Path, dst: Path) -> None:
-    """Copy a directory tree keeping owners, modes and links (used by tests and tools)."""
-    shutil.copytree(src, dst, symlinks=True)
 
 
 # --- what steps 6-8 would run (for --dry-run; nothing here runs or writes) ------------------

@@ -27,7 +27,11 @@ if TYPE_CHECKING:
 
 MARKER = "archkernel"
 MODULE_DIR = "archkernel/modules"  # inside the initrd; a directory the provider never has
-SHELL_ENDINGS = re.compile(r"^\s*(exec\s+)?(/usr)?(/s?bin/)?(ba|busybox\s+|a)?sh(\s+-[a-z]+)*\s*$")
+# A final shell, as old shutdown scripts end: `sh`, `exec /bin/sh`, `busybox sh`,
+# `exec setsid cttyhack sh` (busybox's way of giving the shell a controlling tty) ...
+SHELL_ENDINGS = re.compile(
+    r"^\s*(exec\s+)?(setsid\s+)?(cttyhack\s+)?(/usr)?(/s?bin/)?(ba|busybox\s+|a)?sh(\s+-[a-z]+)*\s*$"
+)
 
 # --- paths -----------------------------------------------------------------------------------
 
@@ -518,6 +522,11 @@ def additions(p: Paths, original_init: bytes) -> list[initramfs.Entry]:
     from archkernel import initramfs  # libarchive: only when the initrd is rebuilt
 
     manifest = json.loads(p.modules_manifest.read_text())
+    if not (p.modules / "init").is_file():
+        raise UserError(
+            f"the prepared modules in {p.modules} are gone",
+            "run again with --from 5 to prepare them",
+        )
     entries = [
         initramfs.Entry.file("init", (p.modules / "init").read_bytes(), mode=0o755),
         initramfs.Entry.file("init.scw", original_init, mode=0o755),

@@ -261,7 +261,18 @@ done
 
 @pytest.mark.parametrize(
     "ending",
-    ["/bin/sh", "sh", "exec /bin/sh", "/bin/busybox sh", "busybox sh", "/bin/bash", "sh -i", "ash"],
+    [
+        "/bin/sh",
+        "sh",
+        "exec /bin/sh",
+        "/bin/busybox sh",
+        "busybox sh",
+        "/bin/bash",
+        "sh -i",
+        "ash",
+        "exec setsid cttyhack sh",
+        "setsid cttyhack /bin/sh",
+    ],
 )
 def test_patch_shutdown_replaces_the_final_shell(ending: str) -> None:
     script = OLD_SHUTDOWN.rsplit("/bin/sh", 1)[0] + ending + "\n"

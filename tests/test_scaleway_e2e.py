@@ -17,6 +17,7 @@ import gzip
 import hashlib
 import os
 import re
+import shutil
 import stat
 import subprocess
 import time
@@ -618,3 +619,24 @@ def test_failing_kexec_load_means_no_systemctl(fake_c1: FakeC1) -> None:
     )
     assert "kexec_load failed: Operation not permitted" in result.stderr
     assert [call[0] for call in fake_c1.calls()] == ["kexec"]  # and no systemctl
+
+
+def test_prepared_modules_deleted_by_hand_is_a_clear_error(fake_c1: FakeC1) -> None:
+    ok(fake_c1.archkernel())
+    before = fake_c1.output.read_bytes()
+    shutil.rmtree(fake_c1.workdir / "scaleway" / "modules")
+    fake_c1.calls(clear=True)
+    result = fake_c1.archkernel("--from", "6")
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr and "crashed" not in result.stderr
+    assert re.search(
+        r"^error: step scaleway_kexec:06_pack failed: the prepared modules in .* are gone",
+        result.stderr,
+        re.MULTILINE,
+    )
+    assert "--from 5" in result.stderr
+    assert fake_c1.output.read_bytes() == before
+    assert fake_c1.calls() == []
+    steps = ran(ok(fake_c1.archkernel("--from", "5")))
+    assert "05_modules" in steps and "06_pack" in steps
+    assert "03_fetch_initrd" not in steps and "04_unpack" not in steps
