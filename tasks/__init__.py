@@ -61,7 +61,6 @@ def backend_name() -> str:
 def doit_config(loaded: Loaded) -> dict[str, Any]:
     """DOIT_CONFIG: the state file under workdir (absolute), our checker and reporter."""
     workdir = loaded.settings.workdir.resolve()
-    workdir.mkdir(parents=True, exist_ok=True)
     return {
         "dep_file": str(workdir / ".doit.json"),
         "backend": backend_name(),

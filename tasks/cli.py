@@ -165,52 +165,50 @@ def step_states(
     dep = Dependency(db_class, dep_file, checker_cls=StatChecker)
     out: list[StepState] = []
     rerun_targets: set[str] = set()
-    try:
-        for name, step in steps.items():
-            task = tasks_dict.get(name)
-            if task is None:
-                continue
-            status = dep.get_status(task, tasks_dict, get_log=True)
-            reasons: list[str] = []
-            values = dep.get_values(task.name)
-            never = not values and not dep._get(task.name, "deps:")
-            r = status.reasons
-            for utd, _args, _kw in r.get("uptodate_false", []):
-                if isinstance(utd, SettingsChanged) and not never:
-                    for key, old, new in utd.changes(values):
-                        reasons.append(f"setting {key}: {json.dumps(old)} -> {json.dumps(new)}")
-                elif utd is False:
-                    reasons.append("always runs" if step.always else "forced by --from")
-            for target in r.get("missing_target", []):
-                reasons.append(f"target missing: {target}")
-            for f in r.get("changed_file_dep", []):
-                reasons.append(f"input changed: {f}")
-            for f in r.get("missing_file_dep", []):
-                reasons.append(f"input not there yet: {f}")
-            for f in r.get("added_file_dep", []):
-                reasons.append(f"new input: {f}")
-            for f in r.get("removed_file_dep", []):
-                reasons.append(f"input no longer read: {f}")
-            if r.get("has_no_dependencies"):
-                reasons.append("always runs")
-            upstream = [f for f in task.file_dep if f in rerun_targets]
-            if status.status == "up-to-date" and upstream:
-                state = "after earlier steps"
-                reasons = [f"re-runs if {Path(f).name} changes" for f in upstream]
-            elif status.status == "up-to-date":
-                state = "done"
-            elif never:
-                state = "pending"
-                reasons = ["not finished yet"] + [
-                    x for x in reasons if x.startswith("input not there yet")
-                ]
-            else:
-                state = "will re-run"
-            if state != "done":
-                rerun_targets.update(task.targets)
-            out.append(StepState(name, step, state, reasons))
-    finally:
-        dep.close()
+    # Read only: dep.close() is never called, it would write the state file.
+    for name, step in steps.items():
+        task = tasks_dict.get(name)
+        if task is None:
+            continue
+        status = dep.get_status(task, tasks_dict, get_log=True)
+        reasons: list[str] = []
+        values = dep.get_values(task.name)
+        never = not values and not dep._get(task.name, "deps:")
+        r = status.reasons
+        for utd, _args, _kw in r.get("uptodate_false", []):
+            if isinstance(utd, SettingsChanged) and not never:
+                for key, old, new in utd.changes(values):
+                    reasons.append(f"setting {key}: {json.dumps(old)} -> {json.dumps(new)}")
+            elif utd is False:
+                reasons.append("always runs" if step.always else "forced by --from")
+        for target in r.get("missing_target", []):
+            reasons.append(f"target missing: {target}")
+        for f in r.get("changed_file_dep", []):
+            reasons.append(f"input changed: {f}")
+        for f in r.get("missing_file_dep", []):
+            reasons.append(f"input not there yet: {f}")
+        for f in r.get("added_file_dep", []):
+            reasons.append(f"new input: {f}")
+        for f in r.get("removed_file_dep", []):
+            reasons.append(f"input no longer read: {f}")
+        if r.get("has_no_dependencies"):
+            reasons.append("always runs")
+        upstream = [f for f in task.file_dep if f in rerun_targets]
+        if status.status == "up-to-date" and upstream:
+            state = "after earlier steps"
+            reasons = [f"re-runs if {Path(f).name} changes" for f in upstream]
+        elif status.status == "up-to-date":
+            state = "done"
+        elif never:
+            state = "pending"
+            reasons = ["not finished yet"] + [
+                x for x in reasons if x.startswith("input not there yet")
+            ]
+        else:
+            state = "will re-run"
+        if state != "done":
+            rerun_targets.update(task.targets)
+        out.append(StepState(name, step, state, reasons))
     return out
 
 

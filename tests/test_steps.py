@@ -199,7 +199,9 @@ def test_dry_run_changes_nothing_and_shows_commands(project: Path) -> None:
     assert result.returncode == 0
     assert "run   demo:02_grow" in result.stdout
     assert "+ truncate -s 20G" in result.stdout
-    assert not (project / "build" / "demo").exists()
+    assert not (project / "build").exists()  # not even the workdir or doit's state
+    steps = archkernel(project, "steps", "demo")
+    assert steps.returncode == 0 and not (project / "build").exists()
     assert runs(project) == []
 
 
