@@ -6,7 +6,7 @@ place in O(1), `from_raw` makes a VHD beside a raw image by cloning or copying o
 data extents (the result stays sparse), and `check` applies Azure's rules by reading the
 last 512 bytes of a file.
 
-Layout and rules: /work/shared/reference/formats.md ("Fixed VHD") and azure-image.md.
+Layout and rules: the VHD specification's fixed-disk footer, and Azure's rules for uploaded disks.
 """
 
 from __future__ import annotations

@@ -224,7 +224,7 @@ BINDS = (Bind(Path("/srv/work")), Bind(Path("/srv/repo"), True))
 
 def test_chroot_commands_enter_a_private_namespace_through_the_helper() -> None:
     argv = buildenv.chroot_argv(
-        Path("/w/env/root"), BINDS, "/srv/work/x", ["/usr/bin/sfdisk", "-l"]
+        Path("/w/env/root"), BINDS, "/srv/build/x", ["/usr/bin/sfdisk", "-l"]
     )
     assert argv == [
         "unshare",
@@ -249,7 +249,7 @@ def test_chroot_commands_enter_a_private_namespace_through_the_helper() -> None:
         "--path",
         buildenv.ENV_PATH,
         "--cwd",
-        "/srv/work/x",
+        "/srv/build/x",
         "--",
         "/usr/bin/sfdisk",
         "-l",

@@ -579,26 +579,26 @@ def test_fs_uuid_of_an_empty_partition_is_a_user_error(tmp_path: Path) -> None:
 MOUNTINFO = """\
 22 27 0:21 / /proc rw,relatime - proc proc rw
 27 1 254:0 / / rw,relatime - ext4 /dev/vda rw
-60 27 7:0 / /work/tmp/build/mnt rw,relatime - ext4 /dev/loop0 rw
-61 60 0:5 / /work/tmp/build/mnt/dev rw,relatime - devtmpfs devtmpfs rw
-62 60 0:21 / /work/tmp/build/mnt/proc rw,relatime - proc proc rw
-63 61 0:24 / /work/tmp/build/mnt/dev/pts rw,relatime - devpts devpts rw
-64 27 7:1 / /work/tmp/build\\040two/mnt rw,relatime - ext4 /dev/loop1 rw
-65 60 7:2 / /work/tmp/build/mnt rw,relatime - ext4 /dev/loop2 rw
-66 27 7:3 / /work/tmp/builder rw,relatime - ext4 /dev/loop3 rw
+60 27 7:0 / /srv/tmp/build/mnt rw,relatime - ext4 /dev/loop0 rw
+61 60 0:5 / /srv/tmp/build/mnt/dev rw,relatime - devtmpfs devtmpfs rw
+62 60 0:21 / /srv/tmp/build/mnt/proc rw,relatime - proc proc rw
+63 61 0:24 / /srv/tmp/build/mnt/dev/pts rw,relatime - devpts devpts rw
+64 27 7:1 / /srv/tmp/build\\040two/mnt rw,relatime - ext4 /dev/loop1 rw
+65 60 7:2 / /srv/tmp/build/mnt rw,relatime - ext4 /dev/loop2 rw
+66 27 7:3 / /srv/tmp/builder rw,relatime - ext4 /dev/loop3 rw
 """
 
 
 def test_mounts_under_lists_deepest_and_latest_first() -> None:
-    assert mounts.mounts_under(MOUNTINFO, "/work/tmp/build") == [
-        "/work/tmp/build/mnt/dev/pts",
-        "/work/tmp/build/mnt/proc",
-        "/work/tmp/build/mnt/dev",
-        "/work/tmp/build/mnt",  # mounted over the one below: goes first
-        "/work/tmp/build/mnt",
+    assert mounts.mounts_under(MOUNTINFO, "/srv/tmp/build") == [
+        "/srv/tmp/build/mnt/dev/pts",
+        "/srv/tmp/build/mnt/proc",
+        "/srv/tmp/build/mnt/dev",
+        "/srv/tmp/build/mnt",  # mounted over the one below: goes first
+        "/srv/tmp/build/mnt",
     ]
-    assert mounts.mounts_under(MOUNTINFO, "/work/tmp/build two") == ["/work/tmp/build two/mnt"]
-    assert mounts.mounts_under(MOUNTINFO, "/srv") == []
+    assert mounts.mounts_under(MOUNTINFO, "/srv/tmp/build two") == ["/srv/tmp/build two/mnt"]
+    assert mounts.mounts_under(MOUNTINFO, "/opt") == []
 
 
 def test_losetup_json_and_backing_files_under_a_directory() -> None:
@@ -607,19 +607,19 @@ def test_losetup_json_and_backing_files_under_a_directory() -> None:
             "loopdevices": [
                 {
                     "name": "/dev/loop0",
-                    "back-file": "/work/a/disk.raw",
+                    "back-file": "/srv/a/disk.raw",
                     "offset": 2097152,
                     "sizelimit": 63963136,
                 },
                 {
                     "name": "/dev/loop1",
-                    "back-file": "/work/a/old.raw (deleted)",
+                    "back-file": "/srv/a/old.raw (deleted)",
                     "offset": 0,
                     "sizelimit": 0,
                 },
                 {
                     "name": "/dev/loop2",
-                    "back-file": "/work/ab/disk.raw",
+                    "back-file": "/srv/ab/disk.raw",
                     "offset": 0,
                     "sizelimit": 0,
                 },
@@ -628,8 +628,8 @@ def test_losetup_json_and_backing_files_under_a_directory() -> None:
         }
     )
     devices = mounts.parse_losetup_json(text)
-    assert devices[0] == mounts.LoopInfo("/dev/loop0", "/work/a/disk.raw", 2097152, 63963136)
-    assert [d.name for d in mounts.loops_under(devices, "/work/a")] == ["/dev/loop0", "/dev/loop1"]
+    assert devices[0] == mounts.LoopInfo("/dev/loop0", "/srv/a/disk.raw", 2097152, 63963136)
+    assert [d.name for d in mounts.loops_under(devices, "/srv/a")] == ["/dev/loop0", "/dev/loop1"]
     assert mounts.parse_losetup_json("") == []
 
 
