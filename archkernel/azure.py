@@ -44,7 +44,7 @@ from archkernel.fileio import (
     write_text,
 )
 from archkernel.log import log
-from archkernel.run import command_error, missing_tools, package_hint, render, run
+from archkernel.run import check_tools, command_error, render, run
 from archkernel.settings import AzureSettings, Settings, format_size
 
 KERNEL = "/boot/vmlinuz-linux"
@@ -270,15 +270,8 @@ def step_preflight(settings: Settings) -> None:
     tools = preflight_tools(az)
     buildenv.prepare(az, settings.workdir)  # None with builder = "host"
     with build_environment(settings) as env:
-        missing = missing_tools(tools)
-        if missing:
-            where = "host tool(s)" if env is None else "tool(s) (host or build environment)"
-            # The tools' names on the first line: it is the one the error line shows.
-            raise UserError(
-                f"missing {where}: {', '.join(missing)}\n"
-                + "\n".join(f"  {t}: {package_hint(t)}" for t in missing),
-                "install the packages above and run again; finished steps are kept",
-            )
+        where = "" if env is None else " (on the host or in the build environment)"
+        check_tools(tools, f"azure_vhd{where}")
         bios_lib, efi_lib = grub_dirs(env)
         grub.check_platforms(az.firmware, bios_lib=bios_lib, efi_lib=efi_lib)
         _prepare_pacman_conf(az, p)

@@ -262,6 +262,8 @@ def check_tools(tools: Iterable[str], purpose: str) -> None:
         return
     lines = [f"  {t}: {package_hint(t)}" for t in missing]
     raise UserError(
-        f"{purpose} needs {len(missing)} missing tool(s):\n" + "\n".join(lines),
+        # The names on the first line: it is the line an error report shows first.
+        f"{purpose} needs {len(missing)} missing tool(s): {', '.join(missing)}\n"
+        + "\n".join(lines),
         "install the packages above and run again; finished steps are kept",
     )

@@ -339,7 +339,7 @@ def test_missing_host_tools_are_named_all_at_once(repo: offline.OfflineRepo, too
     build = Build(repo, repo.dir / name, {"PATH": path})
     line, log = fails(build)
     assert line == (
-        f"error: step {WORKFLOW}:01_preflight failed: missing host tool(s): {', '.join(tools)}"
+        f"error: step {WORKFLOW}:01_preflight failed: azure_vhd needs {len(tools)} missing tool(s): {', '.join(tools)}"
     )
     assert "pacstrap: install 'arch-install-scripts'" in log
     assert not (build.azure / "ids.json").exists()

@@ -56,7 +56,9 @@ def test_check_tools_lists_every_missing_tool_at_once() -> None:
     with pytest.raises(UserError) as info:
         check_tools(["sh", "no-such-tool-1", "mkimage-nope", "no-such-tool-2"], "the test")
     lines = info.value.message.splitlines()
-    assert lines[0] == "the test needs 3 missing tool(s):"
+    assert (
+        lines[0] == "the test needs 3 missing tool(s): no-such-tool-1, mkimage-nope, no-such-tool-2"
+    )
     assert [line.split(":")[0].strip() for line in lines[1:]] == [
         "no-such-tool-1",
         "mkimage-nope",
