@@ -63,7 +63,7 @@ from archkernel.errors import UserError
 from archkernel.fileio import atomic_path, remove_path, write_if_changed
 from archkernel.log import complete_step, log
 from archkernel.run import PACKAGES, Command, minimal_env, run, wrapping
-from archkernel.settings import AzureSettings
+from archkernel.settings import AzureSettings, default_of
 
 Runtime = Literal["chroot", "docker", "podman"]
 
@@ -557,7 +557,7 @@ def _usable(base: Path, state: State | None, sha256: str | None) -> State | None
 def _keyring(az: AzureSettings) -> Path:
     """azure.bootstrap_keyring; for the default (Debian's path), Arch's own path on Arch."""
     keyring = az.bootstrap_keyring
-    default = AzureSettings.model_fields["bootstrap_keyring"].default
+    default = default_of(AzureSettings, "bootstrap_keyring")
     arch = Path("/usr/share/pacman/keyrings/archlinux.gpg")
     if keyring == default and not keyring.exists() and arch.is_file():
         return arch

@@ -1,40 +1,37 @@
-"""Settings: pydantic models, one TOML file, environment overrides, and where each value came from.
+"""Settings: typed sections, one TOML file, environment overrides, and where each value came from.
 
 Where the file comes from, first match wins: `archkernel --settings PATH`, `doit ...
 settings=PATH`, `$ARCHKERNEL_SETTINGS`, `./settings.toml`, otherwise built-in defaults.
 Any key can then be overridden as `ARCHKERNEL_<SECTION>__<KEY>` (`ARCHKERNEL_WORKDIR` at the
 top level). Every value that ends up in a file or on a command line is validated here, and
 all problems are reported at once, one line each.
+
+The sections are frozen standard dataclasses; pydantic validates the raw TOML into them,
+reading the `Annotated` checks below. pydantic is imported only when something is
+validated: `archkernel run` keeps the validated values in the workdir
+(`.settings-cache.json`, keyed by the file's text, the environment and this module), so the
+boot-time Scaleway run, whose settings never change, does not pay for building validators.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
-import ipaddress
 import json
 import os
 import re
 import tomllib
-from collections.abc import Iterator, Mapping
-from dataclasses import dataclass, field
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import MISSING, dataclass, field, fields
 from pathlib import Path
-from typing import Annotated, Any, Literal
+from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, get_type_hints
 
-from pydantic import (
-    AfterValidator,
-    BaseModel,
-    BeforeValidator,
-    ConfigDict,
-    Field,
-    PlainSerializer,
-    SecretStr,
-    ValidationError,
-    ValidationInfo,
-    field_validator,
-    model_validator,
-)
-
+from archkernel import __version__
 from archkernel.errors import UserError
+from archkernel.fileio import write_text
+
+if TYPE_CHECKING:
+    from pydantic import ValidationError
 
 ENV_PREFIX = "ARCHKERNEL_"
 ENV_SETTINGS = "ARCHKERNEL_SETTINGS"
@@ -46,8 +43,76 @@ RESERVED_ENV = {
     "ARCHKERNEL_TEST_CACHE",
 }
 DEFAULT_FILE = "settings.toml"
+CACHE_FILE = ".settings-cache.json"
 MiB = 1 << 20
 GiB = 1 << 30
+T = TypeVar("T")
+
+
+# --- checks pydantic applies (read from `Annotated` metadata when it builds a validator) ----
+
+
+class Check:
+    """Run `func` on a value after pydantic has checked its type (before it, with `before`).
+
+    `func` returns the value (possibly converted) or raises ValueError with a message that
+    names the problem; it becomes one line of the settings error.
+    """
+
+    __slots__ = ("before", "func")
+
+    def __init__(self, func: Callable[[Any], Any], *, before: bool = False) -> None:
+        self.func = func
+        self.before = before
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Callable[[Any], Any]) -> Any:
+        from pydantic_core import core_schema
+
+        if self.before:
+            return core_schema.no_info_before_validator_function(self.func, handler(source))
+        return core_schema.no_info_after_validator_function(self.func, handler(source))
+
+
+class Bounds:
+    """Numeric bounds (`ge`, `le`, `gt`) for an int or float setting."""
+
+    __slots__ = ("bounds",)
+
+    def __init__(self, **bounds: float) -> None:
+        self.bounds = bounds
+
+    def __get_pydantic_core_schema__(self, source: Any, handler: Callable[[Any], Any]) -> Any:
+        return {**handler(source), **self.bounds}
+
+
+class Secret:
+    """A secret string: shown as `**********`, digested in doit's state, never cached."""
+
+    __slots__ = ("_value",)
+
+    def __init__(self, value: str) -> None:
+        self._value = value
+
+    def get_secret_value(self) -> str:
+        return self._value
+
+    def __repr__(self) -> str:
+        return "Secret('**********')"
+
+    def __str__(self) -> str:
+        return "**********"
+
+    def __eq__(self, other: object) -> bool:
+        return isinstance(other, Secret) and other._value == self._value
+
+    def __hash__(self) -> int:
+        return hash(self._value)
+
+    @classmethod
+    def __get_pydantic_core_schema__(cls, source: Any, handler: Callable[[Any], Any]) -> Any:
+        from pydantic_core import core_schema
+
+        return core_schema.no_info_after_validator_function(cls, core_schema.str_schema())
 
 
 # --- validated scalar types --------------------------------------------------------------
@@ -80,16 +145,15 @@ def format_size(size: int) -> str:
     return str(size)
 
 
-def _pattern(regex: str, what: str) -> AfterValidator:
-    compiled = re.compile(regex)
-
+def _pattern(regex: str, what: str) -> Check:
+    # Compiled on first use (re caches it): importing this module compiles nothing.
     def check(value: str) -> str:
         _text(value)
-        if not compiled.fullmatch(value):
+        if not re.fullmatch(regex, value):
             raise ValueError(f"{value!r} is not {what}")
         return value
 
-    return AfterValidator(check)
+    return Check(check)
 
 
 def _hostname(value: str) -> str:
@@ -107,6 +171,8 @@ def _hostname(value: str) -> str:
 
 
 def _ipv4(value: str) -> str:
+    import ipaddress
+
     try:
         ipaddress.IPv4Address(value)
     except ValueError:
@@ -128,6 +194,11 @@ def _system_path(value: str) -> str:
     return value
 
 
+def _path_text(value: Path) -> Path:
+    _text(str(value))
+    return value
+
+
 def _cmdline(value: str) -> str:
     _text(value)
     bad = sorted(set(value) & set("\"'`$;\\{}<>|&"))
@@ -139,14 +210,28 @@ def _cmdline(value: str) -> str:
     return value
 
 
-Text = Annotated[str, AfterValidator(_text)]
-Size = Annotated[
-    int,
-    BeforeValidator(_size),
-    PlainSerializer(format_size, return_type=str, when_used="json"),
-]
-HostName = Annotated[str, AfterValidator(_hostname)]
-IPv4 = Annotated[str, AfterValidator(_ipv4)]
+def _password_hash(value: Secret) -> Secret:
+    raw = value.get_secret_value()
+    if not re.fullmatch(r"\$(1|5|6|y|gy|2[abxy]|7)\$[./A-Za-z0-9$=,]+", raw):
+        raise ValueError(
+            "is not a crypt(3) password hash; make one with `openssl passwd -6` or `mkpasswd`"
+        )
+    return value
+
+
+def _azure_disk_size(value: int) -> int:
+    if value % MiB:
+        raise ValueError(f"'{value}' bytes is not a whole number of MiB (Azure requires it)")
+    if value > 1023 * GiB:
+        raise ValueError(f"'{format_size(value)}' is larger than Azure's 1023GiB")
+    if value < 64 * MiB:
+        raise ValueError(f"'{format_size(value)}' is too small; use at least 64MiB")
+    return value
+
+
+Text = Annotated[str, Check(_text)]
+HostName = Annotated[str, Check(_hostname)]
+IPv4 = Annotated[str, Check(_ipv4)]
 UserName = Annotated[
     str,
     _pattern(r"[a-z_][a-z0-9_-]{0,30}\$?", "a valid user name (useradd: lower case, digits, _ -)"),
@@ -177,92 +262,88 @@ SSHKey = Annotated[
         "an SSH public key line (type, base64 key, optional comment)",
     ),
 ]
-RelativeName = Annotated[str, AfterValidator(_relative_name)]
-SystemPath = Annotated[str, AfterValidator(_system_path)]
-Cmdline = Annotated[str, AfterValidator(_cmdline)]
+SHA256 = Annotated[str, _pattern(r"[0-9a-f]{64}", "a SHA-256 hex digest")]
+RelativeName = Annotated[str, Check(_relative_name)]
+SystemPath = Annotated[str, Check(_system_path)]
+Cmdline = Annotated[str, Check(_cmdline)]
 FileName = Annotated[
     str, _pattern(r"[A-Za-z0-9][A-Za-z0-9._+-]{0,127}", "a plain file name (no directories)")
 ]
+OneLinePath = Annotated[Path, Check(_path_text)]
+DiskSize = Annotated[int, Check(_size, before=True), Check(_azure_disk_size)]
+# A crypt(3) hash such as `$6$salt$...` or `$y$...`; never a plain password.
+PasswordHash = Annotated[Secret, Check(_password_hash)]
 
 
-class PasswordHash(SecretStr):
-    """A crypt(3) hash such as `$6$salt$...` or `$y$...`; never a plain password."""
+def setting(default: Any, doc: str) -> Any:
+    """A settings field: its default and the description `settings.toml.example` shows."""
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
 
 
-def _password_hash(value: SecretStr) -> SecretStr:
-    raw = value.get_secret_value()
-    if not re.fullmatch(r"\$(1|5|6|y|gy|2[abxy]|7)\$[./A-Za-z0-9$=,]+", raw):
-        raise ValueError(
-            "is not a crypt(3) password hash; make one with `openssl passwd -6` or `mkpasswd`"
-        )
-    return value
+def required(doc: str) -> Any:
+    """A settings field without a default."""
+    return field(metadata={"doc": doc})
 
 
-class Model(BaseModel):
-    """Base of every settings section: unknown keys are errors, values are re-validated."""
+class Section:
+    """Base of every settings section: unknown keys are errors, defaults are validated too."""
 
-    model_config = ConfigDict(extra="forbid", validate_default=True, frozen=True)
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "validate_default": True}
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every section is a dataclass
 
 
 # --- sections -----------------------------------------------------------------------------
 
 
-class ScalewaySettings(Model):
+@dataclass(frozen=True, kw_only=True)
+class ScalewaySettings(Section):
     """`[scaleway]`: boot the Arch kernel on a Scaleway C1 by kexec."""
 
-    root: Path = Field(Path("/"), description="the system every path below is taken under")
-    tftp_server: IPv4 | None = Field(
-        None, description="TFTP server; default: the bootserver line of /proc/net/pnp"
+    root: OneLinePath = setting(Path("/"), "the system every path below is taken under")
+    tftp_server: IPv4 | None = setting(
+        None, "TFTP server; default: the bootserver line of /proc/net/pnp"
     )
-    fallback_tftp_server: IPv4 = Field("10.1.31.34", description="used when pnp names none")
-    tftp_port: int = Field(69, ge=1, le=65535, description="TFTP port")
-    tftp_timeout: float = Field(5.0, gt=0, le=300, description="seconds to wait for a packet")
-    tftp_retries: int = Field(3, ge=0, le=20, description="retries after a timeout")
-    tftp_blksize: int = Field(1468, ge=8, le=65464, description="TFTP block size (RFC 2348)")
-    bootscript: RelativeName = Field("uboot.bootscript", description="bootscript name on TFTP")
-    kernel: SystemPath = Field("/boot/zImage", description="the Arch kernel to kexec")
-    kernel_version: Text | None = Field(
-        None, description="default: found from /usr/lib/modules/*/pkgbase"
+    fallback_tftp_server: IPv4 = setting("10.1.31.34", "used when pnp names none")
+    tftp_port: Annotated[int, Bounds(ge=1, le=65535)] = setting(69, "TFTP port")
+    tftp_timeout: Annotated[float, Bounds(gt=0, le=300)] = setting(
+        5.0, "seconds to wait for a packet"
     )
-    modules: list[ModuleName] = Field(
-        ["mvneta", "nbd"], description="modules added to the initrd, with their dependencies"
+    tftp_retries: Annotated[int, Bounds(ge=0, le=20)] = setting(3, "retries after a timeout")
+    tftp_blksize: Annotated[int, Bounds(ge=8, le=65464)] = setting(
+        1468, "TFTP block size (RFC 2348)"
     )
-    optional_modules: list[ModuleName] = Field(
-        ["mvneta_bm"], description="added when the kernel has them; a warning otherwise"
+    bootscript: RelativeName = setting("uboot.bootscript", "bootscript name on TFTP")
+    kernel: SystemPath = setting("/boot/zImage", "the Arch kernel to kexec")
+    kernel_version: Text | None = setting(None, "default: found from /usr/lib/modules/*/pkgbase")
+    modules: list[ModuleName] = setting(
+        ["mvneta", "nbd"], "modules added to the initrd, with their dependencies"
     )
-    output_initrd: SystemPath = Field(
-        "/boot/initramfs-archkernel.img", description="where the patched initrd is written"
+    optional_modules: list[ModuleName] = setting(
+        ["mvneta_bm"], "added when the kernel has them; a warning otherwise"
     )
-    compression: Literal["gzip", "xz", "zstd", "lz4", "none"] = Field(
-        "gzip", description="compression of the added archive"
+    output_initrd: SystemPath = setting(
+        "/boot/initramfs-archkernel.img", "where the patched initrd is written"
     )
-    extra_cmdline: Cmdline = Field(
+    compression: Literal["gzip", "xz", "zstd", "lz4", "none"] = setting(
+        "gzip", "compression of the added archive"
+    )
+    extra_cmdline: Cmdline = setting(
         "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel",
-        description="appended to the current command line",
+        "appended to the current command line",
     )
-    dtb: SystemPath | None = Field(None, description="device tree for kexec --dtb (optional)")
-    disable_tag: Tag = Field("archkernel_disabled", description="server tag that disables us")
-
-    @field_validator("root")
-    @classmethod
-    def _root_absolute(cls, value: Path, info: ValidationInfo) -> Path:
-        _text(str(value))
-        return value
+    dtb: SystemPath | None = setting(None, "device tree for kexec --dtb (optional)")
+    disable_tag: Tag = setting("archkernel_disabled", "server tag that disables us")
 
 
-class AzureUser(Model):
+@dataclass(frozen=True, kw_only=True)
+class AzureUser(Section):
     """`[azure.user]`: an administrator created at build time (root stays locked)."""
 
-    name: UserName = Field(description="login name; member of wheel")
-    ssh_authorized_keys: list[SSHKey] = Field([], description="public keys for ~/.ssh")
-    password_hash: PasswordHash | None = Field(
-        None, description="crypt(3) hash; omit for key-only login"
-    )
-
-    @field_validator("password_hash")
-    @classmethod
-    def _check_hash(cls, value: PasswordHash | None) -> PasswordHash | None:
-        return None if value is None else PasswordHash(_password_hash(value).get_secret_value())
+    name: UserName = required("login name; member of wheel")
+    ssh_authorized_keys: list[SSHKey] = setting([], "public keys for ~/.ssh")
+    password_hash: PasswordHash | None = setting(None, "crypt(3) hash; omit for key-only login")
 
 
 DEFAULT_PACKAGES = [
@@ -278,78 +359,76 @@ DEFAULT_PACKAGES = [
     "less",
     "vim",
 ]
+DEFAULT_KEYRING = Path("/usr/share/keyrings/archlinux.gpg")
 
 
-class AzureSettings(Model):
+@dataclass(frozen=True, kw_only=True)
+class AzureSettings(Section):
     """`[azure]`: build an Arch Linux image that Azure accepts."""
 
-    disk_size: Size = Field(30 * GiB, description="virtual disk size, a whole number of MiB")
-    partition_table: Literal["gpt", "mbr"] = Field("gpt", description="gpt (BIOS boot) or mbr")
-    filesystem: Literal["ext4"] = Field("ext4", description="root file system")
-    hostname: HostName = Field("archlinux", description="host name of the image")
-    locale: Locale = Field("en_US.UTF-8", description="system locale")
-    timezone: TimeZone = Field("UTC", description="time zone under /usr/share/zoneinfo")
-    keymap: Keymap = Field("us", description="console keymap")
-    mirror: MirrorURL = Field(
+    disk_size: DiskSize = setting(30 * GiB, "virtual disk size, a whole number of MiB")
+    partition_table: Literal["gpt", "mbr"] = setting("gpt", "gpt (BIOS boot) or mbr")
+    filesystem: Literal["ext4"] = setting("ext4", "root file system")
+    hostname: HostName = setting("archlinux", "host name of the image")
+    locale: Locale = setting("en_US.UTF-8", "system locale")
+    timezone: TimeZone = setting("UTC", "time zone under /usr/share/zoneinfo")
+    keymap: Keymap = setting("us", "console keymap")
+    mirror: MirrorURL = setting(
         "https://geo.mirror.pkgbuild.com/$repo/os/$arch",
-        description="Arch mirror used when pacman_conf is not given",
+        "Arch mirror used when pacman_conf is not given",
     )
-    pacman_conf: Path | None = Field(
-        None, description="a pacman.conf used as given (local mirror, cache, test repository)"
+    pacman_conf: OneLinePath | None = setting(
+        None, "a pacman.conf used as given (local mirror, cache, test repository)"
     )
-    packages: list[PackageName] = Field(
-        DEFAULT_PACKAGES, description="packages installed by pacstrap"
+    packages: list[PackageName] = setting(DEFAULT_PACKAGES, "packages installed by pacstrap")
+    extra_packages: list[PackageName] = setting([], "installed in addition")
+    provisioning: Literal["cloud-init", "waagent"] = setting(
+        "cloud-init", "what provisions host name, user and keys"
     )
-    extra_packages: list[PackageName] = Field([], description="installed in addition")
-    provisioning: Literal["cloud-init", "waagent"] = Field(
-        "cloud-init", description="what provisions host name, user and keys"
+    extensions: bool = setting(False, "also install waagent for VM extensions")
+    agent_package: PackageName = setting(
+        "walinuxagent", "package of the Azure Linux Agent (AUR or your repository)"
     )
-    extensions: bool = Field(False, description="also install waagent for VM extensions")
-    agent_package: PackageName = Field(
-        "walinuxagent", description="package of the Azure Linux Agent (AUR or your repository)"
-    )
-    cloud_init_package: PackageName = Field("cloud-init", description="package of cloud-init")
-    kernel_cmdline: Cmdline = Field(
+    cloud_init_package: PackageName = setting("cloud-init", "package of cloud-init")
+    kernel_cmdline: Cmdline = setting(
         "console=ttyS0,115200 earlyprintk=ttyS0 rootdelay=300 net.ifnames=0",
-        description="kernel command line after root=UUID=...",
+        "kernel command line after root=UUID=...",
     )
-    initramfs_modules: list[ModuleName] = Field(
-        ["hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils"],
-        description="modules forced into the initramfs",
+    initramfs_modules: list[ModuleName] = setting(
+        ["hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils"], "modules forced into the initramfs"
     )
-    output: FileName = Field("archlinux-azure.vhd", description="VHD file name under workdir")
-    boottest_marker: Text = Field("login:", description="console text azure_boottest waits for")
-    boottest_timeout: float = Field(
-        600.0, gt=0, le=7200, description="seconds azure_boottest waits for the marker"
+    output: FileName = setting("archlinux-azure.vhd", "VHD file name under workdir")
+    boottest_marker: Text = setting("login:", "console text azure_boottest waits for")
+    boottest_timeout: Annotated[float, Bounds(gt=0, le=7200)] = setting(
+        600.0, "seconds azure_boottest waits for the marker"
     )
-    generation: int = Field(1, ge=1, le=2, description="Azure VM generation: 1 (BIOS) or 2 (UEFI)")
-    boot: Literal["bios", "uefi", "hybrid"] | None = Field(
-        None, description="firmware the image boots with; default bios (gen 1), uefi (gen 2)"
+    generation: Annotated[int, Bounds(ge=1, le=2)] = setting(
+        1, "Azure VM generation: 1 (BIOS) or 2 (UEFI)"
     )
-    builder: Literal["host", "container"] = Field(
-        "host", description="run build tools on the host, or in an Arch bootstrap environment"
+    boot: Literal["bios", "uefi", "hybrid"] | None = setting(
+        None, "firmware the image boots with; default bios (gen 1), uefi (gen 2)"
     )
-    container_runtime: Literal["chroot", "docker", "podman"] = Field(
-        "chroot", description="how the bootstrap environment runs (builder = container)"
+    builder: Literal["host", "container"] = setting(
+        "host", "run build tools on the host, or in an Arch bootstrap environment"
     )
-    bootstrap_mirror: MirrorURL = Field(
+    container_runtime: Literal["chroot", "docker", "podman"] = setting(
+        "chroot", "how the bootstrap environment runs (builder = container)"
+    )
+    bootstrap_mirror: MirrorURL = setting(
         "https://geo.mirror.pkgbuild.com/iso/latest",
-        description="where the newest Arch bootstrap tarball and its signature are found",
+        "where the newest Arch bootstrap tarball and its signature are found",
     )
-    bootstrap_tarball: Text | None = Field(
-        None, description="a bootstrap tarball by path or URL instead (needs bootstrap_sha256)"
+    bootstrap_tarball: Text | None = setting(
+        None, "a bootstrap tarball by path or URL instead (needs bootstrap_sha256)"
     )
-    bootstrap_sha256: Annotated[str, _pattern(r"[0-9a-f]{64}", "a SHA-256 hex digest")] | None = (
-        Field(None, description="SHA-256 of bootstrap_tarball")
+    bootstrap_sha256: SHA256 | None = setting(None, "SHA-256 of bootstrap_tarball")
+    bootstrap_keyring: Path = setting(
+        DEFAULT_KEYRING, "OpenPGP keys that may sign the bootstrap tarball (Arch's master keys)"
     )
-    bootstrap_keyring: Path = Field(
-        Path("/usr/share/keyrings/archlinux.gpg"),
-        description="OpenPGP keys that may sign the bootstrap tarball (Arch's master keys)",
-    )
-    user: AzureUser | None = Field(None, description="optional build-time administrator")
+    user: AzureUser | None = setting(None, "optional build-time administrator")
 
-    @model_validator(mode="after")
-    def _boot_modes(self) -> AzureSettings:
+    def __post_init__(self) -> None:
+        # Rules across keys; pydantic reports a ValueError here as an error of `azure`.
         boot = self.firmware
         if self.generation == 1 and boot == "uefi":
             raise ValueError("generation 1 VMs boot BIOS: use boot = 'bios' or 'hybrid'")
@@ -359,23 +438,11 @@ class AzureSettings(Model):
             raise ValueError(f"boot = {boot!r} needs partition_table = 'gpt' (an EFI partition)")
         if self.bootstrap_tarball is not None and self.bootstrap_sha256 is None:
             raise ValueError("bootstrap_tarball needs bootstrap_sha256 to check it")
-        return self
 
     @property
     def firmware(self) -> str:
         """The effective boot mode: `boot`, or the generation's default."""
         return self.boot or ("bios" if self.generation == 1 else "uefi")
-
-    @field_validator("disk_size")
-    @classmethod
-    def _disk_size(cls, value: int) -> int:
-        if value % MiB:
-            raise ValueError(f"'{value}' bytes is not a whole number of MiB (Azure requires it)")
-        if value > 1023 * GiB:
-            raise ValueError(f"'{format_size(value)}' is larger than Azure's 1023GiB")
-        if value < 64 * MiB:
-            raise ValueError(f"'{format_size(value)}' is too small; use at least 64MiB")
-        return value
 
     def all_packages(self) -> list[str]:
         """Every package pacstrap installs, in order, without duplicates."""
@@ -387,12 +454,35 @@ class AzureSettings(Model):
         return list(dict.fromkeys(names))
 
 
-class Settings(Model):
+@dataclass(frozen=True, kw_only=True)
+class Settings(Section):
     """The whole settings file."""
 
-    workdir: Path = Field(Path("build"), description="step outputs and doit's state")
-    scaleway: ScalewaySettings = Field(default_factory=ScalewaySettings)
-    azure: AzureSettings = Field(default_factory=AzureSettings)
+    workdir: Path = setting(Path("build"), "step outputs and doit's state")
+    scaleway: ScalewaySettings = field(default_factory=ScalewaySettings)
+    azure: AzureSettings = field(default_factory=AzureSettings)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.__name__: cls for cls in (Settings, ScalewaySettings, AzureSettings, AzureUser)
+}
+
+
+def validate(cls: type[T], data: Mapping[str, Any]) -> T:
+    """`data` (as read from TOML) checked and converted into a `cls` section.
+
+    Raises pydantic's ValidationError listing every problem.
+    """
+    from pydantic import TypeAdapter
+
+    adapter = _ADAPTERS.get(cls)
+    if adapter is None:
+        adapter = _ADAPTERS[cls] = TypeAdapter(cls)
+    result: T = adapter.validate_python(data)
+    return result
+
+
+_ADAPTERS: dict[type, Any] = {}
 
 
 # --- loading --------------------------------------------------------------------------------
@@ -407,6 +497,8 @@ class Loaded:
     path_origin: str
     origins: dict[str, str] = field(default_factory=dict)
     base_dir: Path = field(default_factory=Path.cwd)
+    from_cache: bool = False  # validated by an earlier run with the same inputs
+    cache_key: str = ""  # what `remember` files the validated settings under
 
 
 def find_settings_file(
@@ -432,9 +524,9 @@ def find_settings_file(
     return None, "built-in defaults"
 
 
-def _read_toml(path: Path) -> dict[str, Any]:
+def _read_text(path: Path) -> str:
     try:
-        text = path.read_text(encoding="utf-8")
+        return path.read_text(encoding="utf-8")
     except FileNotFoundError:
         raise UserError(
             f"settings file {path} does not exist",
@@ -442,6 +534,9 @@ def _read_toml(path: Path) -> dict[str, Any]:
         ) from None
     except (OSError, UnicodeDecodeError) as exc:
         raise UserError(f"cannot read settings file {path}: {exc}") from None
+
+
+def _parse_toml(path: Path, text: str) -> dict[str, Any]:
     try:
         return tomllib.loads(text)
     except tomllib.TOMLDecodeError as exc:
@@ -478,13 +573,13 @@ def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
             yield dotted
 
 
-def _format_errors(exc: ValidationError, data: Mapping[str, Any], source: str) -> str:
+def _format_errors(exc: ValidationError, source: str) -> str:
     lines = []
     for err in exc.errors():
         loc = ".".join(str(p) for p in err["loc"])
         kind = err["type"]
         value = err.get("input")
-        if kind == "extra_forbidden":
+        if kind in ("extra_forbidden", "unexpected_keyword_argument"):
             lines.append(f"{loc}: unknown key (typo?); see settings.toml.example for the keys")
             continue
         if kind == "missing":
@@ -524,20 +619,28 @@ def load(
     doit_var: str | None = None,
     env: Mapping[str, str] | None = None,
     cwd: Path | None = None,
+    cache: bool = False,
 ) -> Loaded:
-    """Find, read, override from the environment and validate the settings."""
+    """Find, read, override from the environment and validate the settings.
+
+    With `cache`, values validated by an earlier run from the same file text, environment
+    overrides and directory are taken from the workdir's cache (see `remember`).
+    """
     env = os.environ if env is None else env
     cwd = Path.cwd() if cwd is None else cwd
     path, how = find_settings_file(cli_path, doit_var, env, cwd)
     data: dict[str, Any] = {}
     origins: dict[str, str] = {}
+    text = ""
     if path is not None:
         path = (cwd / path) if not path.is_absolute() else path
-        data = _read_toml(path)
+        text = _read_text(path)
+        data = _parse_toml(path, text)
         for key in _flatten(data):
             origins[key] = f"file {path}"
     base = path.parent if path is not None else cwd
-    for keys, value, var in _env_overrides(env):
+    overrides = list(_env_overrides(env))
+    for keys, value, var in overrides:
         node = data
         for key in keys[:-1]:
             child = node.setdefault(key, {})
@@ -548,15 +651,100 @@ def load(
         origins[".".join(keys)] = f"env {var}"
     _resolve_paths(data, base)
     data.setdefault("workdir", str(base / "build"))
+    key = ""
+    if cache:
+        key = _cache_key(path, text, [(var, env[var]) for _, _, var in overrides], base)
+        cached = _read_cache(data["workdir"], key)
+        if cached is not None:
+            return Loaded(cached, path, how, origins, base, from_cache=True, cache_key=key)
+    from pydantic import ValidationError
+
     try:
-        settings = Settings.model_validate(data)
+        settings = validate(Settings, data)
     except ValidationError as exc:
         source = f"{path}" if path is not None else "defaults and environment"
         raise UserError(
-            _format_errors(exc, data, source),
+            _format_errors(exc, source),
             "fix the values above; settings.toml.example lists every key with its default",
         ) from None
-    return Loaded(settings, path, how, origins, base)
+    return Loaded(settings, path, how, origins, base, cache_key=key)
+
+
+# --- the validated-settings cache -------------------------------------------------------------
+
+
+class _Uncacheable(Exception):
+    """The settings hold a secret: they are validated on every run, never written out."""
+
+
+def _cache_key(path: Path | None, text: str, env: list[tuple[str, str]], base: Path) -> str:
+    # This module's own stat stands for the rules: an upgraded or edited archkernel
+    # validates again.
+    rules = os.stat(__file__)
+    inputs = [__version__, rules.st_mtime_ns, rules.st_size, str(path), text, env, str(base)]
+    return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
+
+
+def _encode(value: Any) -> Any:
+    if isinstance(value, Section):
+        out = {"$section": type(value).__name__}
+        out.update((f.name, _encode(getattr(value, f.name))) for f in fields(value))
+        return out
+    if isinstance(value, Path):
+        return {"$path": str(value)}
+    if isinstance(value, Secret):
+        raise _Uncacheable
+    if isinstance(value, list):
+        return [_encode(v) for v in value]
+    return value
+
+
+def _decode(value: Any) -> Any:
+    if isinstance(value, dict):
+        if "$path" in value:
+            return Path(value["$path"])
+        cls = SECTIONS[value.pop("$section")]
+        return cls(**{k: _decode(v) for k, v in value.items()})
+    if isinstance(value, list):
+        return [_decode(v) for v in value]
+    return value
+
+
+def _read_cache(workdir: object, key: str) -> Settings | None:
+    """The cached settings for `key`, or None (absent, stale, unreadable or not ours)."""
+    if not isinstance(workdir, str):
+        return None
+    try:
+        with open(os.path.join(workdir, CACHE_FILE), "rb") as f:
+            st = os.fstat(f.fileno())
+            # Only a file this user wrote and nobody else may change is trusted.
+            if st.st_uid != os.geteuid() or st.st_mode & 0o022:
+                return None
+            saved = json.loads(f.read())
+        if saved.get("key") != key:
+            return None
+        settings = _decode(saved["settings"])
+    except (OSError, ValueError, TypeError, KeyError, AttributeError):
+        return None
+    return settings if isinstance(settings, Settings) else None
+
+
+def remember(loaded: Loaded) -> None:
+    """Keep settings loaded with `cache` and validated now for the next run to read.
+
+    Written into the workdir only when it exists (after a run), never for settings that
+    hold a secret; failing to write only means the next run validates again.
+    """
+    settings = loaded.settings
+    if not loaded.cache_key or loaded.from_cache or not settings.workdir.is_dir():
+        return
+    try:
+        encoded = _encode(settings)
+    except _Uncacheable:
+        return
+    text = json.dumps({"key": loaded.cache_key, "settings": encoded})
+    with contextlib.suppress(OSError, UserError):  # a cache: the next run validates again
+        write_text(settings.workdir / CACHE_FILE, text, 0o600)
 
 
 # --- views for steps and for `settings show` --------------------------------------------------
@@ -568,10 +756,10 @@ def digest(secret: str) -> str:
 
 
 def _plain(value: Any) -> Any:
-    if isinstance(value, SecretStr):
+    if isinstance(value, Secret):
         return digest(value.get_secret_value())
-    if isinstance(value, BaseModel):
-        return {k: _plain(getattr(value, k)) for k in type(value).model_fields}
+    if isinstance(value, Section):
+        return {f.name: _plain(getattr(value, f.name)) for f in fields(value)}
     if isinstance(value, list | tuple):
         return [_plain(v) for v in value]
     if isinstance(value, Path):
@@ -599,15 +787,15 @@ def effective(loaded: Loaded) -> list[tuple[str, str, str]]:
     """(key, value for display, origin) for every setting; secrets are masked."""
     rows: list[tuple[str, str, str]] = []
 
-    def walk(model: BaseModel, prefix: str) -> None:
-        for name in type(model).model_fields:
-            value = getattr(model, name)
-            key = f"{prefix}{name}"
-            if isinstance(value, BaseModel) and not isinstance(value, SecretStr):
+    def walk(section: Section, prefix: str) -> None:
+        for f in fields(section):
+            value = getattr(section, f.name)
+            key = f"{prefix}{f.name}"
+            if isinstance(value, Section):
                 walk(value, key + ".")
                 continue
-            if isinstance(value, SecretStr):
-                shown = "**********"
+            if isinstance(value, Secret):
+                shown = str(value)
             elif key == "azure.disk_size":
                 shown = format_size(value)
             else:
@@ -618,28 +806,35 @@ def effective(loaded: Loaded) -> list[tuple[str, str, str]]:
     return rows
 
 
+def default_of(cls: type[Section], name: str) -> Any:
+    """The default value of `cls`'s field `name` (None for a required field)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            return None if f.default is MISSING else f.default
+    raise KeyError(name)
+
+
 def field_docs() -> dict[str, tuple[Any, str]]:
     """Every leaf key with its default and description (for the example file and its test)."""
     docs: dict[str, tuple[Any, str]] = {}
 
-    def walk(model: type[BaseModel], prefix: str) -> None:
-        for name, info in model.model_fields.items():
-            ann = info.annotation
-            sub = _model_of(ann)
+    def walk(cls: type[Section], prefix: str) -> None:
+        hints = get_type_hints(cls)
+        for f in fields(cls):
+            sub = _section_of(hints[f.name])
             if sub is not None:
-                walk(sub, f"{prefix}{name}.")
+                walk(sub, f"{prefix}{f.name}.")
                 continue
-            default = info.get_default(call_default_factory=True)
-            docs[f"{prefix}{name}"] = (default, info.description or "")
+            docs[f"{prefix}{f.name}"] = (default_of(cls, f.name), f.metadata.get("doc", ""))
 
     walk(Settings, "")
     return docs
 
 
-def _model_of(annotation: Any) -> type[BaseModel] | None:
-    if isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        return annotation
-    for arg in getattr(annotation, "__args__", ()):
-        if isinstance(arg, type) and issubclass(arg, BaseModel):
-            return arg
+def _section_of(annotation: Any) -> type[Section] | None:
+    for candidate in (annotation, *getattr(annotation, "__args__", ())):
+        if isinstance(candidate, type) and issubclass(candidate, Section):
+            return candidate
     return None

@@ -37,7 +37,7 @@ from archkernel import azure
 from archkernel import log as logmod
 from archkernel.fileio import temporary_directory
 from archkernel.run import check_tools, run
-from archkernel.settings import Settings
+from archkernel.settings import Settings, validate
 from bench.bench_vhd import QEMU_CONVERT, allocated, make_raw, timed
 
 MiB = 1 << 20
@@ -77,8 +77,8 @@ class VhdFigures:
 
 def bench_vhd_step(work: Path, size_gib: int, data_mib: int, chunk_mib: int) -> VhdFigures:
     """Time step 8 and qemu-img convert on the same raw disk; return the figures."""
-    settings = Settings.model_validate(
-        {"workdir": str(work / "vhd-step"), "azure": {"disk_size": f"{size_gib}GiB"}}
+    settings = validate(
+        Settings, {"workdir": str(work / "vhd-step"), "azure": {"disk_size": f"{size_gib}GiB"}}
     )
     p = azure.paths(settings)
     p.work.mkdir(parents=True)

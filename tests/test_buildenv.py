@@ -12,6 +12,7 @@ commands they would be given: no container engine runs on these machines.
 
 from __future__ import annotations
 
+import dataclasses
 import http.server
 import json
 import logging
@@ -33,7 +34,7 @@ from archkernel.buildenv import Bind, BuildEnv
 from archkernel.errors import UserError
 from archkernel.fileio import remove_path, sha256_file, temporary_directory, write_text
 from archkernel.run import Command, minimal_env, missing_tools, run, which, wrapping
-from archkernel.settings import AzureSettings
+from archkernel.settings import AzureSettings, validate
 from tests import offline
 from tests import support_buildenv as support
 
@@ -48,7 +49,7 @@ GOOD_STATUS = """\
 
 
 def container(**values: object) -> AzureSettings:
-    return AzureSettings(builder="container", **values)
+    return validate(AzureSettings, {"builder": "container", **values})
 
 
 # --- finding the newest tarball ---------------------------------------------------------------
@@ -609,7 +610,7 @@ def test_pacstrap_runs_inside_from_a_repository_outside_the_workdir(
         )
         run(["repo-add", "--quiet", repo / f"{offline.REPO_NAME}.db.tar.gz", package])
         conf = write_text(outside / "pacman.conf", offline.pacman_conf(repo, cache))
-        with_repo = az.model_copy(update={"pacman_conf": conf})
+        with_repo = dataclasses.replace(az, pacman_conf=conf)
         target = workdir / "pacstrapped"
         target.mkdir()
         with buildenv.activate(with_repo, workdir) as env:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 import tomllib
 from pathlib import Path
@@ -167,12 +168,12 @@ def test_relative_paths_are_relative_to_the_settings_file(tmp_path: Path) -> Non
 
 
 def test_sizes_accept_mib_and_gib() -> None:
-    assert s.AzureSettings(disk_size="30720MiB").disk_size == 30 * 1024**3  # type: ignore[arg-type]
+    assert s.validate(s.AzureSettings, {"disk_size": "30720MiB"}).disk_size == 30 * 1024**3
     assert s.format_size(3 * 1024**3) == "3GiB" and s.format_size(1536 * 1024**2) == "1536MiB"
 
 
 def test_subset_has_exactly_the_keys_asked_and_digests_secrets() -> None:
-    user = s.AzureUser(name="arch", password_hash="$6$abc$def")  # type: ignore[arg-type]
+    user = s.validate(s.AzureUser, {"name": "arch", "password_hash": "$6$abc$def"})
     settings = s.Settings(azure=s.AzureSettings(user=user))
     got = s.subset(settings, ["azure.hostname", "azure.user"])
     assert set(got) == {"azure.hostname", "azure.user"}
@@ -204,3 +205,114 @@ def test_example_file_shows_every_key_and_loads_to_the_defaults(tmp_path: Path) 
     defaults = s.Settings(workdir=REPO / "build")
     assert loaded.settings == defaults
     tomllib.loads(text)
+
+
+# --- the validated-settings cache (the boot path's settings) ----------------------------------
+
+CACHED = """\
+workdir = "work"
+[scaleway]
+root = "c1"
+tftp_port = 6969
+modules = ["nbd"]
+tftp_timeout = 2
+[azure]
+disk_size = "2GiB"
+"""
+
+
+def cached_load(tmp_path: Path, env: dict[str, str] | None = None) -> s.Loaded:
+    return s.load(tmp_path / "settings.toml", env=env or {}, cwd=tmp_path, cache=True)
+
+
+def test_a_run_keeps_its_settings_and_the_next_run_takes_them_as_validated(
+    tmp_path: Path,
+) -> None:
+    (tmp_path / "settings.toml").write_text(CACHED)
+    cache = tmp_path / "work" / s.CACHE_FILE
+    first = cached_load(tmp_path)
+    s.remember(first)
+    assert not first.from_cache and not cache.exists(), "the workdir does not exist yet"
+    (tmp_path / "work").mkdir()
+    s.remember(first)
+    assert cache.is_file() and cache.stat().st_mode & 0o077 == 0
+    again = cached_load(tmp_path)
+    assert again.from_cache
+    assert again.settings == first.settings
+    assert again.settings.scaleway.root == tmp_path / "c1"
+    assert isinstance(again.settings.scaleway.tftp_timeout, float)
+    assert again.settings.azure.disk_size == 2 * 1024**3
+    assert (again.origins, again.path, again.path_origin) == (
+        first.origins,
+        first.path,
+        first.path_origin,
+    )
+    # Without `cache` (steps, settings show, dodo.py) the file is validated every time.
+    assert not s.load(tmp_path / "settings.toml", env={}, cwd=tmp_path).from_cache
+
+
+@pytest.mark.parametrize(
+    "change",
+    ["file", "env", "version", "directory"],
+)
+def test_any_changed_input_is_validated_again(
+    tmp_path: Path, change: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "settings.toml").write_text(CACHED)
+    (tmp_path / "work").mkdir()
+    s.remember(cached_load(tmp_path))
+    env: dict[str, str] = {}
+    if change == "file":
+        (tmp_path / "settings.toml").write_text(CACHED.replace("6969", "0"))
+    elif change == "env":
+        env = {"ARCHKERNEL_SCALEWAY__TFTP_PORT": "0"}
+    elif change == "version":
+        monkeypatch.setattr(s, "__version__", "0.0.0-other")
+        assert not cached_load(tmp_path).from_cache
+        return
+    else:  # the same file seen from another directory: relative paths differ
+        other = tmp_path / "other"
+        other.mkdir()
+        (other / "settings.toml").write_text(CACHED.replace('"work"', '"../work"'))
+        assert not cached_load(other).from_cache
+        return
+    with pytest.raises(UserError) as info:
+        cached_load(tmp_path, env)
+    assert "scaleway.tftp_port:" in info.value.message
+    assert "greater than or equal to 1" in info.value.message
+
+
+def test_a_damaged_or_untrusted_cache_is_ignored(tmp_path: Path) -> None:
+    (tmp_path / "settings.toml").write_text(CACHED)
+    (tmp_path / "work").mkdir()
+    first = cached_load(tmp_path)
+    s.remember(first)
+    cache = tmp_path / "work" / s.CACHE_FILE
+    good = cache.read_text()
+    for damaged in ["", "{not json", '{"key": 1}', good.replace('"6969"', '"x"')[:-9]]:
+        cache.write_text(damaged)
+        cache.chmod(0o600)
+        again = cached_load(tmp_path)
+        assert not again.from_cache and again.settings == first.settings
+    # Anyone else could have written these values: the cache is not trusted.
+    cache.write_text(good)
+    cache.chmod(0o666)
+    assert not cached_load(tmp_path).from_cache
+    cache.chmod(0o600)
+    os.chown(cache, os.geteuid() + 1, -1)
+    assert not cached_load(tmp_path).from_cache
+    os.chown(cache, os.geteuid(), -1)
+    assert cached_load(tmp_path).from_cache
+
+
+def test_settings_holding_a_secret_are_never_cached(tmp_path: Path) -> None:
+    secret = "$6$salt$notwrittenanywhere"
+    text = CACHED + f'[azure.user]\nname = "arch"\npassword_hash = "{secret}"\n'
+    (tmp_path / "settings.toml").write_text(text)
+    (tmp_path / "work").mkdir()
+    loaded = cached_load(tmp_path)
+    assert loaded.settings.azure.user is not None
+    assert loaded.settings.azure.user.password_hash == s.Secret(secret)
+    s.remember(loaded)
+    assert list((tmp_path / "work").iterdir()) == []
+    assert not cached_load(tmp_path).from_cache
