@@ -21,7 +21,7 @@ from archkernel import log as logmod
 from archkernel.errors import UserError
 from archkernel.log import log
 from archkernel.run import render
-from archkernel.settings import Loaded, effective, load
+from archkernel.settings import Loaded, effective, load, remember
 from tasks import doit_config, get_workflow, task_creators, workflows
 from tasks.state import DurableJsonDB, StatChecker
 from tasks.steps import SettingsChanged, Step, parse_step_number, task_name
@@ -289,7 +289,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
     if args.command == "vhd":
         return _vhd(args)
-    loaded = load(args.settings)
+    # A real run keeps its validated settings in the workdir for the next one (the boot
+    # path; see `remember` below); nothing else reads or writes that cache.
+    run = args.command == "run" and not args.dry_run
+    loaded = load(args.settings, cache=run)
     if args.command == "settings":
         if args.settings_command == "check":
             print(f"settings are valid ({loaded.path or 'built-in defaults'})")
@@ -316,7 +319,9 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise UserError(f"--from {first} is after --to {last}", "give a range like --from 3 --to 6")
     if args.dry_run:
         return _dry_run(loaded, args.workflow, first, last)
-    return _doit(loaded, ["run", args.workflow], first, last, only=args.workflow)
+    code = _doit(loaded, ["run", args.workflow], first, last, only=args.workflow)
+    remember(loaded)
+    return code
 
 
 if __name__ == "__main__":

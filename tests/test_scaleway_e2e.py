@@ -20,6 +20,7 @@ import re
 import shutil
 import stat
 import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -35,6 +36,7 @@ from tests.support_c1 import (
     PROVIDER_INIT,
     FakeC1,
     Template,
+    archkernel_command,
     bootscript_text,
     c1_base,
     fake_c1,
@@ -291,7 +293,8 @@ def test_plain_doit_gives_the_same_result(first_boot: FirstBoot, fake_c1: FakeC1
 
 def test_second_boot_rebuilds_nothing_and_kexecs_again(fake_c1: FakeC1) -> None:
     ok(fake_c1.archkernel())
-    written = [fake_c1.output, fake_c1.workdir / ".doit.json", fake_c1.workdir / "scaleway"]
+    cache = fake_c1.workdir / ".settings-cache.json"  # the first boot's validated settings
+    written = [cache, fake_c1.output, fake_c1.workdir / ".doit.json", fake_c1.workdir / "scaleway"]
     written += sorted((fake_c1.workdir / "scaleway").iterdir())
     before = {path: path.stat() for path in written}
     fake_c1.calls(clear=True)
@@ -305,8 +308,47 @@ def test_second_boot_rebuilds_nothing_and_kexecs_again(fake_c1: FakeC1) -> None:
     for path, old in before.items():
         new = path.stat()
         assert (new.st_ino, new.st_mtime_ns) == (old.st_ino, old.st_mtime_ns), path
-    assert sorted((fake_c1.workdir / "scaleway").iterdir()) == sorted(written[3:])
+    assert sorted((fake_c1.workdir / "scaleway").iterdir()) == sorted(written[4:])
     assert fake_c1.calls() == expected_kexec(fake_c1)
+
+
+CACHED_BOOT = """\
+import sys
+from tasks.cli import main
+code = main(sys.argv[1:])
+print(sorted(name for name in sys.modules if name.split(".")[0] in ("pydantic", "pydantic_core")))
+sys.exit(code)
+"""
+
+
+def test_later_boots_do_not_validate_unchanged_settings_again(fake_c1: FakeC1) -> None:
+    ok(fake_c1.archkernel())
+    fake_c1.calls(clear=True)
+    args = ["run", "scaleway_kexec", "--settings", str(fake_c1.settings)]
+
+    def boot(argv: list[str], **env: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run(
+            argv,
+            cwd=fake_c1.base,
+            env=fake_c1.env(**env),
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
+
+    later = ok(boot([sys.executable, "-c", CACHED_BOOT, *args]))
+    # Validating means building pydantic's validators: the boot path no longer pays for it.
+    assert later.stdout.strip() == "[]"
+    assert fake_c1.calls() == expected_kexec(fake_c1)
+    # A changed setting is validated (and refused) before anything runs.
+    fake_c1.calls(clear=True)
+    bad = boot(
+        [*archkernel_command(), *args], ARCHKERNEL_SCALEWAY__EXTRA_CMDLINE="archkernel; reboot"
+    )
+    assert bad.returncode == 1
+    assert "scaleway.extra_cmdline: 'archkernel; reboot' may hold only" in bad.stderr
+    assert fake_c1.calls() == []
 
 
 def test_forced_repack_gives_identical_bytes(fake_c1: FakeC1) -> None:
