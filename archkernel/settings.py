@@ -467,6 +467,8 @@ SECTIONS: dict[str, type[Section]] = {
     cls.__name__: cls for cls in (Settings, ScalewaySettings, AzureSettings, AzureUser)
 }
 
+_ADAPTERS: dict[type, Any] = {}  # pydantic's validator of each section, built on first use
+
 
 def validate(cls: type[T], data: Mapping[str, Any]) -> T:
     """`data` (as read from TOML) checked and converted into a `cls` section.
@@ -480,9 +482,6 @@ def validate(cls: type[T], data: Mapping[str, Any]) -> T:
         adapter = _ADAPTERS[cls] = TypeAdapter(cls)
     result: T = adapter.validate_python(data)
     return result
-
-
-_ADAPTERS: dict[type, Any] = {}
 
 
 # --- loading --------------------------------------------------------------------------------
