@@ -9,17 +9,20 @@ all problems are reported at once, one line each.
 The sections are frozen standard dataclasses; pydantic validates the raw TOML into them,
 reading the `Annotated` checks below. pydantic is imported only when something is
 validated: `archkernel run` keeps the validated values in the workdir
-(`.settings-cache.json`, keyed by the file's text, the environment and this module), so the
-boot-time Scaleway run, whose settings never change, does not pay for building validators.
+(`.settings-cache.json`, keyed by the file's text, the environment, and the versions of
+this module, pydantic and Python), so the boot-time Scaleway run, whose settings never
+change, does not pay for building validators.
 """
 
 from __future__ import annotations
 
 import contextlib
 import hashlib
+import importlib.util
 import json
 import os
 import re
+import sys
 import tomllib
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import MISSING, dataclass, field, fields
@@ -288,7 +291,11 @@ def required(doc: str) -> Any:
 
 
 class Section:
-    """Base of every settings section: unknown keys are errors, defaults are validated too."""
+    """Base of every settings section: unknown keys are errors, defaults are validated too.
+
+    A section built directly (`AzureSettings(generation=2)`) is not validated, only its
+    rules across keys are checked: values from users go through `validate` (or `load`).
+    """
 
     __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "validate_default": True}
     __dataclass_fields__: ClassVar[dict[str, Any]]  # every section is a dataclass
@@ -653,7 +660,7 @@ def load(
     key = ""
     if cache:
         key = _cache_key(path, text, [(var, env[var]) for _, _, var in overrides], base)
-        cached = _read_cache(data["workdir"], key)
+        cached = _read_cache(data["workdir"], key) if key else None
         if cached is not None:
             return Loaded(cached, path, how, origins, base, from_cache=True, cache_key=key)
     from pydantic import ValidationError
@@ -676,11 +683,30 @@ class _Uncacheable(Exception):
     """The settings hold a secret: they are validated on every run, never written out."""
 
 
+def _rules() -> list[object]:
+    """What the checks depend on besides the inputs: this module, pydantic, Python.
+
+    Files are identified by their stat (an upgraded or edited one has a new one), found
+    without importing pydantic.
+    """
+    stamps: list[object] = [__version__, sys.version]
+    files = [__file__]
+    for package in ("pydantic", "pydantic_core"):
+        spec = importlib.util.find_spec(package)
+        files.append(spec.origin if spec is not None and spec.origin else package)
+    for name in files:
+        st = os.stat(name)
+        stamps.append([name, st.st_ino, st.st_mtime_ns, st.st_size])
+    return stamps
+
+
 def _cache_key(path: Path | None, text: str, env: list[tuple[str, str]], base: Path) -> str:
-    # This module's own stat stands for the rules: an upgraded or edited archkernel
-    # validates again.
-    rules = os.stat(__file__)
-    inputs = [__version__, rules.st_mtime_ns, rules.st_size, str(path), text, env, str(base)]
+    """The key the validated settings are filed under; empty when the rules are unknown."""
+    try:
+        rules = _rules()
+    except OSError:
+        return ""  # not cached: validated every time
+    inputs = [rules, str(path), text, env, str(base)]
     return hashlib.sha256(json.dumps(inputs).encode()).hexdigest()
 
 

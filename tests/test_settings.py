@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
+import sys
 import tomllib
 from pathlib import Path
 
@@ -253,7 +255,7 @@ def test_a_run_keeps_its_settings_and_the_next_run_takes_them_as_validated(
 
 @pytest.mark.parametrize(
     "change",
-    ["file", "env", "version", "directory"],
+    ["file", "env", "version", "python", "pydantic", "directory"],
 )
 def test_any_changed_input_is_validated_again(
     tmp_path: Path, change: str, monkeypatch: pytest.MonkeyPatch
@@ -266,8 +268,22 @@ def test_any_changed_input_is_validated_again(
         (tmp_path / "settings.toml").write_text(CACHED.replace("6969", "0"))
     elif change == "env":
         env = {"ARCHKERNEL_SCALEWAY__TFTP_PORT": "0"}
-    elif change == "version":
-        monkeypatch.setattr(s, "__version__", "0.0.0-other")
+    elif change in ("version", "python", "pydantic"):
+        if change == "version":
+            monkeypatch.setattr(s, "__version__", "0.0.0-other")
+        elif change == "python":
+            monkeypatch.setattr(sys, "version", "3.99.0 (another build)")
+        else:  # an upgraded pydantic: its files are new
+            upgraded = tmp_path / "site" / "pydantic_core" / "__init__.py"
+            upgraded.parent.mkdir(parents=True)
+            upgraded.write_text("")
+            spec = importlib.util.spec_from_file_location("pydantic_core", upgraded)
+            real = importlib.util.find_spec
+            monkeypatch.setattr(
+                importlib.util,
+                "find_spec",
+                lambda name: spec if name == "pydantic_core" else real(name),
+            )
         assert not cached_load(tmp_path).from_cache
         return
     else:  # the same file seen from another directory: relative paths differ
@@ -316,3 +332,15 @@ def test_settings_holding_a_secret_are_never_cached(tmp_path: Path) -> None:
     s.remember(loaded)
     assert list((tmp_path / "work").iterdir()) == []
     assert not cached_load(tmp_path).from_cache
+
+
+def test_without_knowing_its_own_rules_nothing_is_cached(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    (tmp_path / "settings.toml").write_text(CACHED)
+    (tmp_path / "work").mkdir()
+    monkeypatch.setattr(s, "__file__", str(tmp_path / "gone" / "settings.py"))
+    loaded = cached_load(tmp_path)
+    s.remember(loaded)
+    assert not loaded.from_cache and list((tmp_path / "work").iterdir()) == []
+    assert loaded.settings.scaleway.tftp_port == 6969
