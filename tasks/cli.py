@@ -293,6 +293,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     # path; see `remember` below); nothing else reads or writes that cache.
     run = args.command == "run" and not args.dry_run
     loaded = load(args.settings, cache=run)
+    if loaded.from_cache:
+        log.debug("settings: unchanged since validated (workdir's .settings-cache.json)")
     if args.command == "settings":
         if args.settings_command == "check":
             print(f"settings are valid ({loaded.path or 'built-in defaults'})")

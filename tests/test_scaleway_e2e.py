@@ -337,9 +337,10 @@ def test_later_boots_do_not_validate_unchanged_settings_again(fake_c1: FakeC1) -
             check=False,
         )
 
-    later = ok(boot([sys.executable, "-c", CACHED_BOOT, *args]))
+    later = ok(boot([sys.executable, "-c", CACHED_BOOT, "-v", *args]))
     # Validating means building pydantic's validators: the boot path no longer pays for it.
     assert later.stdout.strip() == "[]"
+    assert "settings: unchanged since validated" in later.stderr
     assert fake_c1.calls() == expected_kexec(fake_c1)
     # A changed setting is validated (and refused) before anything runs.
     fake_c1.calls(clear=True)
