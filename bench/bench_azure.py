@@ -33,10 +33,10 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from archkernel import azure
 from archkernel import log as logmod
-from archkernel.fileio import temporary_directory
-from archkernel.run import check_tools, run
+from archkernel.azure import diskimage, workspace
+from archkernel.host.files import temporary_directory
+from archkernel.host.run import check_tools, run
 from archkernel.settings import Settings, validate
 from bench.bench_vhd import QEMU_CONVERT, allocated, make_raw, timed
 
@@ -80,7 +80,7 @@ def bench_vhd_step(work: Path, size_gib: int, data_mib: int, chunk_mib: int) -> 
     settings = validate(
         Settings, {"workdir": str(work / "vhd-step"), "azure": {"disk_size": f"{size_gib}GiB"}}
     )
-    p = azure.paths(settings)
+    p = workspace.paths(settings)
     p.work.mkdir(parents=True)
     start = time.perf_counter()
     make_raw(p.raw, size_gib * GiB, data_mib * MiB, chunk_mib * MiB, seed=1)
@@ -92,7 +92,7 @@ def bench_vhd_step(work: Path, size_gib: int, data_mib: int, chunk_mib: int) -> 
     raw_alloc = allocated(p.raw)
     qemu_vhd = work / "qemu.vhd"
     qemu_t = timed(lambda: run([*QEMU_CONVERT, p.raw, qemu_vhd]))
-    step_t = timed(lambda: azure.step_vhd(settings))
+    step_t = timed(lambda: diskimage.step_vhd(settings))
     vhd_alloc = allocated(p.vhd)
     # Untimed sanity: the same disk as qemu-img's, and nothing left of the raw name.
     run(["qemu-img", "compare", "-q", "-f", "vpc", "-F", "vpc", p.vhd, qemu_vhd])

@@ -1,4 +1,4 @@
-"""Benchmark: patching a provider initrd, old shell pipeline vs archkernel.initramfs.
+"""Benchmark: patching a provider initrd, old shell pipeline vs archkernel.formats.initramfs.
 
 Run as `python -m bench.bench_initrd` (as root, like the service). It makes a ~30 MiB
 gzip -9 provider initrd (a newc cpio of ~70 MiB of mixed text and random files behind a
@@ -23,9 +23,9 @@ import sys
 import time
 from pathlib import Path
 
-from archkernel import initramfs
-from archkernel.fileio import temporary_directory
-from archkernel.initramfs import Entry
+from archkernel.formats import initramfs
+from archkernel.formats.initramfs import Entry
+from archkernel.host.files import temporary_directory
 
 KERNEL_VERSION = "6.6.1-arch1-1"
 MODULES = ("phylink", "mvneta_bm", "mvneta", "nbd")
@@ -90,7 +90,7 @@ def old_pipeline(work: Path, uinitrd: Path, modules: Path) -> Path:
 
 
 def new_pipeline(work: Path, uinitrd: Path, modules: Path) -> Path:
-    """archkernel.initramfs: read the original once to take /init, append the rest."""
+    """archkernel.formats.initramfs: read the original once to take /init, append the rest."""
     out = work / "new-initrd"
     payload = uinitrd.read_bytes()[64:]
     entries = initramfs.read_entries(payload, source=uinitrd.name, with_data=lambda p: p == "init")

@@ -1,4 +1,4 @@
-"""Benchmark: archkernel.tftp.fetch against tftp-hpa's `tftp`, the old service's client.
+"""Benchmark: archkernel.host.tftp.fetch against tftp-hpa's `tftp`, the old service's client.
 
 Both download the same random file from Debian's in.tftpd on loopback, interleaved,
 several times; the output is the best and median wall time of each, how many times
@@ -26,8 +26,8 @@ from collections.abc import Callable
 from pathlib import Path
 
 from archkernel.errors import UserError
-from archkernel.run import check_tools, run
-from archkernel.tftp import DEFAULT_BLKSIZE, MAX_BLKSIZE, TftpServer, fetch
+from archkernel.host.run import check_tools, run
+from archkernel.host.tftp import DEFAULT_BLKSIZE, MAX_BLKSIZE, TftpServer, fetch
 from tests.support_tftp import TftpdUnavailable, running_tftpd_hpa
 
 NAME = "bench.bin"

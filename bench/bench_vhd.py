@@ -19,9 +19,9 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from archkernel import vhd
-from archkernel.fileio import temporary_directory
-from archkernel.run import check_tools, run
+from archkernel.formats import vhd
+from archkernel.host.files import temporary_directory
+from archkernel.host.run import check_tools, run
 
 MiB = 1 << 20
 GiB = 1 << 30

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from archkernel import azure, azureverify, buildenv
+from archkernel.azure import boottest, buildenv, diskimage, preflight, tree, workspace
+from archkernel.azure import verify as azureverify
 from archkernel.settings import Loaded, Settings
 from tasks.steps import Step, Workflow
 
@@ -33,7 +34,7 @@ PACKAGE_SETTINGS = [
 def build(loaded: Loaded) -> list[Step]:
     """The numbered steps for these settings."""
     s = loaded.settings
-    az, p = s.azure, azure.paths(s)
+    az, p = s.azure, workspace.paths(s)
     pacman_conf_dep = (
         [az.pacman_conf] if az.pacman_conf is not None and az.pacman_conf.is_file() else []
     )
@@ -41,8 +42,8 @@ def build(loaded: Loaded) -> list[Step]:
     env: list[Path] = [buildenv.state_file(s.workdir)] if az.builder == "container" else []
 
     def verify() -> None:
-        with azure.build_environment(s):
-            report = azureverify.verify(p.vhd, az, azure.root_uuid(p))
+        with workspace.build_environment(s):
+            report = azureverify.verify(p.vhd, az, workspace.root_uuid(p))
         azureverify.write_report(report, p.report, p.summary)
         azureverify.raise_on_failure(report, p.summary)
 
@@ -51,7 +52,7 @@ def build(loaded: Loaded) -> list[Step]:
             1,
             "preflight",
             "prepare the build environment, check tools, prepare pacman.conf, choose IDs",
-            lambda: azure.step_preflight(s),
+            lambda: preflight.step_preflight(s),
             targets=[p.preflight, p.pacman_conf, p.ids, *env],
             file_dep=pacman_conf_dep,
             settings=list(dict.fromkeys([*buildenv.SETTINGS, *FIRMWARE_SETTINGS])),
@@ -60,17 +61,17 @@ def build(loaded: Loaded) -> list[Step]:
             2,
             "pacstrap",
             "pacstrap the packages into a directory; write the package manifest",
-            lambda: azure.step_pacstrap(s),
+            lambda: tree.step_pacstrap(s),
             targets=[p.packages],
             file_dep=[p.pacman_conf, *env],
             settings=PACKAGE_SETTINGS,
-            commands=lambda: [azure.pacstrap_argv(p.pacman_conf, p.root, az.all_packages())],
+            commands=lambda: [tree.pacstrap_argv(p.pacman_conf, p.root, az.all_packages())],
         ),
         Step(
             3,
             "configure",
             "host name, locale, time, fstab by UUID, network, sshd, users, clean-up",
-            lambda: azure.step_configure(s),
+            lambda: tree.step_configure(s),
             targets=[p.configured],
             file_dep=[p.packages, p.ids, *env],
             settings=[
@@ -86,7 +87,7 @@ def build(loaded: Loaded) -> list[Step]:
             4,
             "agent",
             "configure and enable cloud-init or the Azure Linux Agent",
-            lambda: azure.step_agent(s),
+            lambda: tree.step_agent(s),
             targets=[p.agent],
             file_dep=[p.configured, *env],
             settings=["azure.provisioning", "azure.extensions"],
@@ -95,7 +96,7 @@ def build(loaded: Loaded) -> list[Step]:
             5,
             "initramfs",
             "mkinitcpio -P in the image with the Hyper-V drivers, checked",
-            lambda: azure.step_initramfs(s),
+            lambda: tree.step_initramfs(s),
             targets=[p.initramfs],
             file_dep=[p.agent, *env],
             settings=["azure.initramfs_modules"],
@@ -105,7 +106,7 @@ def build(loaded: Loaded) -> list[Step]:
             6,
             "disk",
             "sparse disk, partition table, ext4 root made from the tree, e2fsck, ESP",
-            lambda: azure.step_disk(s),
+            lambda: diskimage.step_disk(s),
             targets=[p.disk],
             file_dep=[p.initramfs, *env],
             settings=[
@@ -115,27 +116,27 @@ def build(loaded: Loaded) -> list[Step]:
                 "azure.kernel_cmdline",
                 *FIRMWARE_SETTINGS,
             ],
-            commands=lambda: azure.disk_commands(s),
+            commands=lambda: diskimage.disk_commands(s),
         ),
         Step(
             7,
             "bootloader",
             "GRUB for the firmware: boot code and core.img, and/or EFI/BOOT/BOOTX64.EFI",
-            lambda: azure.step_bootloader(s),
+            lambda: diskimage.step_bootloader(s),
             targets=[p.bootloader],
             file_dep=[p.disk, *env],
             settings=FIRMWARE_SETTINGS,
-            commands=lambda: azure.bootloader_commands(s),
+            commands=lambda: diskimage.bootloader_commands(s),
         ),
         Step(
             8,
             "vhd",
             "append the fixed-VHD footer (O(1)) and name the image",
-            lambda: azure.step_vhd(s),
+            lambda: diskimage.step_vhd(s),
             targets=[p.vhd_stamp, p.vhd],
             file_dep=[p.bootloader, *env],
             settings=["azure.output"],
-            commands=lambda: azure.vhd_commands(s),
+            commands=lambda: diskimage.vhd_commands(s),
         ),
         Step(
             9,
@@ -156,9 +157,9 @@ def build(loaded: Loaded) -> list[Step]:
     ]
 
 
-def _boot_step(number: int, s: Settings, test: azure.BootTest) -> Step:
+def _boot_step(number: int, s: Settings, test: boottest.BootTest) -> Step:
     def boot() -> None:
-        azure.run_boottest(s, test)
+        boottest.run_boottest(s, test)
 
     return Step(
         number,
@@ -166,9 +167,9 @@ def _boot_step(number: int, s: Settings, test: azure.BootTest) -> Step:
         f"boot the VHD in QEMU with {test.firmware_name}; wait for the marker on the console",
         boot,
         targets=[test.stamp],
-        file_dep=[azure.paths(s).vhd_stamp],
+        file_dep=[workspace.paths(s).vhd_stamp],
         settings=["azure.boottest_marker", "azure.boottest_timeout"],
-        commands=lambda: azure.boottest_commands(s, test),
+        commands=lambda: boottest.boottest_commands(s, test),
     )
 
 
@@ -176,7 +177,7 @@ def build_boottest(loaded: Loaded) -> list[Step]:
     """azure_boottest: boot the VHD in QEMU with the firmware of its VM generation (and a
     hybrid image with the other one too) and wait for the marker on the serial console."""
     s = loaded.settings
-    return [_boot_step(n, s, test) for n, test in enumerate(azure.boot_tests(s), start=1)]
+    return [_boot_step(n, s, test) for n, test in enumerate(boottest.boot_tests(s), start=1)]
 
 
 WORKFLOWS = [

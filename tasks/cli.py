@@ -19,8 +19,8 @@ from doit.loader import load_tasks
 from archkernel import __version__
 from archkernel import log as logmod
 from archkernel.errors import UserError
+from archkernel.host.run import render
 from archkernel.log import log
-from archkernel.run import render
 from archkernel.settings import Loaded, effective, load, remember
 from tasks import doit_config, get_workflow, task_creators, workflows
 from tasks.state import DurableJsonDB, StatChecker
@@ -249,7 +249,7 @@ def _settings_show(loaded: Loaded) -> None:
 
 
 def _vhd(args: argparse.Namespace) -> int:
-    from archkernel import vhd
+    from archkernel.formats import vhd
 
     if args.vhd_command == "check":
         problems = vhd.check(args.file)

@@ -7,7 +7,7 @@ give the cached boot path: fetch the bootscript, kexec.
 
 from __future__ import annotations
 
-from archkernel import scaleway as sw
+from archkernel.scaleway import steps as sw
 from archkernel.settings import Loaded
 from tasks.steps import Step, Workflow
 

@@ -13,7 +13,7 @@ from typing import Any
 
 from doit.dependency import FileChangedChecker, JsonDB
 
-from archkernel.fileio import write_text
+from archkernel.host.files import write_text
 
 BACKEND_NAME = "archkernel-json"
 

@@ -12,7 +12,7 @@ import time
 from pathlib import Path
 
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, write_text
+from archkernel.host.files import atomic_path, write_text
 from archkernel.settings import Loaded
 from tasks.steps import Step, Workflow
 

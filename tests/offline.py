@@ -50,9 +50,9 @@ from typing import Any
 
 from archkernel import log as logging_setup
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, remove_path, temporary_directory, write_text
+from archkernel.host.files import atomic_path, remove_path, temporary_directory, write_text
+from archkernel.host.run import check_tools, run
 from archkernel.log import complete_step, log
-from archkernel.run import check_tools, run
 
 REPO_NAME = "archkernel-test"
 ARCH = "x86_64"

@@ -28,9 +28,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, remove_path, temporary_directory, write_text
+from archkernel.host.files import atomic_path, remove_path, temporary_directory, write_text
+from archkernel.host.run import check_tools, minimal_env, run
 from archkernel.log import complete_step
-from archkernel.run import check_tools, minimal_env, run
 from tests.offline import cache_dir
 from tests.support_kernel import locked
 

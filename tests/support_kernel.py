@@ -23,8 +23,8 @@ from pathlib import Path
 
 import pytest
 
-from archkernel.fileio import remove_path, temporary_directory
-from archkernel.run import missing_tools, run
+from archkernel.host.files import remove_path, temporary_directory
+from archkernel.host.run import missing_tools, run
 
 CACHE_ENV = "ARCHKERNEL_TEST_CACHE"
 META_PACKAGE = "linux-image-amd64"

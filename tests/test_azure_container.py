@@ -38,8 +38,8 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import azure, buildenv
-from archkernel.fileio import write_text
+from archkernel.azure import buildenv, preflight
+from archkernel.host.files import write_text
 from archkernel.settings import AzureSettings, load, validate
 from tasks import azure_vhd
 from tasks.steps import Step
@@ -199,8 +199,8 @@ def test_step_1_makes_the_environment_and_every_later_step_reads_it(tmp_path: Pa
 @pytest.mark.parametrize(("runtime", "tool"), [("chroot", "unshare"), ("podman", "podman")])
 def test_step_1_checks_the_runtimes_own_tool_on_the_host(runtime: str, tool: str) -> None:
     az = validate(AzureSettings, {"builder": "container", "container_runtime": runtime})
-    assert tool in azure.preflight_tools(az)
-    assert tool not in azure.preflight_tools(AzureSettings())
+    assert tool in preflight.preflight_tools(az)
+    assert tool not in preflight.preflight_tools(AzureSettings())
 
 
 # --- the build ----------------------------------------------------------------------------------

@@ -32,8 +32,9 @@ from pathlib import Path
 
 import pytest
 
-from archkernel.azure import pacman_errors, pacstrap_error, processes_in
-from archkernel.run import minimal_env
+from archkernel.azure.tree import pacman_errors, pacstrap_error
+from archkernel.host.processes import processes_in
+from archkernel.host.run import minimal_env
 from tests import offline
 from tests.test_azure_e2e import (
     STEPS,

@@ -25,8 +25,10 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import azure, disk, esp, grub, qemu
+from archkernel.azure import boottest, diskimage, workspace
 from archkernel.errors import UserError
+from archkernel.host import qemu
+from archkernel.image import disk, esp, grub
 from archkernel.settings import Settings, load
 from tests import offline
 from tests.test_azure_e2e import (
@@ -92,8 +94,8 @@ def test_the_steps_the_firmware_changes_read_generation_and_boot(tmp_path: Path)
 
 def test_dry_run_commands_of_a_hybrid_disk_are_planned_without_running(tmp_path: Path) -> None:
     s = settings(tmp_path, **HYBRID)
-    p = azure.paths(s)
-    six = azure.disk_commands(s)
+    p = workspace.paths(s)
+    six = diskimage.disk_commands(s)
     argvs = [c for c in six if isinstance(c, list)]
     assert [a[0] for a in argvs] == [
         "grub-mkimage",
@@ -104,14 +106,14 @@ def test_dry_run_commands_of_a_hybrid_disk_are_planned_without_running(tmp_path:
         "mkfs.fat",
     ]
     assert argvs[1][1:3] == ["--format", "x86_64-efi"]
-    layout = azure.layout_for(s.azure)
+    layout = diskimage.layout_for(s.azure)
     assert argvs[3] == disk.mkfs_argv(
         p.raw, layout.root, p.image_root, uuid="ROOT-UUID-FROM-STEP-1", label="archroot"
     )
     assert argvs[5] == esp.mkfs_argv(p.raw, layout.esp, volume="0000-0000")
-    seven = azure.bootloader_commands(s)
+    seven = diskimage.bootloader_commands(s)
     assert [c[0] for c in seven if isinstance(c, list)] == ["grub-bios-setup", "mcopy"]
-    eight = azure.vhd_commands(s)
+    eight = diskimage.vhd_commands(s)
     assert eight == [
         f"append the 512-byte fixed-VHD footer (1GiB) to {p.raw} and rename it to {p.vhd}: "
         "no data is copied, the file stays sparse"
@@ -121,9 +123,9 @@ def test_dry_run_commands_of_a_hybrid_disk_are_planned_without_running(tmp_path:
 
 def test_a_bios_disk_plans_no_esp_and_no_efi_grub(tmp_path: Path) -> None:
     s = settings(tmp_path)
-    words = " ".join(" ".join(c) if isinstance(c, list) else c for c in azure.disk_commands(s))
+    words = " ".join(" ".join(c) if isinstance(c, list) else c for c in diskimage.disk_commands(s))
     assert "x86_64-efi" not in words and "mkfs.fat" not in words
-    seven = azure.bootloader_commands(s)
+    seven = diskimage.bootloader_commands(s)
     assert [c[0] for c in seven if isinstance(c, list)] == ["grub-bios-setup"]
 
 
@@ -140,18 +142,18 @@ def test_a_bios_disk_plans_no_esp_and_no_efi_grub(tmp_path: Path) -> None:
     ],
 )
 def test_boottest_boots_with_the_generations_firmware_first(tmp_path: Path, env, boots) -> None:
-    tests = azure.boot_tests(settings(tmp_path, **env))
+    tests = boottest.boot_tests(settings(tmp_path, **env))
     assert [(t.firmware, t.verb, t.console.name) for t in tests] == boots
 
 
 def test_without_ovmf_a_uefi_boot_test_says_which_package(tmp_path: Path, monkeypatch) -> None:
     monkeypatch.setattr(qemu, "OVMF_CANDIDATES", (qemu.Firmware(tmp_path / "OVMF.fd"),))
     s = settings(tmp_path, **GEN2)
-    (test,) = azure.boot_tests(s)
+    (test,) = boottest.boot_tests(s)
     with pytest.raises(UserError, match="no OVMF") as err:
-        azure.run_boottest(s, test)
+        boottest.run_boottest(s, test)
     assert "install 'ovmf'" in (err.value.hint or "")
-    planned = azure.boottest_commands(s, test)  # --dry-run shows the problem, does not fail
+    planned = boottest.boottest_commands(s, test)  # --dry-run shows the problem, does not fail
     assert len(planned) == 1 and "install 'ovmf'" in str(planned[0])
 
 

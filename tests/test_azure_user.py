@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import disk
+from archkernel.image import disk
 from tests import offline
 from tests.test_azure_e2e import archkernel, outcomes
 

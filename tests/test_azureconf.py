@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from archkernel import azureconf as conf
-from archkernel import disk
-from archkernel.azureverify import (
+from archkernel.azure import config as conf
+from archkernel.azure.verify import (
     BootFacts,
     Report,
     TreeFacts,
@@ -17,6 +16,7 @@ from archkernel.azureverify import (
     pe_kind,
 )
 from archkernel.errors import UserError
+from archkernel.image import disk
 from archkernel.settings import AzureSettings
 
 UUID = "0b6d3c3e-5a8f-4f3e-9d7e-1c2b3a4d5e6f"

@@ -29,11 +29,12 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import bootstrap, buildenv, mounts
-from archkernel.buildenv import Bind, BuildEnv
+from archkernel.azure import bootstrap, buildenv
+from archkernel.azure.buildenv import Bind, BuildEnv
 from archkernel.errors import UserError
-from archkernel.fileio import remove_path, sha256_file, temporary_directory, write_text
-from archkernel.run import Command, minimal_env, missing_tools, run, which, wrapping
+from archkernel.host import mounts
+from archkernel.host.files import remove_path, sha256_file, temporary_directory, write_text
+from archkernel.host.run import Command, minimal_env, missing_tools, run, which, wrapping
 from archkernel.settings import AzureSettings, validate
 from tests import offline
 from tests import support_buildenv as support
@@ -239,7 +240,7 @@ def test_chroot_commands_enter_a_private_namespace_through_the_helper() -> None:
         sys.executable,
         "-I",
         "-S",
-        str(REPO / "archkernel/buildenv_exec.py"),
+        str(REPO / "archkernel/azure/buildenv_exec.py"),
         "--root",
         "/w/env/root",
         "--bind",
@@ -727,7 +728,7 @@ def test_mounts_left_behind_are_undone_by_prepare_which_reuses_the_tree(
 CTRL_C_SCRIPT = """
 import sys
 from pathlib import Path
-from archkernel import buildenv
+from archkernel.azure import buildenv
 from archkernel.settings import AzureSettings
 az = AzureSettings(builder="container", bootstrap_tarball=sys.argv[2], bootstrap_sha256=sys.argv[3])
 with buildenv.activate(az, Path(sys.argv[1])) as env:

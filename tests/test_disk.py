@@ -17,10 +17,11 @@ from typing import TypeVar
 
 import pytest
 
-from archkernel import disk, mounts
-from archkernel.disk import GiB, Layout, MiB, Partition
 from archkernel.errors import UserError
-from archkernel.run import missing_tools, run
+from archkernel.host import mounts
+from archkernel.host.run import missing_tools, run
+from archkernel.image import disk
+from archkernel.image.disk import GiB, Layout, MiB, Partition
 
 UUID = "0b9e2c1a-5a3f-4d7e-9c41-2f6d8e7a1b3c"
 SIZES = {"64MiB": 64 * MiB, "1GiB": GiB, "30GiB": 30 * GiB}

@@ -13,10 +13,10 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import disk, esp
-from archkernel.disk import GiB, Layout, MiB
 from archkernel.errors import UserError
-from archkernel.run import missing_tools, run
+from archkernel.host.run import missing_tools, run
+from archkernel.image import disk, esp
+from archkernel.image.disk import GiB, Layout, MiB
 from tests.test_grub import no_leftovers
 
 IMAGE = Path("/w/disk.raw")

@@ -1,7 +1,7 @@
 """GRUB for BIOS boot: the texts and commands (pure), then a disk that really boots.
 
-The boot test is the end of the story: a disk made by archkernel.disk, GRUB installed by
-archkernel.grub with the host's GRUB, booted in QEMU (TCG, SeaBIOS like an Azure
+The boot test is the end of the story: a disk made by archkernel.image.disk, GRUB installed by
+archkernel.image.grub with the host's GRUB, booted in QEMU (TCG, SeaBIOS like an Azure
 generation 1 VM) from a GPT and from an MBR disk, as a raw image and as a fixed VHD. Its
 grub.cfg prints a marker on the serial port and powers off instead of booting Linux.
 """
@@ -17,10 +17,11 @@ from typing import TypeVar
 
 import pytest
 
-from archkernel import disk, grub, mounts, qemu
-from archkernel.disk import Layout, MiB
 from archkernel.errors import UserError
-from archkernel.run import missing_tools, run
+from archkernel.host import mounts, qemu
+from archkernel.host.run import missing_tools, run
+from archkernel.image import disk, grub
+from archkernel.image.disk import Layout, MiB
 
 UUID = "6f1d2c3b-4a59-4e8d-b7c6-0a1b2c3d4e5f"
 MARKER = "ARCHKERNEL-GRUB-OK"
@@ -283,9 +284,9 @@ def test_bios_setup_tool_is_found_on_path_or_beside_the_modules(
 
 
 def _append_footer() -> Callable[..., object] | None:
-    """archkernel.vhd.append_footer, if that module exists yet (another part of the work)."""
+    """archkernel.formats.vhd.append_footer, if that module exists yet (another part of the work)."""
     try:
-        from archkernel import vhd
+        from archkernel.formats import vhd
     except ImportError:
         return None
     return getattr(vhd, "append_footer", None)
@@ -304,7 +305,7 @@ def test_the_disk_boots_grub_in_qemu_as_raw_and_as_fixed_vhd(tmp_path: Path, tab
 
     append_footer = _append_footer()
     if append_footer is None:
-        pytest.skip("archkernel.vhd.append_footer does not exist yet: raw boot only")
+        pytest.skip("archkernel.formats.vhd.append_footer does not exist yet: raw boot only")
     vhd_image = tmp_path / f"{table}.vhd"
     shutil.copyfile(image, vhd_image)
     append_footer(vhd_image)

@@ -1,4 +1,4 @@
-"""Tests for archkernel.initramfs: reading provider initrds and appending our archive.
+"""Tests for archkernel.formats.initramfs: reading provider initrds and appending our archive.
 
 Fixture initrds are made by GNU cpio from a real tree (`find . | cpio -o -H newc | gzip`);
 results are checked with GNU cpio, bsdtar, gzip, xz, zstd and lz4, and with a small
@@ -22,9 +22,9 @@ from typing import Any
 
 import pytest
 
-from archkernel import initramfs
 from archkernel.errors import UserError
-from archkernel.initramfs import Entry
+from archkernel.formats import initramfs
+from archkernel.formats.initramfs import Entry
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.skipif(not ROOT, reason="device nodes and owners need root")

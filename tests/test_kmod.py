@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import kmod
 from archkernel.errors import UserError
-from archkernel.kmod import ModulesDep, decompress_module, module_name, normalize
-from archkernel.run import run
+from archkernel.formats import kmod
+from archkernel.formats.kmod import ModulesDep, decompress_module, module_name, normalize
+from archkernel.host.run import run
 from tests.support_kernel import copy_modules, debian_kernel_tree, module_dir
 
 # A small made-up kernel. Load orders below are worked out by hand from kmod's rules.

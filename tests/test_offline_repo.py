@@ -24,7 +24,7 @@ from pathlib import Path
 import pytest
 
 from archkernel import settings as settings_module
-from archkernel.run import missing_tools, run
+from archkernel.host.run import missing_tools, run
 from tests import offline
 
 STANDIN_LIB = offline.FILES / "mkinitcpio" / "usr" / "lib" / "initcpio"

@@ -100,7 +100,7 @@ def test_package_holds_the_command_unit_hook_and_settings(package: tuple[Path, P
     ]:
         assert needed in files, needed
     assert any(
-        re.search(r"site-packages|dist-packages", f) and f.endswith("archkernel/scaleway.py")
+        re.search(r"site-packages|dist-packages", f) and f.endswith("archkernel/scaleway/steps.py")
         for f in files
     )
     assert not any("/tests/" in f for f in files)

@@ -13,9 +13,9 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import qemu
 from archkernel.errors import UserError
-from archkernel.run import missing_tools
+from archkernel.host import qemu
+from archkernel.host.run import missing_tools
 from tests.test_grub import TOOLS, build_bios_image
 from tests.test_grub import host_grub as needs_grub_disk
 

@@ -9,8 +9,8 @@ from pathlib import Path
 import pytest
 
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, write_if_changed, write_text
-from archkernel.run import check_tools, run
+from archkernel.host.files import atomic_path, write_if_changed, write_text
+from archkernel.host.run import check_tools, run
 
 
 def test_output_is_captured_and_argv_is_not_a_shell() -> None:

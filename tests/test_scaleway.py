@@ -13,8 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import scaleway as sw
 from archkernel.errors import UserError
+from archkernel.scaleway import steps as sw
 
 EXTRA = "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"

@@ -27,8 +27,8 @@ from pathlib import Path
 
 import pytest
 
-from archkernel.initramfs import padding_for
-from archkernel.kmod import module_name
+from archkernel.formats.initramfs import padding_for
+from archkernel.formats.kmod import module_name
 from tests.support_c1 import (
     BOOTSCRIPT_NAME,
     CMDLINE,

@@ -25,8 +25,8 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import qemu
 from archkernel.errors import UserError
+from archkernel.host import qemu
 from tests.support_c1 import FakeC1, Template, c1_base, serving, tool, write_executable
 
 __all__ = ["c1_base"]  # fixture used by name below

@@ -1,4 +1,4 @@
-"""archkernel.tftp: name checks and server choice as tables; fetches against real servers."""
+"""archkernel.host.tftp: name checks and server choice as tables; fetches against real servers."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from typing import Any, TypedDict
 import pytest
 
 from archkernel.errors import UserError
-from archkernel.tftp import (
+from archkernel.host.tftp import (
     MAX_REMOTE_LENGTH,
     TftpServer,
     bootserver_from_pnp,

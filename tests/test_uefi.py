@@ -1,9 +1,9 @@
 """UEFI and hybrid disks: GRUB x86_64-efi on the ESP, booted by OVMF and by SeaBIOS.
 
 The story of an Azure generation 2 disk (and of a hybrid one that boots both ways, like
-Arch's own cloud images): a GPT with an EFI system partition planned by archkernel.disk,
+Arch's own cloud images): a GPT with an EFI system partition planned by archkernel.image.disk,
 GRUB's modules and core images staged into the root tree for each firmware, the ext4 root
-made from it, the ESP made FAT by archkernel.esp, and archkernel.grub putting core.efi at
+made from it, the ESP made FAT by archkernel.image.esp, and archkernel.image.grub putting core.efi at
 the removable path EFI/BOOT/BOOTX64.EFI (and, for hybrid, boot.img and core.img where
 SeaBIOS finds them). Then QEMU boots it with OVMF (UEFI, Debian's `ovmf` package) and with
 SeaBIOS; grub.cfg prints a marker on the serial port and powers off. One more boot runs
@@ -22,11 +22,12 @@ from typing import TypeVar
 
 import pytest
 
-from archkernel import disk, esp, grub, qemu
-from archkernel.disk import Layout, MiB
 from archkernel.errors import UserError
-from archkernel.run import missing_tools, run
-from archkernel.vhd import append_footer
+from archkernel.formats.vhd import append_footer
+from archkernel.host import qemu
+from archkernel.host.run import missing_tools, run
+from archkernel.image import disk, esp, grub
+from archkernel.image.disk import Layout, MiB
 from tests.test_grub import MARKER, MARKER_CFG, UUID, no_leftovers
 
 # Where distributions keep an OVMF image that works as QEMU's -bios (code and variables in

@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import uimage
 from archkernel.errors import UserError
-from archkernel.run import run
+from archkernel.formats import uimage
+from archkernel.host.run import run
 
 EPOCH = 1_000_000_000  # 2001-09-09 01:46:40 UTC
 SCRIPT = "setenv bootargs console=ttyS0\ntftp 0x01000000 initrd/uInitrd-Linux-armv7l-v2.3.4\n"

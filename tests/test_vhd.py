@@ -1,7 +1,7 @@
 """Fixed VHD footers: layout from the VHD spec, Azure's rules, and qemu-img as the oracle.
 
 Expected values are literals from the VHD specification (or worked through its CHS
-algorithm by hand), or what qemu-img writes and reads; never computed by archkernel.vhd.
+algorithm by hand), or what qemu-img writes and reads; never computed by archkernel.formats.vhd.
 """
 
 from __future__ import annotations
@@ -18,9 +18,9 @@ from pathlib import Path
 
 import pytest
 
-from archkernel import vhd
 from archkernel.errors import UserError
-from archkernel.run import run
+from archkernel.formats import vhd
+from archkernel.host.run import run
 
 KiB = 1024
 MiB = 1 << 20

@@ -208,7 +208,7 @@ def _check_u8(what: str, value: int) -> None:
     if not 0 <= value <= 0xFF:
         raise UserError(
             f"U-Boot image {what} code {value} does not fit in one byte",
-            "use one of the codes defined in archkernel.uimage",
+            "use one of the codes defined in archkernel.formats.uimage",
         )
 
 

@@ -36,7 +36,7 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from archkernel.errors import UserError
-from archkernel.run import run
+from archkernel.host.run import run
 
 ELF_MAGIC = b"\x7fELF"
 MODULE_SUFFIXES = (".ko", ".ko.gz", ".ko.xz", ".ko.zst")

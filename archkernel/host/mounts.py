@@ -19,8 +19,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archkernel.errors import UserError
+from archkernel.host.run import run
 from archkernel.log import log
-from archkernel.run import run
 
 MOUNTINFO = Path("/proc/self/mountinfo")
 

@@ -33,9 +33,9 @@ from pathlib import Path
 from typing import Any
 
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, sha256_file, temporary_directory
+from archkernel.host.files import atomic_path, sha256_file, temporary_directory
+from archkernel.host.run import run
 from archkernel.log import log
-from archkernel.run import run
 
 ARCH = "x86_64"
 TOP_DIRECTORY = f"root.{ARCH}"

@@ -14,7 +14,7 @@ Boot modes (the firmware the disk boots with):
 - 'uefi' (generation 2): GPT with an EFI system partition (ESP) before root;
 - 'hybrid' (either): GPT with the BIOS boot partition, then the ESP, then root, as Arch's
   own cloud images are laid out. UEFI needs GPT here (Azure generation 2 boots only GPT).
-The ESP's FAT file system is archkernel.esp's business.
+The ESP's FAT file system is archkernel.image.esp's business.
 """
 
 from __future__ import annotations
@@ -28,8 +28,8 @@ from typing import Any, Literal
 from uuid import UUID
 
 from archkernel.errors import UserError
-from archkernel.fileio import temporary_directory
-from archkernel.run import run
+from archkernel.host.files import temporary_directory
+from archkernel.host.run import run
 
 SECTOR = 512
 KiB = 1 << 10

@@ -22,14 +22,16 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archkernel import azureconf as conf
-from archkernel import disk, esp, initramfs, mounts, vhd
-from archkernel.disk import MiB
+from archkernel.azure import config as conf
 from archkernel.errors import UserError
-from archkernel.fileio import temporary_directory, write_text
-from archkernel.kmod import module_name
+from archkernel.formats import initramfs, vhd
+from archkernel.formats.kmod import module_name
+from archkernel.host import mounts
+from archkernel.host.files import temporary_directory, write_text
+from archkernel.host.run import run
+from archkernel.image import disk, esp
+from archkernel.image.disk import MiB
 from archkernel.log import log
-from archkernel.run import run
 from archkernel.settings import AzureSettings
 
 SWAP_TYPES = {"0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "82"}

@@ -2,7 +2,7 @@
 
 Where a command runs can be redirected: inside `wrapping(wrapper)`, run() hands every
 command to `wrapper.wrap()` just before starting it, and runs what comes back. That is the
-whole hook; `archkernel.buildenv` uses it to run the Arch tools of the Azure build inside a
+whole hook; `archkernel.azure.buildenv` uses it to run the Arch tools of the Azure build inside a
 bootstrap build environment while the code that calls run() stays as it is. The wrapper
 lives in a context variable, so it applies to the current thread (or task) only and ends
 with its `with` block, whatever ends the block.

@@ -22,7 +22,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path
+from archkernel.host.files import atomic_path
 from archkernel.log import log
 
 SECTOR = 512

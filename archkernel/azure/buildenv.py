@@ -2,7 +2,7 @@
 
 With `azure.builder = "container"` the Azure workflow does not use the build host's
 pacstrap, mkfs, sfdisk and GRUB but those of an Arch root file system made from Arch's
-bootstrap tarball (see `archkernel.bootstrap` for obtaining and verifying it), as the old
+bootstrap tarball (see `archkernel.azure.bootstrap` for obtaining and verifying it), as the old
 scripts did with a privileged Docker container, but without needing a daemon:
 
     env = buildenv.prepare(settings.azure, settings.workdir)        # step 1
@@ -15,7 +15,7 @@ points its pacman at `azure.mirror`, initialises its pacman keyring and installs
 tools it lacks (both inside the environment, when it is an Arch one), and records all that
 in `workdir/buildenv/buildenv.json`. A second build with the same tarball reuses the
 tree; a different tarball replaces it. `activate` installs a `run()` wrapper
-(`archkernel.run.wrapping`) so that every command whose tool is in `ROUTED_TOOLS` runs
+(`archkernel.host.run.wrapping`) so that every command whose tool is in `ROUTED_TOOLS` runs
 inside; the others stay on the host.
 
 Where the environment's commands run (`azure.container_runtime`):
@@ -58,11 +58,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Literal
 
-from archkernel import bootstrap, mounts
+from archkernel.azure import bootstrap
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, remove_path, write_if_changed
+from archkernel.host import mounts
+from archkernel.host.files import atomic_path, remove_path, write_if_changed
+from archkernel.host.run import PACKAGES, Command, minimal_env, run, wrapping
 from archkernel.log import complete_step, log
-from archkernel.run import PACKAGES, Command, minimal_env, run, wrapping
 from archkernel.settings import AzureSettings, default_of
 
 Runtime = Literal["chroot", "docker", "podman"]

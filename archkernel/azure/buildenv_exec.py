@@ -4,7 +4,7 @@
         python3 -I -S buildenv_exec.py --root ROOT [--bind PATH]... [--ro-bind PATH]... \\
         [--resolv-conf] [--path PATH] [--cwd DIR] -- COMMAND [ARG]...
 
-`archkernel.buildenv` starts this for every build-environment command. It runs as process
+`archkernel.azure.buildenv` starts this for every build-environment command. It runs as process
 1 of a new PID namespace in a new, private mount namespace, so everything it mounts exists
 for this one command only: when the command ends (or `unshare` is killed, Ctrl-C
 included) the kernel ends every process left in the namespace and drops every mount in it.

@@ -5,7 +5,7 @@ stops it (SIGTERM, then SIGKILL) when its block ends, however it ends. `boot_and
 polls the serial log until a marker appears.
 
 Always TCG: KVM opens on the build machines but its guests hang. QEMU runs through
-`archkernel.run.run` in a worker thread, so it gets the same minimal environment, logging
+`archkernel.host.run.run` in a worker thread, so it gets the same minimal environment, logging
 and error messages as every other command; its `-pidfile` is how we find the process to
 stop. The pid is only signalled while /proc shows that same command line, so a reused pid
 is never hit.
@@ -25,9 +25,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archkernel.errors import UserError
-from archkernel.fileio import temporary_directory
+from archkernel.host.files import temporary_directory
+from archkernel.host.run import render, run
 from archkernel.log import log
-from archkernel.run import render, run
 
 QEMU = "qemu-system-x86_64"
 DISK_FORMATS = ("raw", "vpc")

@@ -15,15 +15,15 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from archkernel import tftp
 from archkernel.errors import UserError
-from archkernel.fileio import atomic_path, write_bytes, write_if_changed
+from archkernel.host import tftp
+from archkernel.host.files import atomic_path, write_bytes, write_if_changed
+from archkernel.host.run import check_tools, render, run
 from archkernel.log import log
-from archkernel.run import check_tools, render, run
 from archkernel.settings import ScalewaySettings, Settings
 
 if TYPE_CHECKING:
-    from archkernel import initramfs
+    from archkernel.formats import initramfs
 
 MARKER = "archkernel"
 MODULE_DIR = "archkernel/modules"  # inside the initrd; a directory the provider never has
@@ -242,7 +242,7 @@ def init_script(modules: list[str], version: str) -> str:
 
     It sources /init.scw so the provider's script keeps running as PID 1.
     """
-    from archkernel import kmod
+    from archkernel.formats import kmod
 
     lines = [
         "#!/bin/sh",
@@ -448,7 +448,7 @@ def step_fetch_bootscript(settings: Settings) -> None:
 
 def bootscript_initrd(path: Path) -> str:
     """The initrd path named by the bootscript image at `path`."""
-    from archkernel import uimage
+    from archkernel.formats import uimage
 
     source = f"bootscript {path.name}"
     _, payload = uimage.parse(path.read_bytes(), expect_type=uimage.SCRIPT, source=source)
@@ -467,7 +467,7 @@ def step_fetch_initrd(settings: Settings) -> None:
 def step_unpack(settings: Settings) -> None:
     """Step 4: check the uImage, read and check every cpio entry, keep the payload."""
     # libarchive and friends: only when the initrd is rebuilt, not on every boot
-    from archkernel import initramfs, uimage
+    from archkernel.formats import initramfs, uimage
 
     p = paths(settings)
     name = json.loads(p.initrd_info.read_text())["name"]
@@ -489,7 +489,7 @@ def step_unpack(settings: Settings) -> None:
 
 def step_modules(settings: Settings) -> None:
     """Step 5: the modules and their dependencies, decompressed, and the new /init."""
-    from archkernel import kmod
+    from archkernel.formats import kmod
 
     cfg, p = settings.scaleway, paths(settings)
     check = load_check(p)
@@ -519,7 +519,7 @@ def step_modules(settings: Settings) -> None:
 
 def additions(p: Paths, original_init: bytes) -> list[initramfs.Entry]:
     """What the appended archive holds: /init, /init.scw and the modules."""
-    from archkernel import initramfs  # libarchive: only when the initrd is rebuilt
+    from archkernel.formats import initramfs  # libarchive: only when the initrd is rebuilt
 
     manifest = json.loads(p.modules_manifest.read_text())
     if not (p.modules / "init").is_file():
@@ -541,7 +541,7 @@ def additions(p: Paths, original_init: bytes) -> list[initramfs.Entry]:
 
 def step_pack(settings: Settings) -> None:
     """Step 6: the original payload plus our archive, written atomically to output_initrd."""
-    from archkernel import initramfs  # libarchive: only when the initrd is rebuilt
+    from archkernel.formats import initramfs  # libarchive: only when the initrd is rebuilt
 
     cfg, p = settings.scaleway, paths(settings)
     payload = p.payload.read_bytes()

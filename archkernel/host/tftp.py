@@ -21,7 +21,7 @@ from typing import Any, Literal
 import tftpy
 
 from archkernel.errors import UserError
-from archkernel.fileio import write_if_changed
+from archkernel.host.files import write_if_changed
 from archkernel.log import log
 
 DEFAULT_PORT = 69

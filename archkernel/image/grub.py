@@ -42,12 +42,12 @@ import shutil
 import uuid
 from pathlib import Path
 
-from archkernel import esp
-from archkernel.disk import SECTOR, Layout, fs_type, fs_uuid, read_ext4_file, read_partitions
 from archkernel.errors import UserError
-from archkernel.fileio import temporary_directory, write_text
-from archkernel.mounts import loop_device, mounted
-from archkernel.run import check_tools, package_hint, run, which
+from archkernel.host.files import temporary_directory, write_text
+from archkernel.host.mounts import loop_device, mounted
+from archkernel.host.run import check_tools, package_hint, run, which
+from archkernel.image import esp
+from archkernel.image.disk import SECTOR, Layout, fs_type, fs_uuid, read_ext4_file, read_partitions
 
 GRUB_I386_PC = Path("/usr/lib/grub/i386-pc")
 GRUB_X86_64_EFI = Path("/usr/lib/grub/x86_64-efi")
@@ -159,7 +159,7 @@ def bios_setup_argv(tool: Path, grub_dir: Path, map_file: Path, image: Path) -> 
 def bios_setup_tool(grub_lib: Path = GRUB_I386_PC) -> Path:
     """Where grub-bios-setup is: on PATH (Arch) or beside the modules (Debian).
 
-    Asked through run.which, so inside a build environment (archkernel.buildenv) it is
+    Asked through run.which, so inside a build environment (archkernel.azure.buildenv) it is
     the environment's, found on its PATH or beside its modules."""
     found = which("grub-bios-setup")
     if found:

@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Annotated, Any, ClassVar, Literal, TypeVar, ge
 
 from archkernel import __version__
 from archkernel.errors import UserError
-from archkernel.fileio import write_text
+from archkernel.host.files import write_text
 
 if TYPE_CHECKING:
     from pydantic import ValidationError

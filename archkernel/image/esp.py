@@ -8,7 +8,7 @@ partition): `mcopy -s` fills it (making directories as needed), `mdir` lists it,
 `fsck.fat` has no offset option, so `check_fat` checks a sparse copy of the partition.
 
 The `*_argv` functions decide the commands (pure); the others run them. Only the
-`Partition` of a layout from archkernel.disk is needed to find the file system.
+`Partition` of a layout from archkernel.image.disk is needed to find the file system.
 """
 
 from __future__ import annotations
@@ -21,10 +21,10 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from archkernel.disk import SECTOR, KiB, MiB, Partition
 from archkernel.errors import UserError
-from archkernel.fileio import temporary_directory
-from archkernel.run import run
+from archkernel.host.files import temporary_directory
+from archkernel.host.run import run
+from archkernel.image.disk import SECTOR, KiB, MiB, Partition
 
 # FAT32 with 1 KiB clusters, pinned so the result does not depend on mkfs.fat's defaults:
 # its choice for 256 MiB (4 KiB clusters) gives fewer than the 65525 clusters a FAT32

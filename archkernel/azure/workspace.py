@@ -1,0 +1,188 @@
+"""The Azure build's work tree: where each step writes, and the IDs step 1 chooses."""
+
+from __future__ import annotations
+
+import json
+import os
+import uuid
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from archkernel.azure import buildenv
+from archkernel.host.files import (
+    write_if_changed,
+)
+from archkernel.image import grub
+from archkernel.settings import AzureSettings, Settings
+
+KERNEL = "/boot/vmlinuz-linux"
+INITRD = "/boot/initramfs-linux.img"
+HOST_TOOLS = [
+    "pacman",
+    "pacstrap",
+    "arch-chroot",
+    "systemctl",
+    "useradd",
+    "sfdisk",
+    "mkfs.ext4",
+    "e2fsck",
+    "blkid",
+    "losetup",
+    "mount",
+    "umount",
+    "grub-mkimage",
+    "cp",
+]
+# The EFI system partition (uefi, hybrid): made, filled, listed and checked without a
+# mount; core.efi is read back from the root file system with debugfs.
+UEFI_TOOLS = ["mkfs.fat", "mcopy", "mdir", "fsck.fat", "debugfs"]
+
+
+@dataclass(frozen=True)
+class Paths:
+    """The workflow's files under `workdir/azure`."""
+
+    work: Path
+    output_name: str
+
+    @property
+    def pacman_conf(self) -> Path:
+        return self.work / "pacman.conf"
+
+    @property
+    def gnupg(self) -> Path:
+        return self.work / "gnupg"
+
+    @property
+    def ids(self) -> Path:
+        return self.work / "ids.json"
+
+    @property
+    def preflight(self) -> Path:
+        return self.work / "preflight.json"
+
+    @property
+    def root(self) -> Path:
+        return self.work / "root"
+
+    @property
+    def packages(self) -> Path:
+        return self.work / "packages.txt"
+
+    @property
+    def image_root(self) -> Path:
+        return self.work / "image-root"
+
+    @property
+    def configured(self) -> Path:
+        return self.work / "configure.json"
+
+    @property
+    def agent(self) -> Path:
+        return self.work / "agent.json"
+
+    @property
+    def initramfs(self) -> Path:
+        return self.work / "initramfs.json"
+
+    @property
+    def raw(self) -> Path:
+        return self.work / "disk.img"
+
+    @property
+    def disk(self) -> Path:
+        return self.work / "disk.json"
+
+    @property
+    def bootloader(self) -> Path:
+        return self.work / "bootloader.json"
+
+    @property
+    def vhd(self) -> Path:
+        return self.work / self.output_name
+
+    @property
+    def vhd_stamp(self) -> Path:
+        return self.work / "vhd.json"
+
+    @property
+    def report(self) -> Path:
+        return self.work / "verify.json"
+
+    @property
+    def summary(self) -> Path:
+        return self.work / "verify.txt"
+
+    @property
+    def console(self) -> Path:
+        return self.work / "boottest.log"
+
+    @property
+    def boottest(self) -> Path:
+        return self.work / "boottest.json"
+
+
+def paths(settings: Settings) -> Paths:
+    """The workflow's paths for these settings."""
+    return Paths(settings.workdir.resolve() / "azure", settings.azure.output)
+
+
+def _json(path: Path, data: Any) -> bool:
+    return write_if_changed(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
+
+
+def tree_id(stamp: Path) -> str | None:
+    """Which copy of the image tree a stamp of steps 3-5 describes.
+
+    Step 3 makes a new copy of the tree each time it runs; steps 4 and 5 edit that copy.
+    Their stamps carry the copy's identity, so a new copy changes them and doit runs the
+    later steps on it (an unchanged configuration would otherwise leave them "up to date"
+    with their work gone with the old copy)."""
+    try:
+        value = json.loads(stamp.read_text()).get("tree")
+    except (OSError, ValueError):
+        return None
+    return str(value) if value is not None else None
+
+
+def root_uuid(p: Paths) -> str:
+    """The root file system's UUID, chosen once by step 1 and kept."""
+    return str(json.loads(p.ids.read_text())["root_uuid"])
+
+
+def esp_volume(p: Paths) -> str:
+    """The EFI system partition's FAT volume ID (`1234-ABCD`), chosen once by step 1."""
+    return str(json.loads(p.ids.read_text())["esp_volume"])
+
+
+def choose_ids(p: Paths, az: AzureSettings) -> None:
+    """Choose the image's IDs that are not chosen yet: the root file system's UUID, and
+    for a UEFI image the ESP's volume ID. Chosen ones never change (fstab, the file
+    systems and GRUB's core images are made with them)."""
+    chosen = json.loads(p.ids.read_text()) if p.ids.exists() else {}
+    new = {"root_uuid": str(uuid.uuid4())}
+    if az.firmware != "bios":
+        volume = uuid.uuid4().hex[:8].upper()
+        new["esp_volume"] = f"{volume[:4]}-{volume[4:]}"
+    # Unchanged IDs leave the file as it is: the steps that read it stay up to date.
+    _json(p.ids, {**new, **chosen})
+
+
+def build_environment(settings: Settings) -> AbstractContextManager[buildenv.BuildEnv | None]:
+    """The block in which build tools run in the bootstrap build environment (builder =
+    container; it yields it) or, for builder = host, on the host (it yields None)."""
+    return buildenv.activate(settings.azure, settings.workdir)
+
+
+def grub_dirs(env: buildenv.BuildEnv | None) -> tuple[Path, Path]:
+    """GRUB's i386-pc and x86_64-efi directories: the build environment's (as host paths:
+    modules and core images must come from the GRUB build that runs), or the host's."""
+    if env is None:
+        return grub.GRUB_I386_PC, grub.GRUB_X86_64_EFI
+    bios, efi = (
+        buildenv.resolve_in_root(env.root, os.fspath(d)) or env.host_path(os.fspath(d))
+        for d in (grub.GRUB_I386_PC, grub.GRUB_X86_64_EFI)
+    )
+    return bios, efi
