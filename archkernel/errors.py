@@ -18,8 +18,3 @@ class UserError(Exception):
         if self.hint:
             return f"{self.message}\n  hint: {self.hint}"
         return self.message
-
-
-def die(message: str, hint: str | None = None) -> UserError:
-    """Build a UserError; written `raise die(...)` so type checkers see the raise."""
-    return UserError(message, hint)

@@ -54,13 +54,20 @@ def setup(verbosity: int = 0, stream: object = None) -> None:
 
 
 @contextlib.contextmanager
-def complete_step(title: str) -> Iterator[None]:
-    """Log `title` when the block starts and how long it took when it ends."""
-    log.info("%s ...", title)
+def complete_step(title: str, what: str | None = None) -> Iterator[None]:
+    """Log `title` (and `what` it does) when the block starts, and how it ended: `title:
+    done in 1.2s`, `failed after`, or `interrupted after` (Ctrl-C)."""
+    if what:
+        log.info("%s: %s", title, what)
+    else:
+        log.info("%s ...", title)
     start = time.monotonic()
     try:
         yield
-    except BaseException:
-        log.info("%s failed after %.1fs", title, time.monotonic() - start)
+    except KeyboardInterrupt:
+        log.info("%s: interrupted after %.1fs", title, time.monotonic() - start)
         raise
-    log.info("%s done in %.1fs", title, time.monotonic() - start)
+    except BaseException:
+        log.info("%s: failed after %.1fs", title, time.monotonic() - start)
+        raise
+    log.info("%s: done in %.1fs", title, time.monotonic() - start)

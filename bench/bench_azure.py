@@ -4,7 +4,7 @@
 
 Run as root (the build uses pacstrap, loop devices and mounts). Three parts, one run:
 
-1. Step 8 (`azure.step_vhd`: append the fixed-VHD footer and rename, O(1)) on a sparse raw
+1. Step 8 (`diskimage.vhd`: append the fixed-VHD footer and rename, O(1)) on a sparse raw
    disk of `--size-gib` GiB holding `--data-mib` MiB of data, against `qemu-img convert -f
    raw -O vpc -o subformat=fixed,force_size` of the same raw image. Targets: step 8 at most
    0.1 x qemu-img's time, and the VHD's allocated blocks at most the raw's plus 1 MiB.
@@ -37,6 +37,7 @@ from archkernel import log as logmod
 from archkernel.azure import diskimage, workspace
 from archkernel.host.files import temporary_directory
 from archkernel.host.run import check_tools, run
+from archkernel.plan import execute
 from archkernel.settings import Settings, validate
 from bench.bench_vhd import QEMU_CONVERT, allocated, make_raw, timed
 
@@ -92,7 +93,7 @@ def bench_vhd_step(work: Path, size_gib: int, data_mib: int, chunk_mib: int) -> 
     raw_alloc = allocated(p.raw)
     qemu_vhd = work / "qemu.vhd"
     qemu_t = timed(lambda: run([*QEMU_CONVERT, p.raw, qemu_vhd]))
-    step_t = timed(lambda: diskimage.step_vhd(settings))
+    step_t = timed(lambda: execute(diskimage.vhd(settings)))
     vhd_alloc = allocated(p.vhd)
     # Untimed sanity: the same disk as qemu-img's, and nothing left of the raw name.
     run(["qemu-img", "compare", "-q", "-f", "vpc", "-F", "vpc", p.vhd, qemu_vhd])

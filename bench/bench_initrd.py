@@ -23,8 +23,8 @@ import sys
 import time
 from pathlib import Path
 
-from archkernel.formats import initramfs
-from archkernel.formats.initramfs import Entry
+from archkernel.formats import cpio, initramfs
+from archkernel.formats.cpio import Entry
 from archkernel.host.files import temporary_directory
 
 KERNEL_VERSION = "6.6.1-arch1-1"
@@ -94,7 +94,7 @@ def new_pipeline(work: Path, uinitrd: Path, modules: Path) -> Path:
     out = work / "new-initrd"
     payload = uinitrd.read_bytes()[64:]
     entries = initramfs.read_entries(payload, source=uinitrd.name, with_data=lambda p: p == "init")
-    old_init = initramfs.original_init(entries)
+    old_init = cpio.original_init(entries)
     moddir = f"usr/lib/modules/{KERNEL_VERSION}"
     additions = [
         Entry.file("init", NEW_INIT, mode=0o755),

@@ -6,7 +6,7 @@ time the tool adds to every boot on a slow ARM CPU. The target is at most 1.5 ti
 time a bare interpreter takes to `import doit, tftpy, libarchive, pydantic`, measured in
 the same run.
 
-Against the fake C1 of the tests (tests/support_c1.py: in.tftpd on loopback, stand-in
+Against the fake C1 of the tests (tests/support/c1.py: in.tftpd on loopback, stand-in
 kexec and systemctl that record their arguments): one full run first, then the commands
 interleaved, `--reps` times each. Prints best and median wall time of each and the ratio
 of the medians. For context it also times the same boot with its settings validated again
@@ -31,7 +31,7 @@ import time
 from pathlib import Path
 
 from archkernel.settings import CACHE_FILE
-from tests.support_c1 import FakeC1, archkernel_command, c1_template, serving, write_executable
+from tests.support.c1 import FakeC1, archkernel_command, c1_template, serving, write_executable
 
 TARGET = 1.5
 IMPORTS = "import doit, tftpy, libarchive, pydantic"

@@ -28,7 +28,7 @@ from pathlib import Path
 from archkernel.errors import UserError
 from archkernel.host.run import check_tools, run
 from archkernel.host.tftp import DEFAULT_BLKSIZE, MAX_BLKSIZE, TftpServer, fetch
-from tests.support_tftp import TftpdUnavailable, running_tftpd_hpa
+from tests.support.tftp import TftpdUnavailable, running_tftpd_hpa
 
 NAME = "bench.bin"
 

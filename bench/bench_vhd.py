@@ -19,12 +19,12 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
-from archkernel.formats import vhd
+from archkernel.formats import vhd_file
 from archkernel.host.files import temporary_directory
 from archkernel.host.run import check_tools, run
+from archkernel.host.sparse import copy_sparse
+from archkernel.units import GiB, MiB
 
-MiB = 1 << 20
-GiB = 1 << 30
 QEMU_CONVERT = ("qemu-img", "convert", "-f", "raw", "-O", "vpc", "-o", "subformat=fixed,force_size")
 
 
@@ -59,7 +59,7 @@ def copy_method(directory: Path) -> str:
     s = os.open(src, os.O_RDONLY)
     d = os.open(dst, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
     try:
-        return vhd.copy_sparse(s, d, 4096)
+        return copy_sparse(s, d, 4096)
     finally:
         os.close(s)
         os.close(d)
@@ -99,14 +99,14 @@ def main(argv: list[str] | None = None) -> int:
         raw_alloc = allocated(raw)
 
         qemu_t = timed(lambda: run([*QEMU_CONVERT, raw, qemu_vhd]))
-        copy_t = timed(lambda: vhd.from_raw(raw, ours_vhd))
+        copy_t = timed(lambda: vhd_file.from_raw(raw, ours_vhd))
         # Sanity, untimed: the copy holds the same disk as qemu-img's VHD.
         run(["qemu-img", "compare", "-q", "-f", "vpc", "-F", "vpc", ours_vhd, qemu_vhd])
         ours_alloc, qemu_alloc = allocated(ours_vhd), allocated(qemu_vhd)
         ours_vhd.unlink()
-        append_t = timed(lambda: vhd.append_footer(raw))
+        append_t = timed(lambda: vhd_file.append_footer(raw))
         for path in (qemu_vhd, raw):
-            vhd.check_or_raise(path)
+            vhd_file.check_or_raise(path)
         inplace_alloc = allocated(raw)
 
         print(f"\n{'':28}{'alone':>10}{'+ sync':>10}{'ratio':>8}{'+ sync':>8}")

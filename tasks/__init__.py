@@ -15,11 +15,14 @@ from typing import Any
 from archkernel import log as logmod
 from archkernel.errors import UserError
 from archkernel.settings import Loaded, load
-from tasks.reporter import StepReporter
-from tasks.state import BACKEND_NAME, StatChecker
-from tasks.steps import Workflow, doit_tasks, parse_step_number
 
-WORKFLOW_MODULES = ["tasks.scaleway_kexec", "tasks.azure_vhd"]
+from .reporter import StepReporter
+from .state import BACKEND_NAME, StatChecker
+from .steps import Workflow, doit_tasks, parse_step_number
+
+# Built-in workflow modules, relative to this package (installed as `archkernel_tasks`;
+# `tasks` in the checkout, where dodo.py imports it).
+WORKFLOW_MODULES = [f"{__name__}.scaleway_kexec", f"{__name__}.azure_vhd"]
 # Extra workflow modules (plugins, the tests' demo workflow): `module[,module...]`.
 ENV_EXTRA = "ARCHKERNEL_EXTRA_WORKFLOWS"
 
@@ -27,13 +30,13 @@ ENV_EXTRA = "ARCHKERNEL_EXTRA_WORKFLOWS"
 def workflows(only: str | None = None) -> dict[str, Workflow]:
     """Every workflow by name, in a stable order.
 
-    With `only`, a built-in workflow's module (`tasks.<only>`) is the one imported: running
+    With `only`, a built-in workflow's module (`<this package>.<only>`) is the one imported: running
     one workflow does not pay for importing the others (scaleway_kexec runs at every boot).
     """
     names = list(WORKFLOW_MODULES)
     names += [m for m in os.environ.get(ENV_EXTRA, "").split(",") if m.strip()]
-    if only is not None and f"tasks.{only}" in WORKFLOW_MODULES:
-        names = [f"tasks.{only}"]
+    if only is not None and f"{__name__}.{only}" in WORKFLOW_MODULES:
+        names = [f"{__name__}.{only}"]
     found: dict[str, Workflow] = {}
     for module_name in names:
         module = importlib.import_module(module_name.strip())
@@ -60,12 +63,12 @@ def backend_name() -> str:
 
 def doit_config(loaded: Loaded) -> dict[str, Any]:
     """DOIT_CONFIG: the state file under workdir (absolute), our checker and reporter."""
-    workdir = loaded.settings.workdir.resolve()
+    dep_file = str(loaded.settings.workdir.resolve() / ".doit.json")
     return {
-        "dep_file": str(workdir / ".doit.json"),
+        "dep_file": dep_file,
         "backend": backend_name(),
         "check_file_uptodate": StatChecker,
-        "reporter": StepReporter,
+        "reporter": StepReporter.for_state(dep_file),
         "verbosity": 2,
         "default_tasks": [],
         "action_string_formatting": "new",

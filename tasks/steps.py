@@ -4,63 +4,129 @@ A workflow is an ordered list of `Step`s. Each becomes the doit subtask
 `<workflow>:<NN>_<verb>` with its targets, its file dependencies, exactly the settings it
 reads (as a `SettingsChanged` up-to-date check that also remembers their values, so
 `archkernel steps` can say what changed), and a task dependency on the step before it.
+`step_status` reads doit's state to say whether a step would run and why, for `archkernel
+steps` and for the line `archkernel run` prints before a step runs again.
 """
 
 from __future__ import annotations
 
 import contextlib
+import functools
+import inspect
+import json
 import os
-import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from doit.dependency import Dependency
 from doit.exceptions import TaskFailed
 
 from archkernel.errors import UserError
-from archkernel.log import log
-from archkernel.settings import Loaded, subset
+from archkernel.log import complete_step, log
+from archkernel.plan import Plan, declared_settings, execute
+from archkernel.settings import Loaded, Settings, subset
+from archkernel.settings.audit import recording, undeclared
+
+from .state import DurableJsonDB, StatChecker
 
 SETTINGS_VALUE = "_archkernel_settings"
+# Set (to anything) to make every step fail when it reads a setting it did not declare.
+ENV_AUDIT = "ARCHKERNEL_AUDIT_SETTINGS"
 
-Action = Callable[[], None]
-# What a step would run, for --dry-run: argv lists, and plain descriptions (str) of what
-# it does without a command (write a file, append a footer). Must not run or change anything.
-Commands = Callable[[], Sequence[list[str] | str]]
+StepFunction = Callable[[Settings], Plan]
+
+
+def _function_of(fn: Callable[..., Any]) -> Callable[..., Any]:
+    return fn.func if isinstance(fn, functools.partial) else fn
 
 
 @dataclass
 class Step:
-    """One numbered step of a workflow."""
+    """One numbered step of a workflow: a library step function and its files.
 
-    number: int
+    Its number is its position in the workflow, its name the function's name and its
+    description the first line of the function's docstring; the settings it reads are
+    the function's `@reads` declaration (see `Step.of`).
+    """
+
+    function: StepFunction
     verb: str
     doc: str
-    action: Action
     targets: Sequence[Path] = ()
     file_dep: Sequence[Path] = ()
     settings: Sequence[str] = ()
     always: bool = False
-    commands: Commands | None = None
+    number: int = 0
+
+    @classmethod
+    def of(
+        cls,
+        function: StepFunction,
+        *,
+        targets: Sequence[Path] = (),
+        file_dep: Sequence[Path] = (),
+        always: bool = False,
+        verb: str | None = None,
+        doc: str | None = None,
+    ) -> Step:
+        """The step that runs the plan `function(settings)` returns."""
+        inner = _function_of(function)
+        summary = (inspect.getdoc(inner) or "").split("\n\n", 1)[0].replace("\n", " ")
+        return cls(
+            function,
+            verb or inner.__name__,
+            doc or summary.rstrip("."),
+            targets=targets,
+            file_dep=file_dep,
+            settings=declared_settings(inner),
+            always=always,
+        )
 
     @property
     def id(self) -> str:
         """`05_configure`."""
         return f"{self.number:02d}_{self.verb}"
 
+    def plan(self, settings: Settings) -> Plan:
+        """What the step would do now (changes nothing)."""
+        return self.function(settings)
+
 
 @dataclass
 class Workflow:
-    """A named, ordered list of steps built from the settings."""
+    """A named, ordered list of steps built from the settings.
+
+    `shared_inputs` are files every step reads (the build environment's record), declared
+    once here and added to each step's inputs except the step that makes them. `locating`
+    are settings read only to find files (the work directory): they are covered by the
+    steps' targets and inputs, not by each step's settings.
+    """
 
     name: str
     doc: str
-    build: Callable[[Loaded], list[Step]]
+    build: Callable[[Settings], list[Step]]
     # A reason to do nothing this time (e.g. already kexec'd), checked when the tasks are
     # made; it applies to runs that reach the last step.
     halted: Callable[[Loaded], str | None] | None = None
     extra_tasks: Callable[[Loaded], list[dict[str, Any]]] | None = field(default=None)
+    shared_inputs: Callable[[Settings], list[Path]] | None = None
+    locating: Sequence[str] = ("workdir",)
+    # Trees the steps build on that no final output needs (`archkernel clean` removes them).
+    intermediates: Callable[[Settings], list[Path]] | None = None
+    # What the workflow exists to make: named at the end of a run, kept by `clean`.
+    outputs: Callable[[Settings], list[Path]] | None = None
+
+    def steps(self, loaded: Loaded) -> list[Step]:
+        """The steps for these settings, numbered from 1, with the shared inputs."""
+        steps = self.build(loaded.settings)
+        shared = self.shared_inputs(loaded.settings) if self.shared_inputs else []
+        for number, step in enumerate(steps, start=1):
+            step.number = number
+            extra = [f for f in shared if f not in step.targets and f not in step.file_dep]
+            step.file_dep = [*step.file_dep, *extra]
+        return steps
 
 
 class SettingsChanged:
@@ -91,6 +157,68 @@ class SettingsChanged:
         return f"SettingsChanged({sorted(self.values)})"
 
 
+class Forced:
+    """doit `uptodate` that is never up to date, with the reason: the step always runs
+    (it reads the live system), or `--from` forced it."""
+
+    def __init__(self, reason: str) -> None:
+        self.reason = reason
+
+    def __call__(self) -> bool:
+        return False
+
+    def __repr__(self) -> str:
+        return f"Forced({self.reason!r})"
+
+
+ALWAYS = "always runs"
+
+
+@dataclass
+class StepStatus:
+    """Whether a step is up to date in doit's state, and why it would run if not."""
+
+    uptodate: bool
+    finished_before: bool  # it has succeeded at least once (doit kept its record)
+    reasons: list[str]
+
+
+def read_state(dep_file: str | os.PathLike[str]) -> Any:
+    """doit's saved state, to read: it is never closed, so nothing is written back."""
+    return Dependency(DurableJsonDB, os.fspath(dep_file), checker_cls=StatChecker)
+
+
+def step_status(state: Any, task: Any, tasks: dict[str, Any]) -> StepStatus:
+    """Ask doit's state (`read_state`) whether `task` is up to date, and why not: each
+    changed setting (old -> new value), changed or missing file, and forced run."""
+    status = state.get_status(task, tasks, get_log=True)
+    values = state.get_values(task.name)
+    finished = bool(values or state._get(task.name, "deps:"))
+    r = status.reasons
+    reasons: list[str] = []
+    for utd, _args, _kw in r.get("uptodate_false", []):
+        if isinstance(utd, SettingsChanged) and finished:
+            for key, old, new in utd.changes(values):
+                reasons.append(f"setting {key}: {json.dumps(old)} -> {json.dumps(new)}")
+        elif isinstance(utd, Forced):
+            reasons.append(utd.reason)
+        elif utd is False:
+            reasons.append(ALWAYS)
+    for target in r.get("missing_target", []):
+        reasons.append(f"target missing: {target}")
+    for f in r.get("changed_file_dep", []):
+        reasons.append(f"input changed: {f}")
+    for f in r.get("missing_file_dep", []):
+        reasons.append(f"input not there yet: {f}")
+    for f in r.get("added_file_dep", []):
+        reasons.append(f"new input: {f}")
+    for f in r.get("removed_file_dep", []):
+        reasons.append(f"input no longer read: {f}")
+    if r.get("has_no_dependencies"):
+        reasons.append(ALWAYS)
+    return StepStatus(status.status == "up-to-date", finished, reasons)
+
+
 def task_name(workflow: str, step: Step) -> str:
     """`azure_vhd:05_configure`."""
     return f"{workflow}:{step.id}"
@@ -103,21 +231,23 @@ def _skip(title: str, reason: str) -> Callable[[], None]:
     return run
 
 
-def _action(workflow: Workflow, step: Step) -> Callable[[], Any]:
+def _action(workflow: Workflow, step: Step, settings: Settings) -> Callable[[], Any]:
     title = task_name(workflow.name, step)
 
     def run() -> Any:
-        log.info("%s: %s", title, step.doc)
-        start = time.monotonic()
+        seen: set[str] = set()
+        audit = bool(os.environ.get(ENV_AUDIT))
         try:
-            step.action()
+            with complete_step(title, step.doc):
+                execute(step.plan(recording(settings, seen) if audit else settings))
+                extra = undeclared(seen, [*step.settings, *workflow.locating]) if audit else []
+                if extra:
+                    raise UserError(
+                        f"{title} read settings it does not declare: {', '.join(extra)}",
+                        "add them to the step function's @reads",
+                    )
         except UserError as exc:
-            log.info("%s: failed after %.1fs", title, time.monotonic() - start)
             return TaskFailed(str(exc))
-        except KeyboardInterrupt:
-            log.info("%s: interrupted after %.1fs", title, time.monotonic() - start)
-            raise
-        log.info("%s: done in %.1fs", title, time.monotonic() - start)
         return None
 
     run.__name__ = f"step_{step.id}"
@@ -136,7 +266,7 @@ def doit_tasks(
     `from_step` forces that step and every later one to run; `to_step` leaves out the
     steps after it, so the group stops there.
     """
-    steps = workflow.build(loaded)
+    steps = workflow.steps(loaded)
     yield {"basename": workflow.name, "name": None, "doc": workflow.doc}
     reaches_end = to_step is None or to_step >= steps[-1].number
     halted = workflow.halted(loaded) if workflow.halted and reaches_end else None
@@ -155,13 +285,15 @@ def doit_tasks(
             }
             continue
         uptodate: list[Any] = [SettingsChanged(subset(loaded.settings, list(step.settings)))]
-        if step.always or (from_step is not None and step.number >= from_step):
-            uptodate.append(False)
+        if step.always:
+            uptodate.append(Forced(ALWAYS))
+        elif from_step is not None and step.number >= from_step:
+            uptodate.append(Forced("forced by --from"))
         task: dict[str, Any] = {
             "basename": workflow.name,
             "name": step.id,
             "doc": step.doc,
-            "actions": [_action(workflow, step)],
+            "actions": [_action(workflow, step, loaded.settings)],
             "targets": [os.fspath(t) for t in step.targets],
             "file_dep": [os.fspath(f) for f in step.file_dep],
             "uptodate": uptodate,

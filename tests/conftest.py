@@ -1,1 +1,105 @@
-"""Shared pytest configuration."""
+"""Shared pytest configuration: what the markers do, and the fixtures several modules use.
+
+Markers (registered in pyproject.toml; `--strict-markers` rejects any other):
+
+- `integration`: runs real external tools (mkimage, sfdisk, pacstrap, a TFTP server ...).
+- `vm`: boots a kernel in QEMU (slow). A VM boot runs QEMU, so every `vm` test is also an
+  `integration` test.
+- `root`: needs root (loop devices, mounts, namespaces, device nodes); skipped otherwise.
+
+The quick tier, `pytest -m "not integration and not vm"`, needs nothing but Python.
+
+The support code the fixtures are built on is in tests/support/, as plain functions and
+context managers that bench/ uses without pytest.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import pytest
+
+# Before the imports below: failed asserts in the support code explain themselves too.
+pytest.register_assert_rewrite("tests.support")
+
+from tests import offline  # noqa: E402
+from tests.support.c1 import FakeC1, Template, c1_template, needs_c1_tools, serving  # noqa: E402
+from tests.support.tftp import (  # noqa: E402
+    TftpdHpa,
+    TftpdUnavailable,
+    TftpyServer,
+    running_tftpd_hpa,
+    tftpy_servers,
+)
+
+# --- markers ---------------------------------------------------------------------------------
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if item.get_closest_marker("vm") and not item.get_closest_marker("integration"):
+            item.add_marker(pytest.mark.integration)
+
+
+def pytest_runtest_setup(item: pytest.Item) -> None:
+    if item.get_closest_marker("root") and os.geteuid() != 0:
+        pytest.skip("needs root (loop devices, mounts, namespaces, device nodes)")
+
+
+# --- the offline repository (azure_vhd builds) -----------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def repo(tmp_path_factory: pytest.TempPathFactory) -> offline.OfflineRepo:
+    """The offline repository, pacman.conf and settings.toml (python -m tests.offline DIR),
+    built once per test module."""
+    return offline.build(tmp_path_factory.mktemp("azure-offline"))
+
+
+# --- TFTP servers ----------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def tftpd_hpa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TftpdHpa]:
+    """Debian's in.tftpd on 127.0.0.1, one per test module; put files with `.put()`."""
+    with contextlib.ExitStack() as stack:
+        try:
+            server = stack.enter_context(running_tftpd_hpa(tmp_path_factory.mktemp("tftpd-root")))
+        except TftpdUnavailable as exc:
+            pytest.skip(str(exc))
+        yield server
+
+
+@pytest.fixture
+def tftpy_server(
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[Callable[..., TftpyServer]]:
+    """Factory: `tftpy_server({"name": bytes | Truncate | Short | Stall}, timeout=0.25)`.
+
+    Unknown names get TFTP error 1. `timeout` is the server's per-packet timeout and how
+    often it checks for shutdown; keep it short. Servers stop at teardown, and a crash of
+    the listener thread fails the test there.
+    """
+    with tftpy_servers(lambda: tmp_path_factory.mktemp("tftpy")) as start:
+        yield start
+
+
+# --- the fake Scaleway C1 --------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def c1_base(tmp_path_factory: pytest.TempPathFactory) -> Template:
+    """The fake C1's expensive parts, built once per test module."""
+    needs_c1_tools()
+    return c1_template(tmp_path_factory.mktemp("c1-template"))
+
+
+@pytest.fixture
+def fake_c1(c1_base: Template, tmp_path: Path) -> Iterator[FakeC1]:
+    """A fresh fake C1 with in.tftpd serving its files, stopped at teardown."""
+    c1 = FakeC1.create(tmp_path / "c1", c1_base)
+    with serving(c1):
+        yield c1

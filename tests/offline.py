@@ -12,7 +12,7 @@ writes under DIR:
 
 The packages carry Arch's names and put files where Arch does, so the default
 configuration reads naturally: `linux` is Debian's amd64 kernel and modules (downloaded
-with `tests.support_kernel`, a few big driver trees left out, depmod run anew), `busybox`
+with `tests.support.kernel`, a few big driver trees left out, depmod run anew), `busybox`
 is Debian's busybox-static with a symlink per applet; everything else is a stand-in from
 `tests/offline_files/<package>/` plus what `_stage_*` below adds (empty directories,
 symlinks, modes). Nothing runs at install time except, as on Arch, mkinitcpio's pacman
@@ -53,11 +53,12 @@ from archkernel.errors import UserError
 from archkernel.host.files import atomic_path, remove_path, temporary_directory, write_text
 from archkernel.host.run import check_tools, run
 from archkernel.log import complete_step, log
+from tests.support.apt import apt_download
+from tests.support.cache import cache_dir, locked
 
 REPO_NAME = "archkernel-test"
 ARCH = "x86_64"
 FILES = Path(__file__).with_name("offline_files")
-CACHE_ENV = "ARCHKERNEL_TEST_CACHE"
 BUSYBOX_DEB = "busybox-static"
 # Every file in every package gets this mtime, so rebuilding gives the same packages.
 BUILD_DATE = 1_700_000_000
@@ -637,42 +638,13 @@ STANDINS: tuple[StageFn, ...] = (
 )
 
 
-def cache_dir() -> Path:
-    """$ARCHKERNEL_TEST_CACHE, else ~/.cache/archkernel-tests."""
-    configured = os.environ.get(CACHE_ENV)
-    return Path(configured) if configured else Path.home() / ".cache" / "archkernel-tests"
-
-
-def apt_download(package: str, cache: Path) -> Path:
-    """`package`'s .deb, from the cache or from `apt-get download` (after one update)."""
-    debs = sorted(cache.glob(f"{package}_*.deb"))
-    if debs:
-        return debs[-1]
-    cache.mkdir(parents=True, exist_ok=True)
-    with temporary_directory(prefix=".download-", parent=str(cache)) as work:
-        result = run(["apt-get", "download", package], cwd=work, check=False, timeout=900)
-        if result.returncode != 0:
-            if os.geteuid() != 0:
-                raise UserError(
-                    f"apt-get download {package} failed",
-                    "run `apt-get update` as root, or fill $ARCHKERNEL_TEST_CACHE",
-                )
-            run(["apt-get", "update"], timeout=900)
-            run(["apt-get", "download", package], cwd=work, timeout=900)
-        fetched = sorted(work.glob("*.deb"))
-        if len(fetched) != 1:
-            raise UserError(f"apt-get download {package} left {fetched}")
-        dest = cache / fetched[0].name
-        os.replace(fetched[0], dest)
-    return dest
-
-
 def _kernel_tree(cache: Path) -> Path:
-    """Debian's unpacked kernel, through tests.support_kernel (shared with other tests)."""
-    # Imported here: support_kernel reports a missing tool by skipping the calling test.
+    """Debian's unpacked kernel, through tests.support.kernel (shared with other tests)."""
+    # Imported here: tests.support.kernel reports a missing tool by skipping the calling
+    # test, so it needs pytest, which `python -m tests.offline` does not.
     import pytest
 
-    from tests.support_kernel import debian_kernel_tree
+    from tests.support.kernel import debian_kernel_tree
 
     try:
         return debian_kernel_tree(cache)
@@ -681,7 +653,8 @@ def _kernel_tree(cache: Path) -> Path:
 
 
 def _tree_identity(tree: Path) -> str:
-    """What names the kernel in `tree`: support_kernel's stamp (the package), else the path."""
+    """What names the kernel in `tree`: the package in its stamp (tests.support.kernel), else
+    the path."""
     stamp = tree / ".archkernel-complete"
     return stamp.read_text().strip() if stamp.is_file() else str(tree)
 
@@ -707,8 +680,6 @@ def _linux_package(cache: Path, tree: Path, work: Path) -> tuple[Path, Package, 
     key = _source_digest("linux", _tree_identity(tree))[:16]
     store = cache / "offline-packages"
     slot = store / key
-    from tests.support_kernel import locked  # imported here, like debian_kernel: needs pytest
-
     with locked(store / ".lock"):
         meta = slot / "package.json"
         if meta.is_file():

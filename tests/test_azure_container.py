@@ -1,7 +1,7 @@
 """azure_vhd with `builder = "container"`: the offline build, run with a build environment's tools.
 
 No Arch mirror here, so the bootstrap build environment is the tests' own (see
-tests/support_buildenv.py): Debian bookworm made by debootstrap, with Debian's pacman,
+tests/support/buildenv.py): Debian bookworm made by debootstrap, with Debian's pacman,
 pacstrap, e2fsprogs, fdisk, GRUB, dosfstools and mtools, packed like Arch's bootstrap
 tarball and given by path with its SHA-256, exactly as a user gives their own tarball:
 
@@ -44,23 +44,20 @@ from archkernel.settings import AzureSettings, load, validate
 from tasks import azure_vhd
 from tasks.steps import Step
 from tests import offline
-from tests import support_buildenv as support
-from tests.test_azure_e2e import (
+from tests.support import buildenv as support
+from tests.support.azure import (
     STEPS,
     WORKFLOW,
     Build,
     archkernel,
     boot_facts,
     environment,
-    leftovers,
     outcomes,
-    repo,
+    path_without,
     run_boottest,
 )
-from tests.test_azure_failures import path_without
-from tests.test_buildenv import env_processes
-
-__all__ = ["repo"]  # the module-scoped offline repository fixture, used by name
+from tests.support.buildenv import env_processes
+from tests.support.kernel_state import leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -175,7 +172,7 @@ def wrapper_log(build: Build) -> Path:
 
 def step_list(tmp_path: Path, **env: str) -> list[Step]:
     values = {"ARCHKERNEL_WORKDIR": str(tmp_path / "build"), **env}
-    return azure_vhd.build(load(None, env=values, cwd=tmp_path))
+    return azure_vhd.WORKFLOWS[0].steps(load(None, env=values, cwd=tmp_path))
 
 
 CONTAINER = {
@@ -206,6 +203,7 @@ def test_step_1_checks_the_runtimes_own_tool_on_the_host(runtime: str, tool: str
 # --- the build ----------------------------------------------------------------------------------
 
 
+@pytest.mark.root
 def test_step_1_unpacks_the_given_tarball_under_the_workdir(prepared, env_tarball: Path) -> None:
     build, step1 = prepared
     sha = sha256_file(env_tarball)
@@ -218,6 +216,7 @@ def test_step_1_unpacks_the_given_tarball_under_the_workdir(prepared, env_tarbal
     assert env_root(build) == build.workdir / "buildenv" / sha[:16] / "root"
 
 
+@pytest.mark.root
 def test_the_build_finishes_and_the_image_verifies(finished) -> None:
     build, result = finished
     assert "Traceback" not in result.stderr
@@ -229,6 +228,7 @@ def test_the_build_finishes_and_the_image_verifies(finished) -> None:
     assert archkernel("vhd", "check", str(build.vhd)).returncode == 0
 
 
+@pytest.mark.root
 def test_the_host_path_offers_none_of_the_build_tools(container: Build) -> None:
     host_path = container.env["PATH"]
     assert [t for t in buildenv.ROUTED_TOOLS if shutil.which(t, path=host_path)] == []
@@ -237,6 +237,7 @@ def test_the_host_path_offers_none_of_the_build_tools(container: Build) -> None:
         assert shutil.which(tool, path=host_path), tool
 
 
+@pytest.mark.root
 def test_the_image_was_made_by_the_environments_tools(container: Build) -> None:
     records = ran_inside(wrapper_log(container))
     assert not Path("/", support.MARKER).exists()  # the host has no such file
@@ -254,6 +255,7 @@ def test_the_image_was_made_by_the_environments_tools(container: Build) -> None:
     assert f"--format i386-pc --directory {grub_lib} " in mkimage  # the environment's GRUB
 
 
+@pytest.mark.root
 def test_the_log_says_where_each_command_ran(finished) -> None:
     build, result = finished
     sha = sha256_file(Path(build.env["ARCHKERNEL_AZURE__BOOTSTRAP_TARBALL"]))
@@ -270,11 +272,13 @@ def test_the_log_says_where_each_command_ran(finished) -> None:
         assert ran(tool) == {True}, tool
     for tool in ("e2fsck", "grub-mkimage", "grub-bios-setup", "blkid"):
         assert ran(tool) == {True}, tool
-    for tool in ("losetup", "mount", "umount", "cp"):  # the host's kernel state, the host's cp
+    # The host's kernel state, the host's cp (step 7 lets `mount -o loop` make its loop device).
+    for tool in ("mount", "umount", "cp"):
         assert ran(tool) == {False}, tool
 
 
 @pytest.mark.vm
+@pytest.mark.root
 def test_the_image_boots_with_seabios(container: Build) -> None:
     run_boottest(container)
     facts = boot_facts(container.console())
@@ -283,6 +287,7 @@ def test_the_image_boots_with_seabios(container: Build) -> None:
     assert facts["hostname"] == offline.HOSTNAME
 
 
+@pytest.mark.root
 def test_a_rerun_reuses_everything_and_runs_nothing(container: Build) -> None:
     state = buildenv.state_file(container.workdir)
     before = state.stat().st_mtime_ns
@@ -292,11 +297,13 @@ def test_a_rerun_reuses_everything_and_runs_nothing(container: Build) -> None:
     assert state.stat().st_mtime_ns == before
 
 
+@pytest.mark.root
 def test_nothing_stays_mounted_attached_or_running(container: Build) -> None:
     assert leftovers(container.workdir) == []
     assert env_processes(env_root(container)) == []
 
 
+@pytest.mark.root
 def test_switching_to_hybrid_makes_the_esp_with_the_environments_tools_too(
     container: Build,
 ) -> None:

@@ -19,8 +19,8 @@ The stand-in init in the image prints, on the serial console,
 from the superblock of the file system the initramfs mounted as root, F is /'s entry in the
 image's /etc/fstab.
 
-Helpers here (`archkernel`, `outcomes`, `leftovers` ...) are also used by
-test_azure_failures.py.
+The helpers (`archkernel`, `outcomes`, `leftovers` ...) are in tests/support/azure.py; the
+offline repository is the `repo` fixture of tests/conftest.py.
 """
 
 from __future__ import annotations
@@ -29,198 +29,31 @@ import json
 import os
 import re
 import subprocess
-import sys
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
 
 import pytest
 
-from archkernel.settings import load
 from tests import offline
-
-pytestmark = pytest.mark.integration
-
-REPO = Path(__file__).resolve().parent.parent
-WORKFLOW = "azure_vhd"
-STEPS = [
-    "01_preflight",
-    "02_pacstrap",
-    "03_configure",
-    "04_agent",
-    "05_initramfs",
-    "06_disk",
-    "07_bootloader",
-    "08_vhd",
-    "09_verify",
-]
-BUILD_TIMEOUT = 900
-BOOT_TIMEOUT = 600
-_OUTCOME = re.compile(
-    r"^(?P<wf>azure_vhd|azure_boottest):(?P<step>\d\d_\w+): "
-    r"(?P<what>done in|up to date|failed after|interrupted after)",
-    re.MULTILINE,
+from tests.support.azure import (
+    OUTCOME,
+    STEPS,
+    WORKFLOW,
+    Build,
+    archkernel,
+    boot_facts,
+    built,
+    doit,
+    image_file,
+    outcomes,
+    run_boottest,
 )
-_BOOT_LINE = re.compile(r"ARCHKERNEL-TEST-BOOT (.*)")
+from tests.support.kernel_state import leftovers
 
-
-# --- running the tools, as a user would -----------------------------------------------------
-
-
-def environment(**extra: str) -> dict[str, str]:
-    """Our environment without any ARCHKERNEL_* setting of the caller, plus `extra`."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHKERNEL_")}
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
-
-
-def archkernel(
-    *args: str, env: dict[str, str] | None = None, timeout: float = BUILD_TIMEOUT
-) -> subprocess.CompletedProcess[str]:
-    """`archkernel ARGS...` in a new process."""
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", *args],
-        cwd=REPO,
-        env=environment(**(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-    )
-
-
-def doit(
-    project: Path, *args: str, env: dict[str, str] | None = None
-) -> subprocess.CompletedProcess[str]:
-    """`python -m doit -f REPO/dodo.py -d PROJECT ARGS...`: plain doit over the same tasks."""
-    return subprocess.run(
-        [sys.executable, "-m", "doit", "-f", str(REPO / "dodo.py"), "-d", str(project), *args],
-        cwd=project,
-        env=environment(**(env or {})),
-        capture_output=True,
-        text=True,
-        timeout=BUILD_TIMEOUT,
-    )
-
-
-def outcomes(log: str, workflow: str = WORKFLOW) -> dict[str, str]:
-    """Each step's last outcome in a run's log: `done in`, `up to date`, `failed after` ..."""
-    return {m["step"]: m["what"] for m in _OUTCOME.finditer(log) if m["wf"] == workflow}
-
-
-def error_line(log: str) -> str:
-    """The line that says why a run failed (the first `error:` line)."""
-    lines = [ln for ln in log.splitlines() if ln.startswith("error: ")]
-    assert lines, log
-    return lines[0]
-
-
-def boot_facts(console: str) -> dict[str, str]:
-    """The key=value pairs of the stand-in init's ARCHKERNEL-TEST-BOOT line."""
-    found = _BOOT_LINE.findall(console)
-    assert len(found) == 1, console[-3000:]
-    return dict(pair.split("=", 1) for pair in found[0].split())
-
-
-def leftovers(directory: Path) -> list[str]:
-    """Mounts at or below `directory` and loop devices whose backing file lies in it."""
-    base = os.path.realpath(directory)
-
-    def under(path: str) -> bool:
-        return path == base or path.startswith(base + "/")
-
-    found = []
-    for line in Path("/proc/mounts").read_text().splitlines():
-        point = line.split()[1].replace("\\040", " ")
-        if under(point):
-            found.append(f"mounted: {point}")
-    listing = subprocess.run(
-        ["losetup", "--json", "--list"], capture_output=True, text=True, check=True
-    ).stdout
-    for dev in json.loads(listing or "{}").get("loopdevices", []):
-        back = (dev.get("back-file") or "").removesuffix(" (deleted)")
-        if under(back):
-            found.append(f"loop device: {dev['name']} on {back}")
-    return found
-
-
-def run_boottest(build: Build) -> subprocess.CompletedProcess[str]:
-    """`archkernel run azure_boottest`: QEMU (TCG) boots the VHD through SeaBIOS and GRUB."""
-    result = build.archkernel("run", "azure_boottest", timeout=BOOT_TIMEOUT)
-    assert result.returncode == 0, result.stderr[-3000:]
-    return result
+pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 
 # --- one build ------------------------------------------------------------------------------
-
-
-@dataclass
-class Build:
-    """One azure_vhd build: its settings, its overrides and where its outputs are."""
-
-    repo: offline.OfflineRepo
-    workdir: Path
-    env: dict[str, str] = field(default_factory=dict)
-    settings: Path | None = None  # default: the offline repository's settings.toml
-
-    @property
-    def settings_path(self) -> Path:
-        return self.settings or self.repo.settings
-
-    @property
-    def all_env(self) -> dict[str, str]:
-        return {"ARCHKERNEL_WORKDIR": str(self.workdir), **self.env}
-
-    @property
-    def azure(self) -> Path:
-        return self.workdir / "azure"
-
-    @property
-    def vhd(self) -> Path:
-        return self.azure / "archlinux-azure.vhd"
-
-    @property
-    def disk_size(self) -> int:
-        """azure.disk_size as the settings (file and environment) give it."""
-        env = environment(**self.all_env)
-        return load(self.settings_path, env=env).settings.azure.disk_size
-
-    def archkernel(
-        self, *args: str, timeout: float = BUILD_TIMEOUT
-    ) -> subprocess.CompletedProcess[str]:
-        """`archkernel ARGS... --settings SETTINGS` with this build's overrides."""
-        command, *rest = args
-        return archkernel(
-            command, *rest, "--settings", str(self.settings_path), env=self.all_env, timeout=timeout
-        )
-
-    def run(self, *args: str) -> subprocess.CompletedProcess[str]:
-        """`archkernel run azure_vhd ARGS...`."""
-        return self.archkernel("run", WORKFLOW, *args)
-
-    def report(self) -> dict[str, Any]:
-        return dict(json.loads((self.azure / "verify.json").read_text()))
-
-    def root_uuid(self) -> str:
-        return str(json.loads((self.azure / "ids.json").read_text())["root_uuid"])
-
-    def console(self) -> str:
-        return (self.azure / "boottest.log").read_bytes().decode("utf-8", "replace")
-
-
-def built(repo: offline.OfflineRepo, name: str, **env: str) -> Build:
-    """A finished build in `repo.dir / name` with the settings overrides `env`."""
-    build = Build(repo, repo.dir / name, env)
-    result = build.run()
-    assert result.returncode == 0, result.stderr[-5000:]
-    return build
-
-
-@pytest.fixture(scope="module")
-def repo(tmp_path_factory: pytest.TempPathFactory) -> offline.OfflineRepo:
-    """The offline repository, pacman.conf and settings.toml (python -m tests.offline DIR)."""
-    return offline.build(tmp_path_factory.mktemp("azure-offline"))
 
 
 @pytest.fixture(scope="module")
@@ -251,7 +84,7 @@ def test_doit_runs_every_step_in_order(first_run) -> None:
     assert result.returncode == 0, result.stderr[-5000:]
     assert "Traceback" not in result.stderr
     assert outcomes(result.stderr) == {step: "done in" for step in STEPS}
-    finished = [m["step"] for m in _OUTCOME.finditer(result.stderr)]
+    finished = [m["step"] for m in OUTCOME.finditer(result.stderr)]
     assert finished == STEPS
 
 
@@ -403,21 +236,6 @@ def waagent(repo: offline.OfflineRepo) -> Build:
 def mbr(repo: offline.OfflineRepo) -> Build:
     """partition_table = "mbr": one bootable root partition, GRUB in the gap after the MBR."""
     return built(repo, "build-mbr", ARCHKERNEL_AZURE__PARTITION_TABLE="mbr")
-
-
-def image_file(build: Build, path: str) -> str:
-    """A file of the image's root file system, read with debugfs from the VHD itself."""
-    table = json.loads(
-        subprocess.run(
-            ["sfdisk", "--json", str(build.vhd)], capture_output=True, text=True, check=True
-        ).stdout
-    )
-    root = table["partitiontable"]["partitions"][-1]
-    device = f"{build.vhd}?offset={int(root['start']) * 512}"
-    out = subprocess.run(
-        ["debugfs", "-R", f"cat {path}", device], capture_output=True, text=True, check=True
-    )
-    return out.stdout
 
 
 def test_waagent_variant_verifies_with_the_agent_configured(waagent: Build) -> None:

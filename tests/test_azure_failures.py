@@ -32,11 +32,10 @@ from pathlib import Path
 
 import pytest
 
-from archkernel.azure.tree import pacman_errors, pacstrap_error
+from archkernel.azure.pacman import pacman_errors, pacstrap_error
 from archkernel.host.processes import processes_in
-from archkernel.host.run import minimal_env
 from tests import offline
-from tests.test_azure_e2e import (
+from tests.support.azure import (
     STEPS,
     WORKFLOW,
     Build,
@@ -45,13 +44,11 @@ from tests.test_azure_e2e import (
     built,
     environment,
     error_line,
-    leftovers,
     outcomes,
-    repo,
+    path_without,
     run_boottest,
 )
-
-__all__ = ["repo"]  # the module-scoped offline repository fixture, used by name
+from tests.support.kernel_state import leftovers
 
 pytestmark = pytest.mark.integration
 
@@ -148,6 +145,7 @@ KILLS = [
 
 @pytest.mark.parametrize("step", ["02_pacstrap", "06_disk"])
 @pytest.mark.parametrize(("sig", "group"), KILLS)
+@pytest.mark.root
 def test_killed_during_a_step_then_run_again_finishes_a_valid_image(
     repo: offline.OfflineRepo, resumed, step: str, sig: signal.Signals, group: bool
 ) -> None:
@@ -168,6 +166,7 @@ def test_killed_during_a_step_then_run_again_finishes_a_valid_image(
 
 
 @pytest.mark.vm
+@pytest.mark.root
 def test_an_image_finished_after_a_kill_boots(repo: offline.OfflineRepo, resumed) -> None:
     build = resumed.get("killed-SIGKILL-group-06_disk")
     if build is None:  # this test run alone: make one
@@ -180,6 +179,7 @@ def test_an_image_finished_after_a_kill_boots(repo: offline.OfflineRepo, resumed
     assert facts["hostname"] == offline.HOSTNAME
 
 
+@pytest.mark.root
 def test_killed_during_a_forced_rerun_of_step_6_then_a_plain_run_finishes(
     repo: offline.OfflineRepo,
 ) -> None:
@@ -238,6 +238,7 @@ def fails(build: Build) -> tuple[str, str]:
     return error_line(result.stderr), result.stderr
 
 
+@pytest.mark.root
 def test_disk_too_small_for_the_root_tree_says_how_much_is_needed(
     repo: offline.OfflineRepo,
 ) -> None:
@@ -260,6 +261,7 @@ def test_disk_too_small_for_the_root_tree_says_how_much_is_needed(
     assert build.report()["ok"] is True
 
 
+@pytest.mark.root
 def test_unknown_package_shows_pacmans_words(repo: offline.OfflineRepo) -> None:
     env = {"ARCHKERNEL_AZURE__EXTRA_PACKAGES": '["nosuchpkg"]'}
     build = Build(repo, repo.dir / "unknown-package", env)
@@ -275,6 +277,7 @@ def test_unknown_package_shows_pacmans_words(repo: offline.OfflineRepo) -> None:
     ]
 
 
+@pytest.mark.root
 def test_pacman_conf_that_does_not_exist(repo: offline.OfflineRepo) -> None:
     missing = repo.dir / "no-such-pacman.conf"
     env = {"ARCHKERNEL_AZURE__PACMAN_CONF": str(missing)}
@@ -291,6 +294,7 @@ def mirror_settings(repo: offline.OfflineRepo, name: str, mirror: str) -> Build:
     return Build(repo, repo.dir / name, settings=path)
 
 
+@pytest.mark.root
 def test_unreachable_mirror_fails_fast(repo: offline.OfflineRepo) -> None:
     # Port 9 (discard) on the loopback: nothing listens, the connection is refused.
     build = mirror_settings(repo, "mirror-refused", "http://127.0.0.1:9/$repo/os/$arch")
@@ -305,6 +309,7 @@ def test_unreachable_mirror_fails_fast(repo: offline.OfflineRepo) -> None:
     assert "azure.pacman_conf" in log  # the hint names the way out
 
 
+@pytest.mark.root
 def test_silent_mirror_fails_within_its_time_limit(repo: offline.OfflineRepo) -> None:
     # A server that accepts connections and never answers: only a timeout ends the wait.
     with socket.socket() as server:
@@ -320,20 +325,8 @@ def test_silent_mirror_fails_within_its_time_limit(repo: offline.OfflineRepo) ->
     assert "timed out" in line
 
 
-def path_without(tmp: Path, *tools: str) -> str:
-    """A PATH of symlinks to every program on the usual PATH except `tools`."""
-    tmp.mkdir(parents=True, exist_ok=True)
-    for directory in minimal_env()["PATH"].split(":"):
-        if not os.path.isdir(directory):
-            continue
-        for entry in os.scandir(directory):
-            link = tmp / entry.name
-            if entry.name not in tools and not link.exists() and os.access(entry.path, os.X_OK):
-                link.symlink_to(entry.path)
-    return str(tmp)
-
-
 @pytest.mark.parametrize("tools", [["pacstrap"], ["pacstrap", "sfdisk"]])
+@pytest.mark.root
 def test_missing_host_tools_are_named_all_at_once(repo: offline.OfflineRepo, tools) -> None:
     name = "no-" + "-".join(tools)
     path = path_without(repo.dir / f"{name}-bin", *tools)

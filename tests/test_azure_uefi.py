@@ -28,10 +28,11 @@ import pytest
 from archkernel.azure import boottest, diskimage, workspace
 from archkernel.errors import UserError
 from archkernel.host import qemu
-from archkernel.image import disk, esp, grub
+from archkernel.image import disk, esp, ext4, grub
+from archkernel.plan import describe
 from archkernel.settings import Settings, load
 from tests import offline
-from tests.test_azure_e2e import (
+from tests.support.azure import (
     STEPS,
     WORKFLOW,
     Build,
@@ -39,13 +40,10 @@ from tests.test_azure_e2e import (
     boot_facts,
     built,
     image_file,
-    leftovers,
     outcomes,
-    repo,
     run_boottest,
 )
-
-__all__ = ["repo"]  # the module-scoped offline repository fixture, used by name
+from tests.support.kernel_state import leftovers
 
 # The offline tree fills about 240 MiB of ext4; with the 256 MiB ESP and GRUB's modules for
 # two platforms, 512 MiB (test_azure_e2e's size) is too small. The file stays sparse.
@@ -80,7 +78,7 @@ def step_settings(env: dict[str, str], tmp_path: Path) -> dict[str, list[str]]:
 
     values = {"ARCHKERNEL_WORKDIR": str(tmp_path / "build"), **env}
     loaded = load(None, env=values, cwd=tmp_path)
-    return {step.id: list(step.settings) for step in azure_vhd.build(loaded)}
+    return {step.id: list(step.settings) for step in azure_vhd.WORKFLOWS[0].steps(loaded)}
 
 
 def test_the_steps_the_firmware_changes_read_generation_and_boot(tmp_path: Path) -> None:
@@ -95,38 +93,51 @@ def test_the_steps_the_firmware_changes_read_generation_and_boot(tmp_path: Path)
 def test_dry_run_commands_of_a_hybrid_disk_are_planned_without_running(tmp_path: Path) -> None:
     s = settings(tmp_path, **HYBRID)
     p = workspace.paths(s)
-    six = diskimage.disk_commands(s)
-    argvs = [c for c in six if isinstance(c, list)]
-    assert [a[0] for a in argvs] == [
+    six = diskimage.disk(s).commands()
+    # sfdisk writes the table, then lists it (--json) to check it.
+    assert [a[0] for a in six] == [
         "grub-mkimage",
         "grub-mkimage",
+        "sfdisk",
         "sfdisk",
         "mkfs.ext4",
         "e2fsck",
         "mkfs.fat",
     ]
-    assert argvs[1][1:3] == ["--format", "x86_64-efi"]
+    assert six[1][1:3] == ("--format", "x86_64-efi")
+    assert six[3][1] == "--json"
     layout = diskimage.layout_for(s.azure)
-    assert argvs[3] == disk.mkfs_argv(
-        p.raw, layout.root, p.image_root, uuid="ROOT-UUID-FROM-STEP-1", label="archroot"
+    made = workspace.staging(p.raw)  # the disk is made beside disk.img, then renamed
+    assert list(six[4]) == ext4.mkfs_argv(
+        made, layout.root, p.image_root, uuid="ROOT-UUID-FROM-STEP-1", label="archroot"
     )
-    assert argvs[5] == esp.mkfs_argv(p.raw, layout.esp, volume="0000-0000")
-    seven = diskimage.bootloader_commands(s)
-    assert [c[0] for c in seven if isinstance(c, list)] == ["grub-bios-setup", "mcopy"]
-    eight = diskimage.vhd_commands(s)
+    assert list(six[6]) == esp.mkfs_argv(made, layout.esp, volume="0000-0000")
+    seven = diskimage.bootloader(s).commands()
+    assert [Path(c[0]).name for c in seven] == [
+        # BIOS: the root file system's UUID, its partition mounted for grub-bios-setup,
+        # the table checked after.
+        *["blkid", "mount", "grub-bios-setup", "umount", "sfdisk"],
+        # UEFI: the UUID, a FAT on the ESP, core.efi read back and copied there, read
+        # again and compared, the table checked; then the FAT (fsck.fat).
+        *["blkid", "blkid", "debugfs", "mcopy", "mcopy", "sfdisk", "fsck.fat"],
+    ]
+    eight = describe(diskimage.vhd(s))
     assert eight == [
-        f"append the 512-byte fixed-VHD footer (1GiB) to {p.raw} and rename it to {p.vhd}: "
+        f"# append the 512-byte fixed-VHD footer (1GiB) to {p.raw} and rename it to {p.vhd}: "
         "no data is copied, the file stays sparse"
     ]
+    assert diskimage.vhd(s).commands() == []
     assert not p.work.exists()  # planning wrote nothing
 
 
 def test_a_bios_disk_plans_no_esp_and_no_efi_grub(tmp_path: Path) -> None:
     s = settings(tmp_path)
-    words = " ".join(" ".join(c) if isinstance(c, list) else c for c in diskimage.disk_commands(s))
+    words = " ".join(describe(diskimage.disk(s)))
     assert "x86_64-efi" not in words and "mkfs.fat" not in words
-    seven = diskimage.bootloader_commands(s)
-    assert [c[0] for c in seven if isinstance(c, list)] == ["grub-bios-setup"]
+    seven = diskimage.bootloader(s).commands()
+    assert [Path(c[0]).name for c in seven] == [
+        *["blkid", "mount", "grub-bios-setup", "umount", "sfdisk"]
+    ]
 
 
 @pytest.mark.parametrize(
@@ -147,13 +158,17 @@ def test_boottest_boots_with_the_generations_firmware_first(tmp_path: Path, env,
 
 
 def test_without_ovmf_a_uefi_boot_test_says_which_package(tmp_path: Path, monkeypatch) -> None:
+    from tasks import azure_vhd, cli
+
     monkeypatch.setattr(qemu, "OVMF_CANDIDATES", (qemu.Firmware(tmp_path / "OVMF.fd"),))
-    s = settings(tmp_path, **GEN2)
+    loaded = load(None, env={"ARCHKERNEL_WORKDIR": str(tmp_path / "build"), **GEN2}, cwd=tmp_path)
+    s = loaded.settings
     (test,) = boottest.boot_tests(s)
     with pytest.raises(UserError, match="no OVMF") as err:
-        boottest.run_boottest(s, test)
+        boottest.boot(s, test=test)  # the plan cannot be made: the step fails
     assert "install 'ovmf'" in (err.value.hint or "")
-    planned = boottest.boottest_commands(s, test)  # --dry-run shows the problem, does not fail
+    (step,) = azure_vhd.build_boottest(s)
+    planned = cli._planned(step, loaded)  # --dry-run shows the problem, does not fail
     assert len(planned) == 1 and "install 'ovmf'" in str(planned[0])
 
 
@@ -192,6 +207,8 @@ def checks(build: Build) -> dict[str, bool]:
     return {c["name"]: c["ok"] for c in report["checks"]}
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_a_generation_2_image_verifies_with_the_uefi_rules(uefi: Build) -> None:
     names = checks(uefi)
     for rule in (
@@ -209,6 +226,8 @@ def test_a_generation_2_image_verifies_with_the_uefi_rules(uefi: Build) -> None:
     assert summary.endswith(f"{len(names)} passed, 0 failed\n")
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_a_hybrid_image_verifies_with_both_firmwares_rules(hybrid: Build) -> None:
     names = checks(hybrid)
     assert names["BIOS: boot code in the MBR"] is True
@@ -218,6 +237,8 @@ def test_a_hybrid_image_verifies_with_both_firmwares_rules(hybrid: Build) -> Non
 
 
 @pytest.mark.parametrize("which", ["uefi", "hybrid"])
+@pytest.mark.integration
+@pytest.mark.root
 def test_vhd_check_and_qemu_img_accept_the_image(which: str, request) -> None:
     build: Build = request.getfixturevalue(which)
     result = archkernel("vhd", "check", str(build.vhd))
@@ -231,6 +252,8 @@ def test_vhd_check_and_qemu_img_accept_the_image(which: str, request) -> None:
     assert json.loads(info.stdout)["virtual-size"] == build.disk_size == 1 << 30
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_the_generation_2_disk_is_esp_then_root_without_bios_boot_code(uefi: Build) -> None:
     types = [str(p["type"]).upper() for p in partitions(uefi)]
     assert types == [disk.ESP_GUID, disk.ROOT_X86_64_GUID]
@@ -238,6 +261,8 @@ def test_the_generation_2_disk_is_esp_then_root_without_bios_boot_code(uefi: Bui
         assert not any(f.read(440)), "only a protective MBR"
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_the_hybrid_disk_is_bios_boot_esp_root(hybrid: Build) -> None:
     types = [str(p["type"]).upper() for p in partitions(hybrid)]
     assert types == [disk.BIOS_BOOT_GUID, disk.ESP_GUID, disk.ROOT_X86_64_GUID]
@@ -248,6 +273,8 @@ def test_the_hybrid_disk_is_bios_boot_esp_root(hybrid: Build) -> None:
 
 
 @pytest.mark.parametrize(("which", "number"), [("uefi", 1), ("hybrid", 2)])
+@pytest.mark.integration
+@pytest.mark.root
 def test_the_esp_holds_grubs_core_efi_at_the_removable_path(which: str, number: int, request):
     build: Build = request.getfixturevalue(which)
     part = partition(build, number, "esp")
@@ -255,12 +282,14 @@ def test_the_esp_holds_grubs_core_efi_at_the_removable_path(which: str, number: 
     assert esp.list_files(build.vhd, part) == ESP_FILES
     loader = esp.read_file(build.vhd, part, esp.REMOVABLE_PATH_X64)
     root = partition(build, number + 1, "root")
-    staged = disk.read_ext4_file(build.vhd, root, "/boot/grub/x86_64-efi/core.efi")
+    staged = ext4.read_ext4_file(build.vhd, root, "/boot/grub/x86_64-efi/core.efi")
     assert loader == staged
     assert grub.early_cfg(build.root_uuid()).encode() in loader
     esp.check_fat(build.vhd, part)
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_fstab_mounts_the_esp_by_its_volume_id_at_efi(uefi: Build) -> None:
     volume = json.loads((uefi.azure / "ids.json").read_text())["esp_volume"]
     assert disk.fs_uuid(uefi.vhd, partition(uefi, 1, "esp")) == volume
@@ -289,12 +318,16 @@ def image_file_listing(build: Build, directory: str) -> str:
 # --- re-running ----------------------------------------------------------------------------------
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_a_rerun_of_a_hybrid_build_runs_nothing(hybrid: Build) -> None:
     again = hybrid.run()
     assert again.returncode == 0, again.stderr[-3000:]
     assert outcomes(again.stderr) == {step: "up to date" for step in STEPS}
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_a_bios_build_switched_to_generation_2_re_runs_from_step_3_and_verifies(
     repo: offline.OfflineRepo,
 ) -> None:
@@ -328,6 +361,8 @@ def test_a_bios_build_switched_to_generation_2_re_runs_from_step_3_and_verifies(
     assert "i386-pc" not in image_file_listing(build, "/boot/grub")
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_dry_run_shows_the_uefi_commands_and_changes_nothing(hybrid: Build) -> None:
     before = hybrid.vhd.stat()
     result = hybrid.archkernel("run", WORKFLOW, "--from", "6", "--dry-run")
@@ -348,6 +383,8 @@ def hybrid_volume(build: Build) -> str:
     return esp.volume_id(json.loads((build.azure / "ids.json").read_text())["esp_volume"])
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_from_7_installs_grub_again_into_the_same_disk_and_it_verifies(hybrid: Build) -> None:
     result = hybrid.run("--from", "7")
     assert result.returncode == 0, result.stderr[-5000:]
@@ -373,6 +410,7 @@ def read_console(path: Path) -> str:
 
 @pytest.mark.vm
 @needs_ovmf
+@pytest.mark.root
 def test_ovmf_boots_the_generation_2_image_through_grub_into_it(uefi: Build) -> None:
     booted = run_boottest(uefi)
     assert outcomes(booted.stderr, "azure_boottest") == {"01_boot": "done in"}
@@ -386,6 +424,7 @@ def test_ovmf_boots_the_generation_2_image_through_grub_into_it(uefi: Build) -> 
 
 @pytest.mark.vm
 @needs_ovmf
+@pytest.mark.root
 def test_the_hybrid_image_boots_with_seabios_and_with_ovmf(hybrid: Build) -> None:
     booted = run_boottest(hybrid)
     assert outcomes(booted.stderr, "azure_boottest") == {
@@ -402,5 +441,7 @@ def test_the_hybrid_image_boots_with_seabios_and_with_ovmf(hybrid: Build) -> Non
     assert stamp["firmware"] == "uefi" and stamp["marker"] == "login:"
 
 
+@pytest.mark.integration
+@pytest.mark.root
 def test_no_build_left_anything_mounted_or_attached(repo: offline.OfflineRepo, uefi, hybrid):
     assert leftovers(repo.dir) == []

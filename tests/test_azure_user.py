@@ -14,11 +14,11 @@ from pathlib import Path
 
 import pytest
 
-from archkernel.image import disk
+from archkernel.image import disk, ext4
 from tests import offline
-from tests.test_azure_e2e import archkernel, outcomes
+from tests.support.azure import archkernel, outcomes
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 KEY = (
     "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk0ZXN0a2V5Zm9yYXJjaGtlcm5lbHRlc3RzMDAwMDAw admin@example"
@@ -49,7 +49,7 @@ def image_file(settings: Path, path: str) -> bytes:
     layout = json.loads((work / "disk.json").read_text())
     (root,) = [p for p in layout["partitions"] if p["role"] == "root"]
     part = disk.Partition(root["number"], root["start"], root["size"], "", "", "root")
-    return disk.read_ext4_file(work / "archlinux-azure.vhd", part, path)
+    return ext4.read_ext4_file(work / "archlinux-azure.vhd", part, path)
 
 
 def test_every_step_ran(built: tuple[Path, subprocess.CompletedProcess[str]]) -> None:

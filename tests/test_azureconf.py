@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 
 from archkernel.azure import config as conf
-from archkernel.azure.verify import (
+from archkernel.azure.rules import (
     BootFacts,
     Report,
     TreeFacts,

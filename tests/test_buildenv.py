@@ -3,7 +3,7 @@
 The first half decides (tarball names, signatures, binds, the commands a runtime runs) and
 is tested with plain asserts. The second half runs for real: a build environment that is
 not this host's userland (Debian made with debootstrap and packed like Arch's bootstrap
-tarball, see tests/support_buildenv.py) is prepared once per module, and the tests prove
+tarball, see tests/support/buildenv.py) is prepared once per module, and the tests prove
 that commands run inside it, see the work directory at the same path, leave no mount and
 no process behind (Ctrl-C and timeouts included), and that crashed runs are cleaned up.
 Signatures are checked with a key the tests make. docker and podman are tested on the
@@ -37,7 +37,8 @@ from archkernel.host.files import remove_path, sha256_file, temporary_directory,
 from archkernel.host.run import Command, minimal_env, missing_tools, run, which, wrapping
 from archkernel.settings import AzureSettings, validate
 from tests import offline
-from tests import support_buildenv as support
+from tests.support import buildenv as support
+from tests.support.buildenv import env_processes
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_STATUS = """\
@@ -240,7 +241,7 @@ def test_chroot_commands_enter_a_private_namespace_through_the_helper() -> None:
         sys.executable,
         "-I",
         "-S",
-        str(REPO / "archkernel/azure/buildenv_exec.py"),
+        str(REPO / "archkernel/azure/buildenv/exec.py"),
         "--root",
         "/w/env/root",
         "--bind",
@@ -385,6 +386,7 @@ class Recorder:
         return f"/{self.tag}/{tool}" if tool != "absent" else None
 
 
+@pytest.mark.integration
 def test_run_hands_commands_to_the_innermost_wrapper_and_only_in_its_block() -> None:
     outer, inner = Recorder("outer"), Recorder("inner")
     with wrapping(outer):
@@ -399,6 +401,7 @@ def test_run_hands_commands_to_the_innermost_wrapper_and_only_in_its_block() -> 
     assert not outer.seen[0].has_input and outer.seen[0].env["LC_ALL"] == "C.UTF-8"
 
 
+@pytest.mark.integration
 def test_a_failing_wrapped_command_says_where_it_ran() -> None:
     class Failing(Recorder):
         def wrap(self, cmd: Command) -> Command:
@@ -436,21 +439,6 @@ def test_the_image_name_follows_what_was_set_up() -> None:
 
 
 # --- integration: helpers ----------------------------------------------------------------------
-
-
-def env_processes(root: Path) -> list[int]:
-    """Processes whose root directory is `root` (chrooted into the environment)."""
-    want = os.stat(root)
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                st = os.stat(f"/proc/{entry}/root")
-            except OSError:
-                continue
-            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
-                found.append(int(entry))
-    return found
 
 
 def mounts_in(directory: Path) -> list[str]:
@@ -495,6 +483,7 @@ def active(prepared: tuple[AzureSettings, Path, BuildEnv]) -> Iterator[tuple[Pat
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_the_environment_is_unpacked_under_the_workdir_with_its_keyring(
     prepared: tuple[AzureSettings, Path, BuildEnv], debian_tarball: Path
 ) -> None:
@@ -512,6 +501,7 @@ def test_the_environment_is_unpacked_under_the_workdir_with_its_keyring(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_routed_tools_run_inside_and_write_the_workdir_at_the_same_path(
     active: tuple[Path, BuildEnv],
 ) -> None:
@@ -534,6 +524,7 @@ def test_routed_tools_run_inside_and_write_the_workdir_at_the_same_path(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_the_binaries_seen_inside_are_the_environments(active: tuple[Path, BuildEnv]) -> None:
     _, env = active
     inside = env.run(["stat", "-L", "-c", "%d:%i", "/usr/sbin/sfdisk"], capture=True).stdout.strip()
@@ -548,6 +539,7 @@ def test_the_binaries_seen_inside_are_the_environments(active: tuple[Path, Build
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_sfdisk_reads_its_script_on_stdin_inside(active: tuple[Path, BuildEnv]) -> None:
     workdir, _ = active
     disk = workdir / "disk.img"
@@ -559,6 +551,7 @@ def test_sfdisk_reads_its_script_on_stdin_inside(active: tuple[Path, BuildEnv]) 
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_mounts_the_host_makes_while_active_are_seen_by_later_commands(
     active: tuple[Path, BuildEnv],
 ) -> None:
@@ -585,6 +578,7 @@ def test_mounts_the_host_makes_while_active_are_seen_by_later_commands(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_arch_chroot_works_inside_and_leaves_nothing(active: tuple[Path, BuildEnv]) -> None:
     workdir, env = active
     out = run(["arch-chroot", env.root, "cat", "/etc/archkernel-test-env"], capture=True).stdout
@@ -593,6 +587,7 @@ def test_arch_chroot_works_inside_and_leaves_nothing(active: tuple[Path, BuildEn
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_pacstrap_runs_inside_from_a_repository_outside_the_workdir(
     prepared: tuple[AzureSettings, Path, BuildEnv],
 ) -> None:
@@ -628,6 +623,7 @@ def test_pacstrap_runs_inside_from_a_repository_outside_the_workdir(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_the_environments_files_have_the_same_path_inside_and_outside(
     active: tuple[Path, BuildEnv],
 ) -> None:
@@ -641,6 +637,7 @@ def test_the_environments_files_have_the_same_path_inside_and_outside(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_failures_inside_are_explained(active: tuple[Path, BuildEnv]) -> None:
     _, env = active
     with pytest.raises(UserError) as info:
@@ -655,6 +652,7 @@ def test_failures_inside_are_explained(active: tuple[Path, BuildEnv]) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_a_timeout_ends_the_command_and_everything_it_started(
     active: tuple[Path, BuildEnv],
 ) -> None:
@@ -671,6 +669,7 @@ def test_a_timeout_ends_the_command_and_everything_it_started(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_a_background_daemon_ends_with_its_command(active: tuple[Path, BuildEnv]) -> None:
     _, env = active
     env.run(["sh", "-c", "sleep 300 & echo started"])
@@ -681,6 +680,7 @@ def test_a_background_daemon_ends_with_its_command(active: tuple[Path, BuildEnv]
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_keyboard_interrupt_inside_the_block_leaves_no_mount_and_no_wrapper(
     prepared: tuple[AzureSettings, Path, BuildEnv],
 ) -> None:
@@ -696,6 +696,7 @@ def test_keyboard_interrupt_inside_the_block_leaves_no_mount_and_no_wrapper(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_mounts_left_by_a_killed_run_are_undone_at_the_next_activate(
     prepared: tuple[AzureSettings, Path, BuildEnv],
 ) -> None:
@@ -711,6 +712,7 @@ def test_mounts_left_by_a_killed_run_are_undone_at_the_next_activate(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_mounts_left_behind_are_undone_by_prepare_which_reuses_the_tree(
     prepared: tuple[AzureSettings, Path, BuildEnv], caplog: pytest.LogCaptureFixture
 ) -> None:
@@ -738,6 +740,7 @@ with buildenv.activate(az, Path(sys.argv[1])) as env:
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_ctrl_c_during_a_command_leaves_no_process_and_no_mount(
     prepared: tuple[AzureSettings, Path, BuildEnv],
 ) -> None:

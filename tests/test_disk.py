@@ -20,13 +20,14 @@ import pytest
 from archkernel.errors import UserError
 from archkernel.host import mounts
 from archkernel.host.run import missing_tools, run
-from archkernel.image import disk
-from archkernel.image.disk import GiB, Layout, MiB, Partition
+from archkernel.image import disk, ext4
+from archkernel.image.disk import Layout, Partition
+from archkernel.units import GiB, MiB
 
 UUID = "0b9e2c1a-5a3f-4d7e-9c41-2f6d8e7a1b3c"
 SIZES = {"64MiB": 64 * MiB, "1GiB": GiB, "30GiB": 30 * GiB}
 
-needs_root = pytest.mark.skipif(os.geteuid() != 0, reason="needs root (loop devices, mounts)")
+needs_root = pytest.mark.root  # loop devices, mounts, device nodes
 
 
 # --- plan_layout ------------------------------------------------------------------------------
@@ -232,7 +233,7 @@ def test_sfdisk_script_for_mbr_marks_root_active() -> None:
 
 def test_mkfs_argv_pins_the_ext4_geometry_and_places_it_at_the_partition() -> None:
     root = disk.plan_layout(64 * MiB, "gpt").root
-    assert disk.mkfs_argv(Path("/w/d.raw"), root, Path("/w/root"), uuid=UUID, label="r") == [
+    assert ext4.mkfs_argv(Path("/w/d.raw"), root, Path("/w/root"), uuid=UUID, label="r") == [
         "mkfs.ext4", "-F", "-q", "-b", "4096", "-I", "256", "-i", "16384", "-m", "5",
         "-U", UUID, "-L", "r", "-d", "/w/root", "-E", "offset=2097152",
         "/w/d.raw", "62464k",
@@ -241,7 +242,7 @@ def test_mkfs_argv_pins_the_ext4_geometry_and_places_it_at_the_partition() -> No
 
 def test_make_ext4_refuses_a_bad_uuid(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="is not a UUID"):
-        disk.make_ext4(
+        ext4.make_ext4(
             tmp_path / "d.raw", disk.plan_layout(64 * MiB, "gpt").root, tmp_path, uuid="root"
         )
 
@@ -260,18 +261,18 @@ def test_make_ext4_refuses_a_bad_uuid(tmp_path: Path) -> None:
     ],
 )
 def test_journal_sizes_follow_mke2fs(fs_size: int, journal: int) -> None:
-    assert disk.ext4_journal_size(fs_size) == journal
+    assert ext4.ext4_journal_size(fs_size) == journal
 
 
 def test_the_ext4_estimate_covers_data_metadata_and_inodes() -> None:
-    small = disk.ext4_size_for(disk.TreeUsage(bytes=10 * MiB, inodes=100))
+    small = ext4.ext4_size_for(ext4.TreeUsage(bytes=10 * MiB, inodes=100))
     assert small % MiB == 0
     assert 10 * MiB < small < 64 * MiB
-    big = disk.ext4_size_for(disk.TreeUsage(bytes=1500 * MiB, inodes=60_000))
+    big = ext4.ext4_size_for(ext4.TreeUsage(bytes=1500 * MiB, inodes=60_000))
     # 1.5 GiB of data: journal 64 MiB, inode tables ~1.6%, reserve 5%, margin 10%.
     assert 1500 * MiB * 1.15 < big < 1500 * MiB * 1.5
     # Many tiny files need inodes (one per 16 KiB) more than blocks.
-    tiny = disk.ext4_size_for(disk.TreeUsage(bytes=10 * MiB, inodes=200_000))
+    tiny = ext4.ext4_size_for(ext4.TreeUsage(bytes=10 * MiB, inodes=200_000))
     assert tiny >= 200_000 * 16384
 
 
@@ -328,18 +329,18 @@ def make_tree(root: Path) -> Path:
 @needs_root
 def test_tree_usage_counts_blocks_inodes_and_hard_links_once(tmp_path: Path) -> None:
     root = make_tree(tmp_path / "root")
-    usage = disk.tree_usage(root)
+    usage = ext4.tree_usage(root)
     # inodes: / etc usr usr/bin dev, shadow owned tool (hard-linked: once), 3 symlinks,
     # null, initctl
     assert usage.inodes == 5 + 3 + 3 + 2
     # blocks: 5 directories, shadow, owned, tool (5004 bytes: 2 blocks), the long symlink
     assert usage.bytes == (5 + 1 + 1 + 2 + 1) * 4096
-    assert disk.tree_size(root) == usage.bytes
+    assert ext4.tree_size(root) == usage.bytes
 
 
 def test_a_missing_tree_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot read the root tree"):
-        disk.tree_usage(tmp_path / "missing")
+        ext4.tree_usage(tmp_path / "missing")
 
 
 def test_a_too_small_disk_says_how_much_the_tree_needs(tmp_path: Path) -> None:
@@ -347,19 +348,19 @@ def test_a_too_small_disk_says_how_much_the_tree_needs(tmp_path: Path) -> None:
     root.mkdir()
     with open(root / "big", "wb") as f:
         f.truncate(100 * MiB)
-    need = disk.required_disk_size(root, "gpt")
+    need = ext4.required_disk_size(root, "gpt")
     assert 100 * MiB < need < 200 * MiB
     with pytest.raises(UserError) as err:
-        disk.check_disk_size(root, 64 * MiB, "gpt")
+        ext4.check_disk_size(root, 64 * MiB, "gpt")
     assert err.value.message == (
         f"disk_size 64 MiB is too small for the root tree {root}: "
         f"it needs at least {need // MiB} MiB"
     )
-    disk.check_disk_size(root, need, "gpt")  # exactly enough is enough
+    ext4.check_disk_size(root, need, "gpt")  # exactly enough is enough
     # The ESP takes its share of the disk.
-    assert disk.required_disk_size(root, "gpt", boot="hybrid") == need + 256 * MiB
+    assert ext4.required_disk_size(root, "gpt", boot="hybrid") == need + 256 * MiB
     with pytest.raises(UserError, match="too small"):
-        disk.check_disk_size(root, need, "gpt", boot="uefi")
+        ext4.check_disk_size(root, need, "gpt", boot="uefi")
 
 
 # --- real images ------------------------------------------------------------------------------
@@ -448,9 +449,9 @@ def test_make_ext4_carries_the_tree_over_without_mounting(tmp_path: Path) -> Non
     image = tmp_path / "disk.raw"
     layout = disk.plan_layout(64 * MiB, "gpt")
     disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, root, uuid=UUID, label="testroot")
+    ext4.make_ext4(image, layout.root, root, uuid=UUID, label="testroot")
 
-    disk.check_ext4(image, layout.root)
+    ext4.check_ext4(image, layout.root)
     assert disk.fs_uuid(image, layout.root) == UUID
     label = run(
         ["blkid", "-p", "-O", str(layout.root.start), "-s", "LABEL", "-o", "value", image],
@@ -494,15 +495,15 @@ def test_files_are_read_back_from_ext4_without_mounting(tmp_path: Path) -> None:
     layout = disk.plan_layout(300 * MiB, "gpt", boot="uefi")
     disk.create_disk(image, layout)
     assert disk.fs_type(image, layout.root) is None
-    disk.make_ext4(image, layout.root, root, uuid=UUID)
+    ext4.make_ext4(image, layout.root, root, uuid=UUID)
     assert disk.fs_type(image, layout.root) == "ext4"
     assert disk.fs_type(image, layout.esp) is None
     tool = (root / "usr/bin/tool").read_bytes()
-    assert disk.read_ext4_file(image, layout.root, "/usr/bin/tool") == tool
+    assert ext4.read_ext4_file(image, layout.root, "/usr/bin/tool") == tool
     with pytest.raises(UserError, match="has no file /usr/bin/missing"):
-        disk.read_ext4_file(image, layout.root, "/usr/bin/missing")
+        ext4.read_ext4_file(image, layout.root, "/usr/bin/missing")
     with pytest.raises(ValueError, match="plain absolute path"):
-        disk.read_ext4_file(image, layout.root, "usr/bin/tool")
+        ext4.read_ext4_file(image, layout.root, "usr/bin/tool")
     assert loops_under(tmp_path) == [] and mounts_below(tmp_path) == []
 
 
@@ -513,8 +514,8 @@ def test_check_ext4_reads_the_partition_not_the_start_of_the_image(tmp_path: Pat
     image = tmp_path / "disk.raw"
     layout = disk.plan_layout(64 * MiB, "mbr")
     disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, make_tree(tmp_path / "root"), uuid=UUID)
-    disk.check_ext4(image, layout.root)
+    ext4.make_ext4(image, layout.root, make_tree(tmp_path / "root"), uuid=UUID)
+    ext4.check_ext4(image, layout.root)
     # Break the root directory's inode (inode table of group 0) and e2fsck must notice.
     block = run(
         ["debugfs", "-R", "imap <2>", f"{image}?offset={layout.root.start}"], capture=True
@@ -525,7 +526,7 @@ def test_check_ext4_reads_the_partition_not_the_start_of_the_image(tmp_path: Pat
         f.seek(layout.root.start + number * 4096 + offset)
         f.write(b"\xff" * 128)
     with pytest.raises(UserError, match="e2fsck found problems"):
-        disk.check_ext4(image, layout.root)
+        ext4.check_ext4(image, layout.root)
 
 
 @pytest.mark.integration
@@ -539,12 +540,12 @@ def test_the_estimate_is_enough_for_a_tree_of_many_small_files(tmp_path: Path) -
         for f in range(100):
             (sub / f"file-with-a-longish-name-{f:03}").write_bytes(b"z" * (f * 97))
     (root / "big").write_bytes(os.urandom(3 * MiB))
-    size = disk.required_disk_size(root, "gpt")
+    size = ext4.required_disk_size(root, "gpt")
     image = tmp_path / "disk.raw"
     layout = disk.plan_layout(size, "gpt")
     disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, root, uuid=UUID)
-    disk.check_ext4(image, layout.root)
+    ext4.make_ext4(image, layout.root, root, uuid=UUID)
+    ext4.check_ext4(image, layout.root)
 
 
 @pytest.mark.integration
@@ -558,13 +559,14 @@ def test_a_tree_that_does_not_fit_fails_with_mkfs_output(tmp_path: Path) -> None
     layout = disk.plan_layout(19 * MiB, "gpt")
     disk.create_disk(image, layout)
     with pytest.raises(UserError) as err:
-        disk.make_ext4(image, layout.root, root, uuid=UUID)
+        ext4.make_ext4(image, layout.root, root, uuid=UUID)
     assert "partition 2 (16 MiB) is too small for the root tree" in err.value.message
     assert "mkfs.ext4" in err.value.message  # what mkfs said is kept
     with pytest.raises(UserError, match="is not a directory"):
-        disk.make_ext4(image, layout.root, tmp_path / "nothing", uuid=UUID)
+        ext4.make_ext4(image, layout.root, tmp_path / "nothing", uuid=UUID)
 
 
+@pytest.mark.integration
 def test_fs_uuid_of_an_empty_partition_is_a_user_error(tmp_path: Path) -> None:
     if missing_tools(["blkid"]):
         pytest.skip("no blkid")
@@ -644,7 +646,7 @@ def ext4_image(tmp_path: Path, table: str = "gpt") -> tuple[Path, Layout]:
     image = tmp_path / "disk.raw"
     layout = disk.plan_layout(64 * MiB, table)
     disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, root, uuid=UUID)
+    ext4.make_ext4(image, layout.root, root, uuid=UUID)
     return image, layout
 
 

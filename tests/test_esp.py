@@ -16,8 +16,9 @@ import pytest
 from archkernel.errors import UserError
 from archkernel.host.run import missing_tools, run
 from archkernel.image import disk, esp
-from archkernel.image.disk import GiB, Layout, MiB
-from tests.test_grub import no_leftovers
+from archkernel.image.disk import Layout
+from archkernel.units import GiB, MiB
+from tests.support.grub import no_leftovers
 
 IMAGE = Path("/w/disk.raw")
 # The ESP of a hybrid disk: after the 1 MiB BIOS boot partition, 256 MiB from 2 MiB.

@@ -13,26 +13,22 @@ import re
 import shutil
 from collections.abc import Callable
 from pathlib import Path
-from typing import TypeVar
 
 import pytest
 
 from archkernel.errors import UserError
-from archkernel.host import mounts, qemu
+from archkernel.host import qemu
 from archkernel.host.run import missing_tools, run
-from archkernel.image import disk, grub
-from archkernel.image.disk import Layout, MiB
-
-UUID = "6f1d2c3b-4a59-4e8d-b7c6-0a1b2c3d4e5f"
-MARKER = "ARCHKERNEL-GRUB-OK"
-# grub.cfg for the boot test: say we got here, then power off (QEMU exits).
-MARKER_CFG = f"""\
-serial --unit=0 --speed=115200
-terminal_input serial
-terminal_output serial
-echo {MARKER}
-halt
-"""
+from archkernel.image import disk, ext4, grub, grub_install
+from archkernel.units import MiB
+from tests.support.grub import (
+    MARKER,
+    MARKER_CFG,
+    UUID,
+    build_bios_image,
+    host_grub,
+    no_leftovers,
+)
 
 # --- pure -------------------------------------------------------------------------------------
 
@@ -149,43 +145,6 @@ def test_device_map_names_the_image_by_its_real_path(tmp_path: Path) -> None:
 
 # --- real: staging and installing -------------------------------------------------------------
 
-TOOLS = ("grub-mkimage", "sfdisk", "sgdisk", "mkfs.ext4", "e2fsck", "blkid", "losetup", "mount")
-Marked = TypeVar("Marked", bound=Callable[..., None])
-
-
-def host_grub(fn: Marked) -> Marked:
-    """Marks for tests that install GRUB for real: integration, root, the host's tools."""
-    marked: Marked = pytest.mark.integration(
-        pytest.mark.skipif(
-            os.geteuid() != 0 or bool(missing_tools(TOOLS)) or not grub.GRUB_I386_PC.is_dir(),
-            reason="needs root and grub-pc-bin, grub2-common, fdisk, gdisk, e2fsprogs, mount",
-        )(fn)
-    )
-    return marked
-
-
-def build_bios_image(
-    workdir: Path, table: str, cfg_text: str, *, root_uuid: str = UUID
-) -> tuple[Path, Layout]:
-    """A 64 MiB disk with `table`, an ext4 root holding GRUB's files, GRUB installed."""
-    root = workdir / f"root-{table}"
-    root.mkdir(parents=True)
-    (root / "etc").mkdir()
-    (root / "etc/hostname").write_text("archkernel-test\n")
-    grub.stage_bios_files(root, grub.GRUB_I386_PC, cfg_text, root_uuid=root_uuid)
-    image = workdir / f"{table}.raw"
-    layout = disk.plan_layout(64 * MiB, table)
-    disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, root, uuid=root_uuid)
-    grub.install_bios(image, layout, root_uuid=root_uuid)
-    return image, layout
-
-
-def no_leftovers(directory: Path) -> None:
-    real = os.path.realpath(directory)
-    assert mounts.loops_under(mounts.list_loop_devices(), real) == []
-    assert mounts.mounts_under(Path("/proc/self/mountinfo").read_text(), real) == []
-
 
 @host_grub
 def test_stage_bios_files_puts_modules_core_img_and_config_into_the_tree(
@@ -225,7 +184,7 @@ def test_install_bios_writes_boot_code_and_keeps_table_and_file_system(
     assert [(p["start"], p["size"]) for p in disk.read_partitions(image)] == [
         (p.start // 512, p.size // 512) for p in layout.partitions
     ]
-    disk.check_ext4(image, layout.root)
+    ext4.check_ext4(image, layout.root)
     if table == "gpt":
         assert "No problems found" in run(["sgdisk", "--verify", image], capture=True).stdout
     no_leftovers(tmp_path)
@@ -239,9 +198,9 @@ def test_install_bios_refuses_a_file_system_with_another_uuid(tmp_path: Path) ->
     layout = disk.plan_layout(64 * MiB, "gpt")
     disk.create_disk(image, layout)
     other = "00000000-1111-2222-3333-444444444444"
-    disk.make_ext4(image, layout.root, root, uuid=other)
+    ext4.make_ext4(image, layout.root, root, uuid=other)
     with pytest.raises(UserError) as err:
-        grub.install_bios(image, layout, root_uuid=UUID)
+        grub_install.install_bios(image, layout, root_uuid=UUID)
     assert f"has UUID {other}, but GRUB was staged for {UUID}" in err.value.message
     with open(image, "rb") as f:
         assert not any(f.read(440)), "nothing was written"
@@ -254,9 +213,9 @@ def test_install_bios_without_staged_files_says_so_and_cleans_up(tmp_path: Path)
     image = tmp_path / "disk.raw"
     layout = disk.plan_layout(64 * MiB, "mbr")
     disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, root, uuid=UUID)
+    ext4.make_ext4(image, layout.root, root, uuid=UUID)
     with pytest.raises(UserError, match=re.escape("no /boot/grub/i386-pc/boot.img or core.img")):
-        grub.install_bios(image, layout, root_uuid=UUID)
+        grub_install.install_bios(image, layout, root_uuid=UUID)
     no_leftovers(tmp_path)
 
 
@@ -284,12 +243,12 @@ def test_bios_setup_tool_is_found_on_path_or_beside_the_modules(
 
 
 def _append_footer() -> Callable[..., object] | None:
-    """archkernel.formats.vhd.append_footer, if that module exists yet (another part of the work)."""
+    """archkernel.formats.vhd_file.append_footer, if that module exists yet (another part of the work)."""
     try:
-        from archkernel.formats import vhd
+        from archkernel.formats import vhd_file
     except ImportError:
         return None
-    return getattr(vhd, "append_footer", None)
+    return getattr(vhd_file, "append_footer", None)
 
 
 @host_grub
@@ -305,7 +264,7 @@ def test_the_disk_boots_grub_in_qemu_as_raw_and_as_fixed_vhd(tmp_path: Path, tab
 
     append_footer = _append_footer()
     if append_footer is None:
-        pytest.skip("archkernel.formats.vhd.append_footer does not exist yet: raw boot only")
+        pytest.skip("archkernel.formats.vhd_file.append_footer does not exist yet: raw boot only")
     vhd_image = tmp_path / f"{table}.vhd"
     shutil.copyfile(image, vhd_image)
     append_footer(vhd_image)

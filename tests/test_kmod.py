@@ -15,7 +15,7 @@ from archkernel.errors import UserError
 from archkernel.formats import kmod
 from archkernel.formats.kmod import ModulesDep, decompress_module, module_name, normalize
 from archkernel.host.run import run
-from tests.support_kernel import copy_modules, debian_kernel_tree, module_dir
+from tests.support.kernel import copy_modules, debian_kernel_tree, module_dir
 
 # A small made-up kernel. Load orders below are worked out by hand from kmod's rules.
 DEP = """\
@@ -309,6 +309,7 @@ def test_decompress_module(data: bytes, relpath: str) -> None:
     assert decompress_module(data, relpath) == ELF
 
 
+@pytest.mark.integration
 def test_decompress_zstd_without_libarchive_support(monkeypatch: pytest.MonkeyPatch) -> None:
     import libarchive
 

@@ -140,6 +140,7 @@ def parse_conf(tmp_path: Path, var: str, *texts: str) -> list[str]:
     return out.stdout.split("\n")[:-1]
 
 
+@pytest.mark.integration
 def test_parse_conf_reads_bash_arrays_without_bash(tmp_path):
     main = """\
 # MODULES=(commented out)
@@ -166,6 +167,7 @@ FILES=()
     assert parse_conf(tmp_path, "BINARIES", main) == []
 
 
+@pytest.mark.integration
 def test_parse_conf_reads_arch_presets(tmp_path):
     preset = (offline.FILES / "linux/etc/mkinitcpio.d/linux.preset").read_text()
     assert parse_conf(tmp_path, "PRESETS", preset) == ["default"]
@@ -174,6 +176,7 @@ def test_parse_conf_reads_arch_presets(tmp_path):
     assert parse_conf(tmp_path, "default_options", preset) == []
 
 
+@pytest.mark.integration
 def test_standin_scripts_parse_under_busybox_sh():
     for script in (
         offline.FILES / "mkinitcpio/usr/bin/mkinitcpio",
@@ -281,6 +284,7 @@ def modprobe_order(root: Path, release: str, names: list[str]) -> list[str]:
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_packages_are_owned_by_root_with_pkginfo_first(repo):
     assert sorted(p.name for p in repo.repo.glob("*.pkg.tar.zst")) == sorted(
         p.name for p in repo.package_files
@@ -299,6 +303,7 @@ def test_packages_are_owned_by_root_with_pkginfo_first(repo):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_pacman_lists_every_package(repo, tmp_path):
     pacman = ["pacman", "--config", repo.pacman_conf, "--dbpath", tmp_path / "db",
               "--logfile", tmp_path / "pacman.log", "--noconfirm"]  # fmt: skip
@@ -311,6 +316,7 @@ def test_pacman_lists_every_package(repo, tmp_path):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_a_second_build_reuses_everything(repo, capsys):
     manifest = repo.dir / "offline.json"
     before = manifest.stat().st_mtime_ns
@@ -323,6 +329,7 @@ def test_a_second_build_reuses_everything(repo, capsys):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_pacstrap_installs_arch_layout(installed):
     root, release = installed.root, installed.release
     for link, target in (
@@ -364,6 +371,7 @@ def test_pacstrap_installs_arch_layout(installed):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_installed_files_match_the_packages_mtree(installed):
     out = run(["pacman", "--root", installed.root, "-Qkk"], capture=True, check=False)
     counts = re.findall(r"^(\S+): \d+ total files, (\d+) altered files?$", out.stdout, re.M)
@@ -373,6 +381,7 @@ def test_installed_files_match_the_packages_mtree(installed):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_pacstrap_hook_made_an_autodetected_initramfs(installed):
     """As on Arch, installing linux runs mkinitcpio -P; autodetect keeps the host's modules."""
     assert "init" in installed.hook_image
@@ -382,6 +391,7 @@ def test_pacstrap_hook_made_an_autodetected_initramfs(installed):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_mkinitcpio_without_autodetect_packs_hyperv_in_modprobe_order(installed):
     root, release = installed.root, installed.release
     dropin = root / "etc/mkinitcpio.conf.d/azure.conf"
@@ -433,6 +443,7 @@ def mkinitcpio_with(
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_autodetect_drops_hook_modules_but_keeps_modules_array(installed):
     if host_loaded("ata_piix"):
         pytest.skip("ata_piix is loaded on this machine, so autodetect keeps it")
@@ -446,6 +457,7 @@ def test_autodetect_drops_hook_modules_but_keeps_modules_array(installed):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_mkinitcpio_fails_on_a_missing_module_unless_optional(installed):
     missing, _ = mkinitcpio_with(installed, "MODULES=(no_such_module)\nHOOKS=(base)\n")
     assert missing.returncode == 1
@@ -461,6 +473,7 @@ def test_mkinitcpio_fails_on_a_missing_module_unless_optional(installed):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_modules_order_matches_modprobe_for_soft_and_alias_dependencies(installed):
     moddir = installed.root / "usr/lib/modules" / installed.release
     awk = STANDIN_LIB / "modules-order.awk"
@@ -476,6 +489,7 @@ def test_modules_order_matches_modprobe_for_soft_and_alias_dependencies(installe
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_host_systemctl_enables_the_standin_units(installed):
     if shutil.which("systemctl") is None:
         pytest.skip("needs systemctl on the host")
@@ -502,6 +516,7 @@ def test_host_systemctl_enables_the_standin_units(installed):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_test_init_reports_hostname_root_and_fstab(installed):
     root = installed.root
     uuid = "0b7ac8a6-5d0a-4f2e-9a53-7a1d2c3e4f50"
@@ -524,6 +539,7 @@ def test_test_init_reports_hostname_root_and_fstab(installed):
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_locale_gen_generates_the_uncommented_locales(installed):
     root = installed.root
     original = (root / "etc/locale.gen").read_text()
@@ -552,6 +568,7 @@ def boot(root: Path, disk: Path, log: Path, uuid: str) -> None:
 
 @pytest.mark.integration
 @pytest.mark.vm
+@pytest.mark.root
 def test_standin_initramfs_boots_the_test_init_in_qemu(installed, tmp_path):
     """The whole chain on a real kernel: stand-in /init, root by UUID, test /sbin/init."""
     missing = missing_tools(["qemu-system-x86_64", "mkfs.ext4"])

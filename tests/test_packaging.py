@@ -26,7 +26,7 @@ SHIPPED = [
     "settings.toml.example",
 ]
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 
 def _ensure_user() -> None:

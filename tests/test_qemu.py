@@ -1,6 +1,6 @@
 """QEMU: the command line (pure), console clean-up (pure), and the process for real.
 
-The real tests boot small GRUB disks built by tests/test_grub.py's helper whose grub.cfg
+The real tests boot small GRUB disks built by tests/support/grub.py's helper whose grub.cfg
 prints a line and then waits or powers off, so each test knows exactly what the console
 shows. After each one no QEMU process of the test may be left.
 """
@@ -16,8 +16,8 @@ import pytest
 from archkernel.errors import UserError
 from archkernel.host import qemu
 from archkernel.host.run import missing_tools
-from tests.test_grub import TOOLS, build_bios_image
-from tests.test_grub import host_grub as needs_grub_disk
+from tests.support.grub import TOOLS, build_bios_image
+from tests.support.grub import host_grub as needs_grub_disk
 
 LOG = Path("/w/serial.log")
 # fmt: off

@@ -13,11 +13,13 @@ from archkernel.host.files import atomic_path, write_if_changed, write_text
 from archkernel.host.run import check_tools, run
 
 
+@pytest.mark.integration
 def test_output_is_captured_and_argv_is_not_a_shell() -> None:
     result = run(["echo", "a b; echo c", "$HOME"], capture=True)
     assert result.stdout == "a b; echo c $HOME\n"
 
 
+@pytest.mark.integration
 def test_child_gets_a_minimal_environment(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("ARCHKERNEL_SECRET_TOKEN", "x")
     env = run(["env"], capture=True).stdout
@@ -48,6 +50,7 @@ def test_killed_by_a_signal_is_named() -> None:
         run([sys.executable, "-c", "import os, signal; os.kill(os.getpid(), signal.SIGKILL)"])
 
 
+@pytest.mark.integration
 def test_check_false_returns_the_code() -> None:
     assert run(["false"], check=False).returncode == 1
 

@@ -1,8 +1,9 @@
 """The deciding half of scaleway_kexec: plain inputs, plain asserts, no machine needed.
 
 Command lines, the kexec argv, server tags, which file of a bootscript is the initrd, the
-shutdown patch, the new /init and which kernel to boot. The acting half (the steps) is
-proven end to end in test_scaleway_e2e.py and for real in test_scaleway_vm.py.
+shutdown patch, the new /init and which kernel to boot; then what the steps plan, made
+from a small tree. The steps' acting is proven end to end in test_scaleway_e2e.py and for
+real in test_scaleway_vm.py.
 """
 
 from __future__ import annotations
@@ -14,7 +15,9 @@ from pathlib import Path
 import pytest
 
 from archkernel.errors import UserError
-from archkernel.scaleway import steps as sw
+from archkernel.plan import Run, describe, execute
+from archkernel.scaleway import bootscript, cmdline, metadata, modules, scripts, steps
+from archkernel.settings import ScalewaySettings, Settings
 
 EXTRA = "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -46,7 +49,7 @@ def sh_syntax_ok(script: str) -> None:
     ],
 )
 def test_split_cmdline(text: str, tokens: list[str]) -> None:
-    assert sw.split_cmdline(text) == tokens
+    assert cmdline.split_cmdline(text) == tokens
 
 
 # --- kexec_cmdline ---------------------------------------------------------------------------
@@ -56,13 +59,13 @@ C1_CMDLINE = "console=ttyS0,115200 ip=dhcp root=/dev/nbd0 nbd.max_parts=8 boot=l
 
 
 def test_kexec_cmdline_appends_the_extra_flags() -> None:
-    assert sw.kexec_cmdline("console=ttyS0 root=/dev/nbd0\n", EXTRA) == (
+    assert cmdline.kexec_cmdline("console=ttyS0 root=/dev/nbd0\n", EXTRA) == (
         f"console=ttyS0 root=/dev/nbd0 {EXTRA}"
     )
 
 
 def test_kexec_cmdline_replaces_a_flag_the_current_line_already_has() -> None:
-    line = sw.kexec_cmdline(C1_CMDLINE, EXTRA)
+    line = cmdline.kexec_cmdline(C1_CMDLINE, EXTRA)
     assert "NO_NTPDATE=0" not in line
     assert line == (
         "console=ttyS0,115200 ip=dhcp root=/dev/nbd0 nbd.max_parts=8 boot=local " + EXTRA
@@ -80,7 +83,7 @@ def test_kexec_cmdline_replaces_a_flag_the_current_line_already_has() -> None:
     ],
 )
 def test_kexec_cmdline_has_no_flag_twice(current: str) -> None:
-    tokens = sw.split_cmdline(sw.kexec_cmdline(current, EXTRA))
+    tokens = cmdline.split_cmdline(cmdline.kexec_cmdline(current, EXTRA))
     keys = [t.split("=", 1)[0] for t in tokens]
     for key in ("is_in_kexec", "NO_SIGNAL_STATE", "DONT_FETCH_KERNEL_MODULES", "NO_NTPDATE"):
         assert keys.count(key) == 1, tokens
@@ -90,22 +93,22 @@ def test_kexec_cmdline_has_no_flag_twice(current: str) -> None:
 
 def test_kexec_cmdline_keeps_repeated_flags_it_does_not_add() -> None:
     # Two consoles are legitimate; only the flags we add are deduplicated.
-    line = sw.kexec_cmdline('console=tty0 console=ttyS0 dyndbg="file nbd.c +p"', "archkernel")
+    line = cmdline.kexec_cmdline('console=tty0 console=ttyS0 dyndbg="file nbd.c +p"', "archkernel")
     assert line == 'console=tty0 console=ttyS0 dyndbg="file nbd.c +p" archkernel'
 
 
 def test_already_kexeced_wants_the_whole_token() -> None:
-    assert sw.already_kexeced(f"{C1_CMDLINE} archkernel\n")
-    assert not sw.already_kexeced(C1_CMDLINE)
-    assert not sw.already_kexeced(f"{C1_CMDLINE} archkernel_debug=1 x=archkernel")
+    assert cmdline.already_kexeced(f"{C1_CMDLINE} archkernel\n")
+    assert not cmdline.already_kexeced(C1_CMDLINE)
+    assert not cmdline.already_kexeced(f"{C1_CMDLINE} archkernel_debug=1 x=archkernel")
 
 
 # --- kexec_argv -------------------------------------------------------------------------------
 
 
 def test_kexec_argv_without_dtb() -> None:
-    line = sw.kexec_cmdline(C1_CMDLINE, EXTRA)
-    assert sw.kexec_argv(
+    line = cmdline.kexec_cmdline(C1_CMDLINE, EXTRA)
+    assert cmdline.kexec_argv(
         Path("/boot/zImage"), Path("/boot/initramfs-archkernel.img"), line, None
     ) == [
         "kexec",
@@ -117,7 +120,7 @@ def test_kexec_argv_without_dtb() -> None:
 
 
 def test_kexec_argv_with_dtb() -> None:
-    argv = sw.kexec_argv(
+    argv = cmdline.kexec_argv(
         Path("/boot/zImage"),
         Path("/boot/initramfs-archkernel.img"),
         "console=ttyS0 archkernel",
@@ -147,11 +150,11 @@ def test_tags_from_metadata() -> None:
         "TAGS_X=not-a-tag\n"
         "MY_TAGS_2=not-a-tag-either\n"
     )
-    assert sw.tags_from_metadata(output) == ["web", "archkernel_disabled", "db"]
+    assert metadata.tags_from_metadata(output) == ["web", "archkernel_disabled", "db"]
 
 
 def test_tags_from_metadata_without_tags() -> None:
-    assert sw.tags_from_metadata("TAGS=0\nHOSTNAME=x\n") == []
+    assert metadata.tags_from_metadata("TAGS=0\nHOSTNAME=x\n") == []
 
 
 # --- initrd_from_bootscript ---------------------------------------------------------------------
@@ -225,7 +228,7 @@ BOOTSCRIPTS = {
 
 @pytest.mark.parametrize(("text", "expected"), BOOTSCRIPTS.values(), ids=BOOTSCRIPTS.keys())
 def test_initrd_from_bootscript(text: str, expected: str) -> None:
-    assert sw.initrd_from_bootscript(text) == expected
+    assert bootscript.initrd_from_bootscript(text) == expected
 
 
 @pytest.mark.parametrize(
@@ -242,7 +245,7 @@ def test_initrd_from_bootscript(text: str, expected: str) -> None:
 )
 def test_initrd_from_bootscript_refuses(text: str, problem: str) -> None:
     with pytest.raises(UserError, match=problem) as info:
-        sw.initrd_from_bootscript(text, source="bootscript uboot.bootscript")
+        bootscript.initrd_from_bootscript(text, source="bootscript uboot.bootscript")
     assert info.value.hint
     assert str(info.value).startswith("bootscript uboot.bootscript ")
 
@@ -274,9 +277,10 @@ done
         "setsid cttyhack /bin/sh",
     ],
 )
+@pytest.mark.integration
 def test_patch_shutdown_replaces_the_final_shell(ending: str) -> None:
     script = OLD_SHUTDOWN.rsplit("/bin/sh", 1)[0] + ending + "\n"
-    patched = sw.patch_shutdown(script)
+    patched = scripts.patch_shutdown(script)
     assert patched is not None
     assert patched.splitlines()[:-1] == script.splitlines()[:-1]
     assert patched.splitlines()[-1] == "kexec -e"
@@ -286,7 +290,7 @@ def test_patch_shutdown_replaces_the_final_shell(ending: str) -> None:
 
 def test_patch_shutdown_skips_trailing_comments_and_blank_lines_keeps_indent() -> None:
     script = "#!/bin/sh\numount -a\n  /bin/sh\n\n# the end\n\n"
-    assert sw.patch_shutdown(script) == "#!/bin/sh\numount -a\n  kexec -e\n\n# the end\n"
+    assert scripts.patch_shutdown(script) == "#!/bin/sh\numount -a\n  kexec -e\n\n# the end\n"
 
 
 @pytest.mark.parametrize(
@@ -298,7 +302,7 @@ def test_patch_shutdown_skips_trailing_comments_and_blank_lines_keeps_indent() -
     ],
 )
 def test_patch_shutdown_leaves_a_script_that_already_kexecs(script: str) -> None:
-    assert sw.patch_shutdown(script) is None
+    assert scripts.patch_shutdown(script) is None
 
 
 @pytest.mark.parametrize(
@@ -312,7 +316,7 @@ def test_patch_shutdown_leaves_a_script_that_already_kexecs(script: str) -> None
 )
 def test_patch_shutdown_refuses_an_ending_it_cannot_know(script: str) -> None:
     with pytest.raises(UserError, match="does not end with a shell or `kexec -e`") as info:
-        sw.patch_shutdown(script)
+        scripts.patch_shutdown(script)
     assert info.value.hint
 
 
@@ -329,8 +333,9 @@ ORDER = [
 ]
 
 
+@pytest.mark.integration
 def test_init_script_loads_the_modules_in_order_then_sources_the_provider_init() -> None:
-    script = sw.init_script(ORDER, "6.9.1-arch1-1")
+    script = scripts.init_script(ORDER, "6.9.1-arch1-1")
     lines = script.splitlines()
     assert lines[0] == "#!/bin/sh"
     insmods = [line.split()[1] for line in lines if line.startswith("insmod ")]
@@ -358,8 +363,9 @@ def test_init_script_loads_the_modules_in_order_then_sources_the_provider_init()
     sh_syntax_ok(script)
 
 
+@pytest.mark.integration
 def test_init_script_without_modules_still_hands_over() -> None:
-    script = sw.init_script([], "6.9.1-arch1-1")
+    script = scripts.init_script([], "6.9.1-arch1-1")
     assert "insmod" not in script
     assert script.splitlines()[-1] == ". /init.scw"
     sh_syntax_ok(script)
@@ -389,23 +395,23 @@ def test_find_kernel_version_the_one_with_pkgbase(moddirs: Path) -> None:
     add_kernel(moddirs, "6.9.1-1-ARCH")
     add_kernel(moddirs, "4.5.0-provider", pkgbase=False)  # not an Arch package
     kernel = moddirs.parents[2] / "boot/zImage"
-    assert sw.find_kernel_version(moddirs, kernel, None) == "6.9.1-1-ARCH"
+    assert modules.find_kernel_version(moddirs, kernel, None) == "6.9.1-1-ARCH"
 
 
 def test_find_kernel_version_configured_wins(moddirs: Path) -> None:
     add_kernel(moddirs, "6.9.1-1-ARCH")
     add_kernel(moddirs, "6.8.0-1-ARCH")
     kernel = moddirs.parents[2] / "boot/zImage"
-    assert sw.find_kernel_version(moddirs, kernel, "6.8.0-1-ARCH") == "6.8.0-1-ARCH"
+    assert modules.find_kernel_version(moddirs, kernel, "6.8.0-1-ARCH") == "6.8.0-1-ARCH"
     with pytest.raises(UserError, match=r"kernel_version '6\.7': .* does not exist"):
-        sw.find_kernel_version(moddirs, kernel, "6.7")
+        modules.find_kernel_version(moddirs, kernel, "6.7")
 
 
 def test_find_kernel_version_several_picks_the_one_shipping_our_kernel(moddirs: Path) -> None:
     add_kernel(moddirs, "6.9.1-1-ARCH", image=b"kernel A")
     add_kernel(moddirs, "6.9.2-1-ARCH", image=b"kernel B")
     kernel = moddirs.parents[2] / "boot/zImage"
-    assert sw.find_kernel_version(moddirs, kernel, None) == "6.9.2-1-ARCH"
+    assert modules.find_kernel_version(moddirs, kernel, None) == "6.9.2-1-ARCH"
 
 
 def test_find_kernel_version_several_and_no_way_to_choose(moddirs: Path) -> None:
@@ -415,11 +421,105 @@ def test_find_kernel_version_several_and_no_way_to_choose(moddirs: Path) -> None
     with pytest.raises(
         UserError, match=r"several kernels .*6\.9\.1-1-ARCH, 6\.9\.2-1-ARCH"
     ) as info:
-        sw.find_kernel_version(moddirs, kernel, None)
+        modules.find_kernel_version(moddirs, kernel, None)
     assert "kernel_version" in (info.value.hint or "")
 
 
 def test_find_kernel_version_none_installed(moddirs: Path) -> None:
     add_kernel(moddirs, "4.5.0-provider", pkgbase=False)
     with pytest.raises(UserError, match="no Arch kernel found"):
-        sw.find_kernel_version(moddirs, moddirs.parents[2] / "boot/zImage", None)
+        modules.find_kernel_version(moddirs, moddirs.parents[2] / "boot/zImage", None)
+
+
+# --- the steps' plans: made from a small tree, changing nothing -----------------------------------
+
+OLD_SHUTDOWN = "#!/bin/sh\numount -a\n/bin/sh\n"
+
+
+@pytest.fixture
+def c1_settings(tmp_path: Path) -> Settings:
+    """Settings for a C1-like tree under tmp_path/root (command line, shutdown script)."""
+    root = tmp_path / "root"
+    (root / "proc").mkdir(parents=True)
+    (root / "proc/cmdline").write_text(f"{C1_CMDLINE}\n")
+    (root / "run/initramfs").mkdir(parents=True)
+    (root / "run/initramfs/shutdown").write_text(OLD_SHUTDOWN)
+    return Settings(
+        workdir=tmp_path / "work",
+        scaleway=ScalewaySettings(root=root, extra_cmdline=EXTRA, dtb="/boot/dtbs/c1.dtb"),
+    )
+
+
+def test_kexec_plan_loads_the_kernel_then_reboots_into_it(c1_settings: Settings) -> None:
+    root = c1_settings.scaleway.root
+    plan = steps.kexec(c1_settings)
+    assert plan.commands() == [
+        (
+            "kexec",
+            "-l",
+            f"{root}/boot/zImage",
+            f"--initrd={root}/boot/initramfs-archkernel.img",
+            f"--dtb={root}/boot/dtbs/c1.dtb",
+            f"--command-line={cmdline.kexec_cmdline(C1_CMDLINE, EXTRA)}",
+        ),
+        ("systemctl", "kexec"),
+    ]
+    # kexec -l first: a failure there raises before systemctl kexec is reached
+    assert [op.argv[0] for op in plan.ops if isinstance(op, Run)] == ["kexec", "systemctl"]
+    assert describe(plan)[1] == "+ systemctl kexec"
+
+
+@pytest.mark.integration
+def test_kill_switch_is_a_command_of_step_1_only_when_installed(
+    c1_settings: Settings, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("PATH", str(tmp_path / "empty"))
+    assert steps.check(c1_settings).commands() == []
+    assert "# skip the kill switch: scw-metadata is not installed" in describe(
+        steps.check(c1_settings)
+    )
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    stand_in = bin_dir / "scw-metadata"
+    monkeypatch.setenv("PATH", str(bin_dir))
+    stand_in.write_text("#!/bin/sh\necho TAGS=1\necho TAGS_0=archkernel_disabled\n")
+    stand_in.chmod(0o755)
+    (metadata_run,) = [op for op in steps.check(c1_settings).ops if isinstance(op, Run)]
+    assert metadata_run.argv == ("scw-metadata",)
+    with pytest.raises(UserError, match="kill switch set"):
+        metadata_run()
+    stand_in.write_text("#!/bin/sh\nexit 3\n")  # a failing scw-metadata only warns
+    metadata_run()
+
+
+def test_tftp_steps_fetch_in_process_and_say_from_where(c1_settings: Settings) -> None:
+    plan = steps.fetch_bootscript(c1_settings)
+    assert plan.commands() == []
+    work = c1_settings.workdir / "scaleway"
+    assert describe(plan) == [
+        "# fetch uboot.bootscript over TFTP from server (the server step 1 chooses) port 69 "
+        f"into {work}/uboot.bootscript (rewritten only if it changed)"
+    ]
+    # the initrd's name comes from the bootscript step 2 fetches
+    with pytest.raises(UserError, match="step 2 has not fetched the bootscript yet"):
+        steps.fetch_initrd(c1_settings)
+
+
+def test_shutdown_plan_replaces_the_final_shell(c1_settings: Settings) -> None:
+    script = c1_settings.scaleway.root / "run/initramfs/shutdown"
+    plan = steps.shutdown(c1_settings)
+    assert describe(plan) == [f"# replace the last command of {script} ('/bin/sh') with `kexec -e`"]
+    assert script.read_text() == OLD_SHUTDOWN  # planning changed nothing
+    execute(plan)
+    assert script.read_text() == "#!/bin/sh\numount -a\nkexec -e\n"
+    assert describe(steps.shutdown(c1_settings)) == [
+        f"# leave {script} as it is: it already ends with kexec -e"
+    ]
+
+
+def test_planning_writes_nothing(c1_settings: Settings) -> None:
+    for step in (steps.check, steps.fetch_bootscript, steps.unpack, steps.pack, steps.kexec):
+        step(c1_settings)
+    assert not c1_settings.workdir.exists()
+    with pytest.raises(UserError, match="step 1 has not found the kernel version yet"):
+        steps.modules(c1_settings)

@@ -1,7 +1,7 @@
 """The real kexec, in QEMU: the initrd scaleway_kexec patched boots and hands over.
 
 The end-to-end tests prove the command line the workflow gives kexec; this one proves the
-result boots. The workflow runs against the fake C1 (tests/support_c1.py), whose kernel
+result boots. The workflow runs against the fake C1 (tests/support/c1.py), whose kernel
 is Debian's amd64 kernel and whose modules come from the same kernel, and the stand-in
 kexec records what it was asked. Then QEMU (TCG) boots that kernel with a plain
 "provider-style" initrd carrying busybox, Debian's kexec and its libraries, the C1's
@@ -27,11 +27,9 @@ import pytest
 
 from archkernel.errors import UserError
 from archkernel.host import qemu
-from tests.support_c1 import FakeC1, Template, c1_base, serving, tool, write_executable
+from tests.support.c1 import FakeC1, Template, serving, tool, write_executable
 
-__all__ = ["c1_base"]  # fixture used by name below
-
-pytestmark = [pytest.mark.vm, pytest.mark.integration]
+pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.root]
 
 BOOT_LIMIT = 180.0  # seconds QEMU may take for both boots; it is always stopped after
 LOADED = ["virtio_ring", "virtio", "failover", "net_failover", "virtio_net", "nbd", "dummy"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import os
 import re
+import subprocess
 import sys
 import tomllib
 from pathlib import Path
@@ -13,6 +14,7 @@ import pytest
 
 from archkernel import settings as s
 from archkernel.errors import UserError
+from archkernel.settings import cache
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -270,7 +272,7 @@ def test_any_changed_input_is_validated_again(
         env = {"ARCHKERNEL_SCALEWAY__TFTP_PORT": "0"}
     elif change in ("version", "python", "pydantic"):
         if change == "version":
-            monkeypatch.setattr(s, "__version__", "0.0.0-other")
+            monkeypatch.setattr(cache, "__version__", "0.0.0-other")
         elif change == "python":
             monkeypatch.setattr(sys, "version", "3.99.0 (another build)")
         else:  # an upgraded pydantic: its files are new
@@ -298,6 +300,7 @@ def test_any_changed_input_is_validated_again(
     assert "greater than or equal to 1" in info.value.message
 
 
+@pytest.mark.root
 def test_a_damaged_or_untrusted_cache_is_ignored(tmp_path: Path) -> None:
     (tmp_path / "settings.toml").write_text(CACHED)
     (tmp_path / "work").mkdir()
@@ -339,8 +342,134 @@ def test_without_knowing_its_own_rules_nothing_is_cached(
 ) -> None:
     (tmp_path / "settings.toml").write_text(CACHED)
     (tmp_path / "work").mkdir()
-    monkeypatch.setattr(s, "__file__", str(tmp_path / "gone" / "settings.py"))
+    monkeypatch.setattr(cache, "__file__", str(tmp_path / "gone" / "cache.py"))
     loaded = cached_load(tmp_path)
     s.remember(loaded)
     assert not loaded.from_cache and list((tmp_path / "work").iterdir()) == []
     assert loaded.settings.scaleway.tftp_port == 6969
+
+
+def test_the_cache_is_keyed_by_every_module_of_the_settings_package() -> None:
+    # The checks, the sections and the loading are split over modules: any of them can
+    # change what a settings file validates to.
+    named = {stamp[0] for stamp in cache._rules() if isinstance(stamp, list)}
+    modules = {str(p) for p in Path(s.__file__).parent.glob("*.py")}
+    assert {"types.py", "schema.py", "loading.py"} <= {Path(m).name for m in modules}
+    assert modules <= named
+
+
+def test_importing_the_settings_does_not_import_pydantic() -> None:
+    code = (
+        "import sys, archkernel.settings, archkernel.settings.display; "
+        "print(sorted(m for m in sys.modules if m.split('.')[0].startswith('pydantic')))"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"
+
+
+# --- errors that say what was meant, and who said it ------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("toml", "expected"),
+    [
+        ('[azure]\nhostnme = "x"', "azure.hostnme: unknown key (typo?); did you mean hostname?"),
+        ('hostname = "x"', "hostname: unknown key (typo?); hostname belongs in [azure]"),
+        ('[scaleway]\nhostname = "x"', "scaleway.hostname: unknown key (typo?); hostname belongs"),
+        ('hostnme = "x"', "hostnme: unknown key (typo?); did you mean hostname in [azure]?"),
+        ('[azuer]\nhostname = "x"', "azuer: unknown key (typo?); did you mean [azure]?"),
+        (
+            '[azure]\nworkdir = "x"',
+            "azure.workdir: unknown key (typo?); workdir belongs in the top",
+        ),
+        ("[azure]\nxyzzy = 1", "azure.xyzzy: unknown key (typo?); see settings.toml.example"),
+    ],
+)
+def test_an_unknown_key_names_the_key_or_section_meant(
+    tmp_path: Path, toml: str, expected: str
+) -> None:
+    lines = error_of(tmp_path, toml).splitlines()
+    assert len(lines) == 2, lines
+    assert lines[1].strip().startswith(expected), lines
+
+
+def test_an_error_from_the_environment_is_credited_to_its_variable(tmp_path: Path) -> None:
+    env = {"ARCHKERNEL_AZURE__HOSTNAME": "a b"}
+    message = error_of(tmp_path, '[azure]\nlocale = "C"\n', env)
+    header, line = message.splitlines()
+    assert header == "invalid settings (the environment):"
+    assert line.startswith("  azure.hostname: 'a b' is not a valid host name")
+    assert line.endswith(" (set by ARCHKERNEL_AZURE__HOSTNAME)")
+    both = error_of(tmp_path, '[azure]\nlocale = "x y"\n', env)
+    assert (
+        both.splitlines()[0]
+        == f"invalid settings ({tmp_path / 'settings.toml'} and the environment):"
+    )
+    assert "  azure.locale: 'x y' is not a locale\n" in both + "\n"  # the file's: no credit
+
+
+@pytest.mark.parametrize(
+    ("variable", "suggested"),
+    [
+        ("ARCHKERNEL_AZURE__HOSTNME", "ARCHKERNEL_AZURE__HOSTNAME"),
+        ("ARCHKERNEL_HOSTNAME", "ARCHKERNEL_AZURE__HOSTNAME"),
+        ("ARCHKERNEL_AZUER__HOSTNAME", "ARCHKERNEL_AZURE__HOSTNAME"),
+        ("ARCHKERNEL_AZURE__USER__NAEM", "ARCHKERNEL_AZURE__USER__NAME"),
+    ],
+)
+def test_a_misnamed_variable_gets_the_name_meant(
+    tmp_path: Path, variable: str, suggested: str
+) -> None:
+    message = error_of(tmp_path, "", {variable: "x"})
+    assert f"unknown key (typo?); did you mean {suggested}? (set by {variable})" in message
+
+
+def test_a_list_from_the_environment_says_it_takes_toml_syntax(tmp_path: Path) -> None:
+    for raw in ("mvneta,nbd", "[mvneta, nbd]"):
+        message = error_of(tmp_path, "", {"ARCHKERNEL_SCALEWAY__MODULES": raw})
+        assert (
+            "a list from the environment takes TOML/JSON syntax: "
+            """ARCHKERNEL_SCALEWAY__MODULES='["mvneta", "nbd"]'"""
+        ) in message
+
+
+@pytest.mark.parametrize("size", ["30", "0", "1048575"])
+def test_a_size_without_a_unit_is_not_taken_as_bytes(tmp_path: Path, size: str) -> None:
+    message = error_of(tmp_path, f"[azure]\ndisk_size = {size}\n")
+    assert f"azure.disk_size: {size} has no unit: write {size}GiB or {size}MiB" in message
+
+
+def test_a_size_of_whole_mib_in_bytes_is_still_taken(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, "[azure]\ndisk_size = 1073741824\n")
+    assert loaded.settings.azure.disk_size == 1024**3
+
+
+def test_the_example_file_says_how_sizes_are_written() -> None:
+    line = _example_keys((REPO / "settings.toml.example").read_text())["azure.disk_size"]
+    assert "a bare number counts bytes, so 30 is refused" in line
+
+
+PASSWORD = "$6$salt$cGFzdGVkYmFjaw"
+
+
+def test_shown_settings_paste_back_into_a_settings_file(tmp_path: Path) -> None:
+    text = (
+        '[azure]\nhostname = "fromfile"\n'
+        '[azure.user]\nname = "arch"\nssh_authorized_keys = ["ssh-ed25519 AAAA me@host"]\n'
+        f'password_hash = "{PASSWORD}"\n'
+    )
+    env = {"ARCHKERNEL_AZURE__DISK_SIZE": "8GiB", "ARCHKERNEL_SCALEWAY__TFTP_TIMEOUT": "2.5"}
+    loaded = load_text(tmp_path, text, env)
+    shown = "\n".join(s.toml_lines(loaded))
+    assert PASSWORD not in shown
+    assert "# azure.user.password_hash = ********** (a secret: not shown)" in shown
+    assert "# scaleway.tftp_server = (not set)" in shown
+    data = tomllib.loads(shown)
+    assert data["azure"]["disk_size"] == "8GiB"
+    assert data["azure"]["hostname"] == "fromfile"
+    assert data["azure"]["user"]["ssh_authorized_keys"] == ["ssh-ed25519 AAAA me@host"]
+    assert data["scaleway"]["tftp_timeout"] == 2.5
+    assert data["workdir"] == str(tmp_path / "build")
+    pasted = tmp_path / "pasted.toml"
+    pasted.write_text(shown + f'\nazure.user.password_hash = "{PASSWORD}"\n')
+    assert s.load(pasted, env={}, cwd=tmp_path).settings == loaded.settings

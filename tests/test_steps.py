@@ -24,7 +24,7 @@ PASSWORD_HASH = (
 
 def _env(**extra: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHKERNEL_", "DEMO_"))}
-    env["ARCHKERNEL_EXTRA_WORKFLOWS"] = "tests.demo_workflow"
+    env["ARCHKERNEL_EXTRA_WORKFLOWS"] = "tests.support.demo_workflow"
     env["PYTHONPATH"] = str(REPO)
     env.update(extra)
     return env
@@ -195,7 +195,7 @@ def test_uptodate_check_of_a_20_gib_target_reads_none_of_it(project: Path) -> No
 
 
 def test_dry_run_changes_nothing_and_shows_commands(project: Path) -> None:
-    result = archkernel(project, "run", "demo", "--dry-run")
+    result = archkernel(project, "run", "demo", "--dry-run", DEMO_BIG="1")
     assert result.returncode == 0
     assert "run   demo:02_grow" in result.stdout
     assert "+ truncate -s 20G" in result.stdout

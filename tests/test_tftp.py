@@ -23,18 +23,14 @@ from archkernel.host.tftp import (
     fetch_to,
     read_pnp,
 )
-from tests.support_tftp import (
+from tests.support.tftp import (
     LOOPBACK,
     Short,
     Stall,
     TftpdHpa,
     Truncate,
     free_udp_port,
-    tftpd_hpa,
-    tftpy_server,
 )
-
-__all__ = ["tftpd_hpa", "tftpy_server"]  # fixtures, imported to be found by pytest
 
 
 class Options(TypedDict):
@@ -210,6 +206,7 @@ def _hpa(server: TftpdHpa) -> TftpServer:
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_fetch_small_file(tftpd_hpa: TftpdHpa) -> None:
     script = b"'V\x05\x19 fake bootscript\ntftp 0x1000000 initrd/uInitrd-Linux-armv7l-v3.2.34\n"
     tftpd_hpa.put("uboot.bootscript", script)
@@ -218,6 +215,7 @@ def test_fetch_small_file(tftpd_hpa: TftpdHpa) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("blksize", [512, 1468, 65464])
+@pytest.mark.root
 def test_fetch_3mib_file(tftpd_hpa: TftpdHpa, blksize: int) -> None:
     data = os.urandom(3 * MiB + 123)
     tftpd_hpa.put(f"initrd/uInitrd-{blksize}", data)
@@ -228,6 +226,7 @@ def test_fetch_3mib_file(tftpd_hpa: TftpdHpa, blksize: int) -> None:
 
 @pytest.mark.integration
 @pytest.mark.parametrize("size", [0, 1468, 3 * 1468])
+@pytest.mark.root
 def test_fetch_sizes_ending_on_a_block_boundary(tftpd_hpa: TftpdHpa, size: int) -> None:
     # A file of whole blocks ends with an empty block; an empty file is one.
     data = os.urandom(size)
@@ -236,6 +235,7 @@ def test_fetch_sizes_ending_on_a_block_boundary(tftpd_hpa: TftpdHpa, size: int) 
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_fetch_missing_file(tftpd_hpa: TftpdHpa) -> None:
     with pytest.raises(UserError) as info:
         fetch(_hpa(tftpd_hpa), "initrd/uInitrd-missing", **FAST)
@@ -247,6 +247,7 @@ def test_fetch_missing_file(tftpd_hpa: TftpdHpa) -> None:
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_fetch_unreadable_file_reports_the_servers_message(tftpd_hpa: TftpdHpa) -> None:
     tftpd_hpa.put("secret", b"x", mode=0o600)  # in.tftpd runs as an unprivileged user
     with pytest.raises(UserError) as info:
@@ -256,6 +257,7 @@ def test_fetch_unreadable_file_reports_the_servers_message(tftpd_hpa: TftpdHpa) 
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_fetch_to_keeps_mtime_when_unchanged(tftpd_hpa: TftpdHpa, tmp_path: Path) -> None:
     tftpd_hpa.put("keep", b"version 1\n")
     dest = tmp_path / "boot" / "uboot.bootscript"
@@ -274,6 +276,7 @@ def test_fetch_to_keeps_mtime_when_unchanged(tftpd_hpa: TftpdHpa, tmp_path: Path
 
 
 @pytest.mark.integration
+@pytest.mark.root
 def test_fetch_to_leaves_dest_alone_on_failure(tftpd_hpa: TftpdHpa, tmp_path: Path) -> None:
     dest = tmp_path / "uInitrd"
     dest.write_bytes(b"old initrd")

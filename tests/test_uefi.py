@@ -13,7 +13,6 @@ line: the `linux` and `initrd` commands work there too.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 from collections.abc import Callable
@@ -23,12 +22,13 @@ from typing import TypeVar
 import pytest
 
 from archkernel.errors import UserError
-from archkernel.formats.vhd import append_footer
+from archkernel.formats.vhd_file import append_footer
 from archkernel.host import qemu
 from archkernel.host.run import missing_tools, run
-from archkernel.image import disk, esp, grub
-from archkernel.image.disk import Layout, MiB
-from tests.test_grub import MARKER, MARKER_CFG, UUID, no_leftovers
+from archkernel.image import disk, esp, ext4, grub, grub_install
+from archkernel.image.disk import Layout
+from archkernel.units import MiB
+from tests.support.grub import MARKER, MARKER_CFG, UUID, no_leftovers
 
 # Where distributions keep an OVMF image that works as QEMU's -bios (code and variables in
 # one file; variable writes then last only as long as the VM, which a test wants anyway).
@@ -57,14 +57,15 @@ Marked = TypeVar("Marked", bound=Callable[..., None])
 def host_efi_grub(fn: Marked) -> Marked:
     """Marks for tests that install GRUB for real: integration, root, the host's tools."""
     marked: Marked = pytest.mark.integration(
-        pytest.mark.skipif(
-            os.geteuid() != 0
-            or bool(missing_tools(TOOLS))
-            or not grub.GRUB_I386_PC.is_dir()
-            or not grub.GRUB_X86_64_EFI.is_dir(),
-            reason="needs root and grub-pc-bin, grub-efi-amd64-bin, grub2-common, fdisk, "
-            "gdisk, e2fsprogs, dosfstools, mtools, mount",
-        )(fn)
+        pytest.mark.root(
+            pytest.mark.skipif(
+                bool(missing_tools(TOOLS))
+                or not grub.GRUB_I386_PC.is_dir()
+                or not grub.GRUB_X86_64_EFI.is_dir(),
+                reason="needs grub-pc-bin, grub-efi-amd64-bin, grub2-common, fdisk, "
+                "gdisk, e2fsprogs, dosfstools, mtools, mount",
+            )(fn)
+        )
     )
     return marked
 
@@ -102,9 +103,9 @@ def build_image(
     image = workdir / f"{boot}.raw"
     layout = disk.plan_layout(size, "gpt", boot=boot)
     disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, root, uuid=UUID)
+    ext4.make_ext4(image, layout.root, root, uuid=UUID)
     esp.make_fat(image, layout.esp, volume=ESP_VOLUME)
-    grub.install_grub(image, layout, root_uuid=UUID)
+    grub_install.install_grub(image, layout, root_uuid=UUID)
     return image, layout
 
 
@@ -193,12 +194,12 @@ def test_a_uefi_disk_has_bootx64_efi_on_a_sound_fat_and_no_bios_boot_code(tmp_pa
     assert "BOOTX64  EFI" in direct.stdout
     esp.check_fat(image, part)
     assert disk.fs_uuid(image, part) == ESP_VOLUME
-    disk.check_ext4(image, layout.root)
+    ext4.check_ext4(image, layout.root)
     assert "No problems found" in run(["sgdisk", "--verify", image], capture=True).stdout
     with open(image, "rb") as f:
         assert not any(f.read(440)), "no BIOS boot code in the protective MBR"
     # Installing again replaces the file and changes nothing else.
-    grub.install_efi(image, layout, root_uuid=UUID)
+    grub_install.install_efi(image, layout, root_uuid=UUID)
     assert esp.list_files(image, part) == ["EFI/", "EFI/BOOT/", "EFI/BOOT/BOOTX64.EFI"]
     no_leftovers(tmp_path)
 
@@ -217,7 +218,7 @@ def test_a_hybrid_disk_has_both_boot_loaders(tmp_path: Path) -> None:
     staged = (tmp_path / "root-hybrid/boot/grub/x86_64-efi/core.efi").read_bytes()
     assert esp.read_file(image, layout.esp, esp.REMOVABLE_PATH_X64) == staged
     esp.check_fat(image, layout.esp)
-    disk.check_ext4(image, layout.root)
+    ext4.check_ext4(image, layout.root)
     assert "No problems found" in run(["sgdisk", "--verify", image], capture=True).stdout
     no_leftovers(tmp_path)
 
@@ -229,23 +230,23 @@ def test_install_efi_refuses_what_would_not_boot(tmp_path: Path) -> None:
     image = tmp_path / "disk.raw"
     layout = disk.plan_layout(DISK_SIZE, "gpt", boot="uefi")
     disk.create_disk(image, layout)
-    disk.make_ext4(image, layout.root, root, uuid=UUID)
+    ext4.make_ext4(image, layout.root, root, uuid=UUID)
 
     with pytest.raises(UserError, match="holds no file system, not FAT") as err:
-        grub.install_efi(image, layout, root_uuid=UUID)
+        grub_install.install_efi(image, layout, root_uuid=UUID)
     assert "esp.make_fat" in (err.value.hint or "")
     esp.make_fat(image, layout.esp)
     with pytest.raises(UserError, match=re.escape("has no /boot/grub/x86_64-efi/core.efi")) as err:
-        grub.install_efi(image, layout, root_uuid=UUID)
+        grub_install.install_efi(image, layout, root_uuid=UUID)
     assert "stage GRUB's EFI files" in (err.value.hint or "")
     other = "00000000-1111-2222-3333-444444444444"
     with pytest.raises(UserError, match=f"has UUID {UUID}, but GRUB was staged for {other}"):
-        grub.install_efi(image, layout, root_uuid=other)
+        grub_install.install_efi(image, layout, root_uuid=other)
     with pytest.raises(UserError, match="has no place for BIOS boot code"):
-        grub.install_bios(image, layout, root_uuid=UUID)
+        grub_install.install_bios(image, layout, root_uuid=UUID)
     bios = disk.plan_layout(DISK_SIZE, "gpt")
     with pytest.raises(UserError, match=r"bios layout of .* has no EFI system partition"):
-        grub.install_efi(image, bios, root_uuid=UUID)
+        grub_install.install_efi(image, bios, root_uuid=UUID)
     assert esp.list_files(image, layout.esp) == [], "nothing was written"
     no_leftovers(tmp_path)
 
@@ -312,7 +313,7 @@ def test_the_empty_initrd_is_a_newc_trailer() -> None:
 @vm
 @pytest.mark.parametrize(("boot_mode", "firmware"), [("uefi", "ovmf"), ("hybrid", "seabios")])
 def test_the_real_grub_cfg_starts_linux(tmp_path: Path, boot_mode: str, firmware: str) -> None:
-    from tests.support_kernel import debian_kernel_tree, kernel_image
+    from tests.support.kernel import debian_kernel_tree, kernel_image
 
     kernel = kernel_image(debian_kernel_tree())
     root = make_root(tmp_path, "root")

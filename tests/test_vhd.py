@@ -1,7 +1,9 @@
 """Fixed VHD footers: layout from the VHD spec, Azure's rules, and qemu-img as the oracle.
 
-Expected values are literals from the VHD specification (or worked through its CHS
-algorithm by hand), or what qemu-img writes and reads; never computed by archkernel.formats.vhd.
+Covers archkernel.formats.vhd (the footer), vhd_rules (Azure's rules), vhd_file (the file
+operations, sparse copies included). Expected values are literals from the VHD
+specification (or worked through its CHS algorithm by hand), or what qemu-img writes and
+reads; never computed by the modules under test.
 """
 
 from __future__ import annotations
@@ -19,12 +21,10 @@ from pathlib import Path
 import pytest
 
 from archkernel.errors import UserError
-from archkernel.formats import vhd
+from archkernel.formats import vhd, vhd_file, vhd_rules
 from archkernel.host.run import run
+from archkernel.units import GiB, KiB, MiB
 
-KiB = 1024
-MiB = 1 << 20
-GiB = 1 << 30
 UID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
 # Allocation allowed beyond the data: the footer's block, an extent-tree block on ext4, and
 # XFS's speculative preallocation past the end of file (64 KiB). Copying the holes of the
@@ -90,7 +90,7 @@ def file_sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def vhd_file(path: Path, footer: bytes, data_size: int) -> Path:
+def sparse_vhd(path: Path, footer: bytes, data_size: int) -> Path:
     """A sparse file of `data_size` bytes followed by `footer`."""
     sparse_file(path, data_size)
     with open(path, "ab") as f:
@@ -105,7 +105,7 @@ def test_constants_are_the_specs_and_azures() -> None:
     assert vhd.COOKIE == b"conectix"
     assert vhd.FIXED_DATA_OFFSET == 0xFFFFFFFFFFFFFFFF
     assert vhd.DISK_TYPE_FIXED == 2
-    assert vhd.AZURE_MAX == 1_098_437_885_952  # 1023 * 2**30
+    assert vhd_rules.AZURE_MAX == 1_098_437_885_952  # 1023 * 2**30
     assert vhd.CREATOR_APP == b"win "
 
 
@@ -256,25 +256,25 @@ def test_chs_geometry_follows_the_spec(size: int, geometry: tuple[int, int, int]
 )
 def test_decide_append_refuses_sizes_azure_rejects(size: int, hint: str) -> None:
     with pytest.raises(UserError) as info:
-        vhd.decide_append(size, b"\0" * 512)
+        vhd_rules.decide_append(size, b"\0" * 512)
     assert info.value.hint is not None
     assert hint in info.value.hint
 
 
 def test_decide_append_refuses_an_empty_image() -> None:
     with pytest.raises(UserError, match="empty"):
-        vhd.decide_append(0, b"")
+        vhd_rules.decide_append(0, b"")
 
 
 @pytest.mark.parametrize("size", [MiB, 30 * GiB, 1023 * GiB])
 def test_decide_append_accepts_whole_mib_up_to_1023_gib(size: int) -> None:
-    assert vhd.decide_append(size, bytes(512)) is True
+    assert vhd_rules.decide_append(size, bytes(512)) is True
 
 
 def test_decide_append_accepts_its_own_footer_as_done() -> None:
     ours = vhd.footer(4 * MiB, timestamp=5, unique_id=UID)
-    assert vhd.decide_append(4 * MiB + 512, ours) is False
-    assert vhd.decide_append(4 * MiB + 512, ours, unique_id=UID, timestamp=5) is False
+    assert vhd_rules.decide_append(4 * MiB + 512, ours) is False
+    assert vhd_rules.decide_append(4 * MiB + 512, ours, unique_id=UID, timestamp=5) is False
 
 
 @pytest.mark.parametrize(
@@ -287,13 +287,13 @@ def test_decide_append_accepts_its_own_footer_as_done() -> None:
 def test_decide_append_refuses_its_footer_with_other_fields(other: dict[str, object]) -> None:
     ours = vhd.footer(4 * MiB, timestamp=5, unique_id=UID)
     with pytest.raises(UserError, match="already ends with a VHD footer"):
-        vhd.decide_append(4 * MiB + 512, ours, **other)  # type: ignore[arg-type]
+        vhd_rules.decide_append(4 * MiB + 512, ours, **other)  # type: ignore[arg-type]
 
 
 def test_decide_append_refuses_a_footer_from_another_creator() -> None:
     qemu_like = patch(vhd.footer(4 * MiB, timestamp=5, unique_id=UID), 28, ">4s", b"qem2")
     with pytest.raises(UserError, match="already ends with a VHD footer") as info:
-        vhd.decide_append(4 * MiB + 512, qemu_like)
+        vhd_rules.decide_append(4 * MiB + 512, qemu_like)
     assert "qem2" in str(info.value)
 
 
@@ -301,7 +301,7 @@ def test_decide_append_refuses_a_footer_for_other_data() -> None:
     # Our footer, but the file has grown since: the footer now sits inside the disk.
     ours = vhd.footer(4 * MiB, timestamp=5, unique_id=UID)
     with pytest.raises(UserError, match="already ends with a VHD footer"):
-        vhd.decide_append(8 * MiB + 512, ours)
+        vhd_rules.decide_append(8 * MiB + 512, ours)
 
 
 # --- check --------------------------------------------------------------------------------------
@@ -338,22 +338,22 @@ GOOD = vhd.footer(4 * MiB, timestamp=5, unique_id=UID)
 def test_check_flags_exactly_the_broken_rule(
     tmp_path: Path, footer: bytes, data_size: int, rule: str
 ) -> None:
-    path = vhd_file(tmp_path / "disk.vhd", footer, data_size)
-    report = vhd.examine(path)
+    path = sparse_vhd(tmp_path / "disk.vhd", footer, data_size)
+    report = vhd_file.examine(path)
     assert not report.ok
     assert report.failed == {rule}
-    problems = vhd.check(path)
+    problems = vhd_file.check(path)
     assert [p.rule for p in problems] == [rule]
     assert str(problems[0]).startswith(f"{rule}: ")
     with pytest.raises(UserError) as info:
-        vhd.check_or_raise(path)
+        vhd_file.check_or_raise(path)
     assert str(problems[0]) in info.value.message
 
 
 def test_check_passes_a_good_footer_and_names_every_rule(tmp_path: Path) -> None:
-    path = vhd_file(tmp_path / "disk.vhd", GOOD, 4 * MiB)
-    assert vhd.check(path) == []
-    report = vhd.examine(path)
+    path = sparse_vhd(tmp_path / "disk.vhd", GOOD, 4 * MiB)
+    assert vhd_file.check(path) == []
+    report = vhd_file.examine(path)
     assert report.ok, str(report)
     assert [r.rule for r in report.results] == [
         "cookie",
@@ -366,27 +366,27 @@ def test_check_passes_a_good_footer_and_names_every_rule(tmp_path: Path) -> None
         "original-size",
     ]
     assert report.footer is not None and report.footer.current_size == 4 * MiB
-    assert vhd.check_or_raise(path).unique_id == UID
-    assert vhd.raw_size(path) == 4 * MiB
+    assert vhd_file.check_or_raise(path).unique_id == UID
+    assert vhd_file.raw_size(path) == 4 * MiB
 
 
 def test_check_reports_a_raw_image_as_not_a_vhd(tmp_path: Path) -> None:
     path = sparse_file(tmp_path / "disk.raw", 4 * MiB)
-    report = vhd.examine(path)
+    report = vhd_file.examine(path)
     assert report.failed == {"cookie"}
-    assert "not a VHD" in str(vhd.check(path)[0])
+    assert "not a VHD" in str(vhd_file.check(path)[0])
 
 
 def test_check_reports_a_tiny_file(tmp_path: Path) -> None:
     path = tmp_path / "tiny"
     path.write_bytes(b"conectix")
-    assert vhd.examine(path).failed == {"cookie"}
+    assert vhd_file.examine(path).failed == {"cookie"}
 
 
 def test_check_reads_only_the_last_512_bytes(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    path = vhd_file(tmp_path / "big.vhd", GOOD, 4 * MiB)
+    path = sparse_vhd(tmp_path / "big.vhd", GOOD, 4 * MiB)
     reads: list[tuple[int, int]] = []
     real_pread = os.pread
 
@@ -396,18 +396,106 @@ def test_check_reads_only_the_last_512_bytes(
 
     monkeypatch.setattr(os, "pread", spy)
     monkeypatch.setattr(os, "read", lambda *a: pytest.fail("check() used os.read"))
-    assert vhd.examine(path).ok
+    assert vhd_file.examine(path).ok
     assert reads == [(512, 4 * MiB)]
 
 
 def test_check_of_a_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot open"):
-        vhd.check(tmp_path / "nope.vhd")
+        vhd_file.check(tmp_path / "nope.vhd")
 
 
 def test_check_of_a_directory_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="Is a directory"):
-        vhd.check(tmp_path)
+        vhd_file.check(tmp_path)
+
+
+def gpt_head(disk_size: int) -> bytes:
+    """A disk's first 1024 bytes with a GPT header (LBA 1) whose backup header is at the
+    last sector of a `disk_size`-byte disk, as the UEFI specification places it."""
+    head = bytearray(1024)
+    header = struct.pack("<8sIII4xQQ", b"EFI PART", 0x10000, 92, 0, 1, disk_size // 512 - 1)
+    head[512 : 512 + len(header)] = header
+    return bytes(head)
+
+
+def mbr_head(start: int, sectors: int) -> bytes:
+    """An MBR with one Linux partition of `sectors` sectors from LBA `start`."""
+    head = bytearray(1024)
+    head[446 + 4] = 0x83
+    head[446 + 8 : 446 + 16] = struct.pack("<II", start, sectors)
+    head[510:512] = b"\x55\xaa"
+    return bytes(head)
+
+
+def disk_with(path: Path, head: bytes, size: int) -> Path:
+    sparse_file(path, size)
+    write_at(path, {0: head})
+    return path
+
+
+@pytest.mark.parametrize(
+    "head",
+    [gpt_head(64 * MiB), mbr_head(2048, 64 * 2048 - 2048)],
+    ids=["gpt", "mbr"],
+)
+def test_check_says_a_disk_shorter_than_its_partition_table_looks_truncated(
+    tmp_path: Path, head: bytes
+) -> None:
+    path = disk_with(tmp_path / "disk.vhd", head, 40 * MiB)
+    report = vhd_file.examine(path)
+    assert report.failed == {"cookie"} and report.truncated
+    detail = report.results[0].detail
+    assert "partition table describes a 64 MiB disk but the file holds 40 MiB" in detail
+    assert "looks truncated" in detail and "from-raw" not in detail
+    assert report.hint is not None and report.hint.startswith("copy or download the file again")
+    with pytest.raises(UserError) as info:
+        vhd_file.check_or_raise(path)
+    assert "from-raw" not in str(info.value.message) and "download" in str(info.value.hint)
+
+
+@pytest.mark.parametrize(
+    "head", [gpt_head(64 * MiB), mbr_head(2048, 64 * 2048 - 2048)], ids=["gpt", "mbr"]
+)
+def test_check_still_calls_a_whole_raw_disk_a_raw_image(tmp_path: Path, head: bytes) -> None:
+    report = vhd_file.examine(disk_with(tmp_path / "disk.raw", head, 64 * MiB))
+    assert not report.truncated and report.hint is None
+    assert "a raw image? convert it with from-raw" in report.results[0].detail
+
+
+def test_check_says_a_dynamic_vhd_without_its_end_looks_truncated(tmp_path: Path) -> None:
+    # A dynamic VHD starts with a copy of its footer; a fixed one never does.
+    dynamic = patch(patch(GOOD, 60, ">I", 3), 16, ">Q", 512)
+    path = disk_with(tmp_path / "dynamic.vhd", dynamic, 3 * MiB)
+    report = vhd_file.examine(path)
+    assert report.truncated and "looks truncated" in report.results[0].detail
+
+
+def test_the_partition_table_describes_the_disk_size() -> None:
+    assert vhd_rules.described_size(gpt_head(30 * GiB)) == 30 * GiB
+    assert vhd_rules.described_size(mbr_head(2048, 4096)) == 6144 * 512
+    assert vhd_rules.described_size(bytes(1024)) is None
+
+
+@pytest.mark.parametrize("disk_type", [3, 4], ids=["dynamic", "differencing"])
+def test_check_gives_the_qemu_img_line_for_a_dynamic_vhd(tmp_path: Path, disk_type: int) -> None:
+    path = sparse_vhd(tmp_path / "disk.vhd", patch(GOOD, 60, ">I", disk_type), 4 * MiB)
+    report = vhd_file.examine(path)
+    assert "disk-type" in report.failed
+    assert report.hint == (
+        "make a fixed VHD of it: qemu-img convert -f vpc -O vpc -o subformat=fixed,force_size "
+        f"{path} {tmp_path / 'disk-fixed.vhd'}"
+    )
+    with pytest.raises(UserError) as info:
+        vhd_file.check_or_raise(path)
+    assert info.value.hint == report.hint
+
+
+def test_check_gives_no_conversion_hint_for_a_fixed_vhd_with_a_bad_checksum(
+    tmp_path: Path,
+) -> None:
+    path = sparse_vhd(tmp_path / "disk.vhd", patch(GOOD, 64, ">I", 1, resum=False), 4 * MiB)
+    assert vhd_file.examine(path).hint is None
 
 
 # --- append_footer --------------------------------------------------------------------------
@@ -416,7 +504,7 @@ def test_check_of_a_directory_is_a_user_error(tmp_path: Path) -> None:
 def test_append_footer_writes_the_footer_after_the_data(tmp_path: Path) -> None:
     raw = sparse_file(tmp_path / "disk.raw", 4 * MiB)
     write_at(raw, {0: b"boot", 4 * MiB - 4: b"last"})
-    vhd.append_footer(raw, timestamp=0x01020304, unique_id=UID)
+    vhd_file.append_footer(raw, timestamp=0x01020304, unique_id=UID)
     assert raw.stat().st_size == 4 * MiB + 512
     data = raw.read_bytes()
     assert data[:4] == b"boot"
@@ -434,7 +522,7 @@ def test_append_footer_uses_source_date_epoch(
 ) -> None:
     monkeypatch.setenv("SOURCE_DATE_EPOCH", str(946_684_800 + 1000))
     raw = sparse_file(tmp_path / "disk.raw", MiB)
-    vhd.append_footer(raw)
+    vhd_file.append_footer(raw)
     assert tail(raw)[24:28] == (1000).to_bytes(4, "big")
 
 
@@ -443,16 +531,16 @@ def test_append_footer_keeps_a_30_gib_image_sparse(tmp_path: Path) -> None:
     write_at(raw, {0: os.urandom(MiB), 17 * GiB: os.urandom(MiB)})
     os.sync()
     before = allocated(raw)
-    vhd.append_footer(raw)
+    vhd_file.append_footer(raw)
     assert raw.stat().st_size == 30 * GiB + 512
     assert allocated(raw) <= before + SLACK
 
 
 def test_append_footer_twice_leaves_the_file_alone(tmp_path: Path) -> None:
     raw = sparse_file(tmp_path / "disk.raw", 2 * MiB)
-    first = vhd.append_footer(raw)
+    first = vhd_file.append_footer(raw)
     footer = tail(raw)
-    again = vhd.append_footer(raw)
+    again = vhd_file.append_footer(raw)
     assert raw.stat().st_size == 2 * MiB + 512
     assert tail(raw) == footer
     assert again == first
@@ -460,9 +548,9 @@ def test_append_footer_twice_leaves_the_file_alone(tmp_path: Path) -> None:
 
 def test_append_footer_refuses_another_footer(tmp_path: Path) -> None:
     other = patch(vhd.footer(2 * MiB, timestamp=5, unique_id=UID), 28, ">4s", b"qem2")
-    path = vhd_file(tmp_path / "disk.vhd", other, 2 * MiB)
+    path = sparse_vhd(tmp_path / "disk.vhd", other, 2 * MiB)
     with pytest.raises(UserError, match="already ends with a VHD footer"):
-        vhd.append_footer(path)
+        vhd_file.append_footer(path)
     assert path.stat().st_size == 2 * MiB + 512
 
 
@@ -475,7 +563,7 @@ def test_append_footer_refuses_odd_sizes_and_leaves_the_file(
 ) -> None:
     raw = sparse_file(tmp_path / "disk.raw", size)
     with pytest.raises(UserError, match="not a whole number of MiB") as info:
-        vhd.append_footer(raw)
+        vhd_file.append_footer(raw)
     assert hint in str(info.value.hint)
     assert raw.stat().st_size == size
 
@@ -483,33 +571,33 @@ def test_append_footer_refuses_odd_sizes_and_leaves_the_file(
 def test_append_footer_refuses_more_than_1023_gib(tmp_path: Path) -> None:
     raw = sparse_file(tmp_path / "disk.raw", 1024 * GiB)
     with pytest.raises(UserError, match="1023 GiB"):
-        vhd.append_footer(raw)
+        vhd_file.append_footer(raw)
     assert raw.stat().st_size == 1024 * GiB
 
 
 def test_append_footer_explains_a_missing_file(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot open"):
-        vhd.append_footer(tmp_path / "missing.raw")
+        vhd_file.append_footer(tmp_path / "missing.raw")
 
 
 def test_append_footer_refuses_a_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError):
-        vhd.append_footer(tmp_path)
+        vhd_file.append_footer(tmp_path)
 
 
 def test_strip_footer_gives_the_raw_image_back(tmp_path: Path) -> None:
     raw = sparse_file(tmp_path / "disk.raw", 3 * MiB)
     write_at(raw, {5: b"payload"})
     digest = file_sha256(raw)
-    vhd.append_footer(raw)
-    assert vhd.strip_footer(raw) == 3 * MiB
+    vhd_file.append_footer(raw)
+    assert vhd_file.strip_footer(raw) == 3 * MiB
     assert file_sha256(raw) == digest
 
 
 def test_strip_footer_refuses_a_raw_image(tmp_path: Path) -> None:
     raw = sparse_file(tmp_path / "disk.raw", 3 * MiB)
     with pytest.raises(UserError, match="not a VHD Azure accepts"):
-        vhd.strip_footer(raw)
+        vhd_file.strip_footer(raw)
     assert raw.stat().st_size == 3 * MiB
 
 
@@ -531,7 +619,7 @@ def test_from_raw_leaves_raw_unchanged_and_the_vhd_sparse(tmp_path: Path) -> Non
     os.sync()
     before = (file_sha256(raw), raw.stat().st_size, raw.stat().st_mtime_ns, allocated(raw))
     out = tmp_path / "out" / "disk.vhd"
-    footer = vhd.from_raw(raw, out, unique_id=UID)
+    footer = vhd_file.from_raw(raw, out, unique_id=UID)
     assert (file_sha256(raw), raw.stat().st_size, raw.stat().st_mtime_ns, allocated(raw)) == before
     assert out.stat().st_size == 256 * MiB + 512
     assert allocated(out) <= before[3] + SLACK
@@ -540,7 +628,7 @@ def test_from_raw_leaves_raw_unchanged_and_the_vhd_sparse(tmp_path: Path) -> Non
     with open(out, "rb") as v:
         assert hashlib.sha256(v.read(256 * MiB)).hexdigest() == before[0]
     assert tail(out)[68:84] == UID.bytes
-    assert vhd.examine(out).ok
+    assert vhd_file.examine(out).ok
     assert [p.name for p in out.parent.iterdir()] == ["disk.vhd"]  # no temporary left
 
 
@@ -550,7 +638,7 @@ def test_from_raw_keeps_a_30_gib_image_sparse(tmp_path: Path) -> None:
     write_at(raw, chunks)
     os.sync()
     out = tmp_path / "disk.vhd"
-    vhd.from_raw(raw, out)
+    vhd_file.from_raw(raw, out)
     assert out.stat().st_size == 30 * GiB + 512
     assert allocated(out) <= allocated(raw) + SLACK
     _assert_same_data(raw, out, chunks)
@@ -568,7 +656,7 @@ def test_from_raw_without_copy_file_range_still_copies_only_data(
     write_at(raw, chunks)
     os.sync()
     out = tmp_path / "disk.vhd"
-    vhd.from_raw(raw, out)
+    vhd_file.from_raw(raw, out)
     assert allocated(out) <= allocated(raw) + SLACK
     _assert_same_data(raw, out, chunks)
     assert file_sha256(raw) == hashlib.sha256(out.read_bytes()[: 64 * MiB]).hexdigest()
@@ -594,7 +682,7 @@ def test_from_raw_skips_zero_blocks_where_holes_cannot_be_seen(
     chunks = {3 * MiB: b"a" * 4096, 50 * MiB + 7: b"b" * 100}
     write_at(raw, chunks)
     out = tmp_path / "disk.vhd"
-    vhd.from_raw(raw, out)
+    vhd_file.from_raw(raw, out)
     assert allocated(out) <= 2 * MiB + SLACK  # the two 1 MiB blocks that hold data
     _assert_same_data(raw, out, chunks)
     assert out.stat().st_size == 64 * MiB + 512
@@ -604,8 +692,19 @@ def test_from_raw_replaces_an_old_vhd(tmp_path: Path) -> None:
     raw = sparse_file(tmp_path / "disk.raw", MiB)
     out = tmp_path / "disk.vhd"
     out.write_bytes(b"old")
-    vhd.from_raw(raw, out)
+    vhd_file.from_raw(raw, out)
     assert out.stat().st_size == MiB + 512
+
+
+def test_from_raw_without_replace_keeps_an_existing_vhd(tmp_path: Path) -> None:
+    raw = sparse_file(tmp_path / "disk.raw", MiB)
+    out = tmp_path / "disk.vhd"
+    out.write_bytes(b"old")
+    with pytest.raises(UserError, match=r"disk\.vhd exists"):
+        vhd_file.from_raw(raw, out, replace=False)
+    assert out.read_bytes() == b"old"
+    vhd_file.from_raw(raw, tmp_path / "new.vhd", replace=False)
+    assert (tmp_path / "new.vhd").stat().st_size == MiB + 512
 
 
 def test_from_raw_refuses_an_odd_size_and_keeps_the_old_vhd(tmp_path: Path) -> None:
@@ -613,7 +712,7 @@ def test_from_raw_refuses_an_odd_size_and_keeps_the_old_vhd(tmp_path: Path) -> N
     out = tmp_path / "disk.vhd"
     out.write_bytes(b"old")
     with pytest.raises(UserError) as info:
-        vhd.from_raw(raw, out)
+        vhd_file.from_raw(raw, out)
     assert "resize to 2 MiB" in str(info.value.hint)
     assert out.read_bytes() == b"old"
     assert sorted(p.name for p in tmp_path.iterdir()) == ["disk.raw", "disk.vhd"]
@@ -627,40 +726,26 @@ def test_from_raw_refuses_to_write_over_the_raw_image(tmp_path: Path, same: str)
         out = tmp_path / "disk.vhd"
         os.link(raw, out)
     with pytest.raises(UserError, match="is the raw image itself"):
-        vhd.from_raw(raw, out)
+        vhd_file.from_raw(raw, out)
     assert raw.stat().st_size == MiB
 
 
 def test_from_raw_refuses_a_vhd_as_input(tmp_path: Path) -> None:
     raw = sparse_file(tmp_path / "disk.raw", MiB)
-    vhd.append_footer(raw)
+    vhd_file.append_footer(raw)
     with pytest.raises(UserError, match="already is a fixed VHD"):
-        vhd.from_raw(raw, tmp_path / "disk.vhd")
+        vhd_file.from_raw(raw, tmp_path / "disk.vhd")
     assert not (tmp_path / "disk.vhd").exists()
 
 
 def test_from_raw_explains_a_missing_raw_image(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="cannot open"):
-        vhd.from_raw(tmp_path / "missing.raw", tmp_path / "disk.vhd")
+        vhd_file.from_raw(tmp_path / "missing.raw", tmp_path / "disk.vhd")
 
 
 def test_from_raw_refuses_a_directory(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="directory"):
-        vhd.from_raw(tmp_path, tmp_path / "disk.vhd")
-
-
-def test_data_extents_skip_holes(tmp_path: Path) -> None:
-    raw = sparse_file(tmp_path / "disk.raw", 64 * MiB)
-    write_at(raw, {8 * MiB: b"x" * MiB, 40 * MiB: b"y" * 4096})
-    fd = os.open(raw, os.O_RDONLY)
-    try:
-        extents = list(vhd.data_extents(fd, 64 * MiB))
-    finally:
-        os.close(fd)
-    covered = sum(end - start for start, end in extents)
-    assert MiB + 4096 <= covered <= 2 * MiB  # file systems may round to their block size
-    assert any(start <= 8 * MiB and end >= 9 * MiB for start, end in extents)
-    assert any(start <= 40 * MiB < end for start, end in extents)
+        vhd_file.from_raw(tmp_path, tmp_path / "disk.vhd")
 
 
 # --- qemu-img as the independent oracle -----------------------------------------------------
@@ -690,7 +775,7 @@ def qemu_compare(qemu_img: str, raw: Path, image: Path) -> int:
 )
 def test_qemu_reads_the_exact_size_of_our_footer(qemu_img: str, tmp_path: Path, size: int) -> None:
     raw = sparse_file(tmp_path / "disk.raw", size)
-    vhd.append_footer(raw)
+    vhd_file.append_footer(raw)
     info = qemu_info(qemu_img, raw)
     assert info["format"] == "vpc"
     assert info["virtual-size"] == size
@@ -703,12 +788,12 @@ def test_qemu_compare_finds_our_vhds_identical_to_the_raw_image(
     raw = sparse_file(tmp_path / "disk.raw", 128 * MiB)
     write_at(raw, scattered_data(128 * MiB, seed=11, count=40))
     copied = tmp_path / "copied.vhd"
-    vhd.from_raw(raw, copied)
+    vhd_file.from_raw(raw, copied)
     assert qemu_compare(qemu_img, raw, copied) == 0
 
     in_place = tmp_path / "in-place.raw"
     shutil.copyfile(raw, in_place)
-    vhd.append_footer(in_place)
+    vhd_file.append_footer(in_place)
     assert qemu_compare(qemu_img, raw, in_place) == 0
 
     # The oracle can tell: one changed byte in the data makes the images differ.
@@ -736,9 +821,9 @@ def test_a_vhd_from_qemu_img_convert_passes_check(qemu_img: str, tmp_path: Path)
             out,
         ]
     )
-    report = vhd.examine(out)
+    report = vhd_file.examine(out)
     assert report.ok, str(report)
-    assert vhd.raw_size(out) == 64 * MiB
+    assert vhd_file.raw_size(out) == 64 * MiB
     theirs = tail(out)
     assert vhd.checksum(theirs) == struct.unpack(">I", theirs[64:68])[0]
 
@@ -780,10 +865,10 @@ def test_chs_geometry_matches_qemu(qemu_img: str, tmp_path: Path, size: str) -> 
 def test_check_flags_a_dynamic_vhd_from_qemu(qemu_img: str, tmp_path: Path) -> None:
     out = tmp_path / "dynamic.vhd"
     run([qemu_img, "create", "-q", "-f", "vpc", "-o", "subformat=dynamic,force_size", out, "1M"])
-    report = vhd.examine(out)
+    report = vhd_file.examine(out)
     assert report.failed == {"disk-type", "data-offset", "file-size"}
     with pytest.raises(UserError, match="disk type is dynamic"):
-        vhd.check_or_raise(out)
+        vhd_file.check_or_raise(out)
 
 
 @pytest.mark.integration
@@ -792,5 +877,5 @@ def test_append_footer_refuses_a_vhd_from_qemu(qemu_img: str, tmp_path: Path) ->
     run([qemu_img, "create", "-q", "-f", "vpc", "-o", "subformat=fixed,force_size", out, "2M"])
     size = out.stat().st_size
     with pytest.raises(UserError, match="already ends with a VHD footer"):
-        vhd.append_footer(out)
+        vhd_file.append_footer(out)
     assert out.stat().st_size == size

@@ -19,21 +19,18 @@ The functions that decide (`parse_sha256sums`, `parse_listing`, `pick_tarball`,
 
 from __future__ import annotations
 
-import hashlib
 import html
 import os
 import re
-import time
-import urllib.error
 import urllib.parse
-import urllib.request
 from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from archkernel.errors import UserError
-from archkernel.host.files import atomic_path, sha256_file, temporary_directory
+from archkernel.host.download import FetchError, fetch_text
+from archkernel.host.download import download as download_file
+from archkernel.host.files import sha256_file, temporary_directory
 from archkernel.host.run import run
 from archkernel.log import log
 
@@ -43,7 +40,10 @@ SUMS = "sha256sums.txt"
 _NAME = re.compile(
     rf"archlinux-bootstrap-(?:(?P<date>\d{{4}}\.\d{{2}}\.\d{{2}})-)?{ARCH}\.tar\.(?P<ext>zst|gz)"
 )
-_CHUNK = 1 << 20
+# Lists and signatures are small; a bootstrap tarball is about 150 MiB (another userland
+# given by URL, a few hundred).
+LIST_LIMIT = 4 << 20
+DOWNLOAD_LIMIT = 4 << 30
 
 
 @dataclass(frozen=True)
@@ -134,27 +134,17 @@ def tree_root(unpacked: Path) -> Path:
 # --- acting -----------------------------------------------------------------------------------
 
 
-def _open(url: str, timeout: float) -> Any:
-    if not url.startswith(("http://", "https://", "ftp://", "file:/")):
-        raise UserError(f"cannot fetch {url}: not an http(s), ftp or file URL")
-    return urllib.request.urlopen(url, timeout=timeout)  # noqa: S310 (scheme checked)
-
-
-def fetch_text(url: str, *, timeout: float = 60.0) -> str:
-    """A small text file from a URL; UserError if it cannot be had (HTTPError for 404)."""
+def _fetch_list(url: str, timeout: float) -> str:
+    """A list on the mirror; FetchError (with its `status` for an HTTP error) if not."""
     try:
-        with _open(url, timeout) as response:
-            data: bytes = response.read(4 << 20)
-    except urllib.error.HTTPError:
+        return fetch_text(url, limit=LIST_LIMIT, timeout=timeout)
+    except FetchError as exc:
+        if exc.hint is None:
+            exc.hint = (
+                "check the network and azure.bootstrap_mirror, or give a tarball with "
+                "azure.bootstrap_tarball and azure.bootstrap_sha256"
+            )
         raise
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(
-            f"cannot fetch {url}: {reason}",
-            "check the network and azure.bootstrap_mirror, or give a tarball with "
-            "azure.bootstrap_tarball and azure.bootstrap_sha256",
-        ) from None
-    return data.decode("utf-8", "replace")
 
 
 def newest(mirror: str, *, timeout: float = 60.0) -> Release:
@@ -163,15 +153,19 @@ def newest(mirror: str, *, timeout: float = 60.0) -> Release:
     base = mirror.rstrip("/") + "/"
     sums: dict[str, str] = {}
     try:
-        sums = parse_sha256sums(fetch_text(base + SUMS, timeout=timeout))
+        sums = parse_sha256sums(_fetch_list(base + SUMS, timeout))
         names: Iterable[str] = sums
-    except urllib.error.HTTPError as exc:
-        log.debug("%s%s: HTTP %s; reading the directory listing", base, SUMS, exc.code)
+    except FetchError as exc:
+        if exc.status is None:
+            raise  # no answer (an HTTP error status is an answer)
+        log.debug("%s%s: HTTP %s; reading the directory listing", base, SUMS, exc.status)
         try:
-            names = parse_listing(fetch_text(base, timeout=timeout))
-        except urllib.error.HTTPError as exc2:
+            names = parse_listing(_fetch_list(base, timeout))
+        except FetchError as exc2:
+            if exc2.status is None:
+                raise
             raise UserError(
-                f"{base} lists no files (HTTP {exc2.code})",
+                f"{base} lists no files (HTTP {exc2.status})",
                 "set azure.bootstrap_mirror to an Arch release directory such as "
                 "https://geo.mirror.pkgbuild.com/iso/latest",
             ) from None
@@ -186,25 +180,16 @@ def newest(mirror: str, *, timeout: float = 60.0) -> Release:
 
 def download(url: str, dest: Path, *, timeout: float = 60.0) -> str:
     """Download `url` to `dest` (atomically: all or nothing); returns its SHA-256."""
-    digest = hashlib.sha256()
-    start = time.monotonic()
-    size = 0
     try:
-        with atomic_path(dest) as tmp, _open(url, timeout) as response, open(tmp, "wb") as out:
-            while block := response.read(_CHUNK):
-                digest.update(block)
-                out.write(block)
-                size += len(block)
-    except urllib.error.HTTPError as exc:
-        raise UserError(
-            f"cannot download {url}: HTTP {exc.code} {exc.reason}",
-            "check azure.bootstrap_mirror / azure.bootstrap_tarball",
-        ) from None
-    except (urllib.error.URLError, OSError, ValueError) as exc:
-        reason = getattr(exc, "reason", exc)
-        raise UserError(f"cannot download {url}: {reason}", "check the network") from None
-    log.info("downloaded %s: %.1f MiB in %.1fs", url, size / _CHUNK, time.monotonic() - start)
-    return digest.hexdigest()
+        return download_file(url, dest, limit=DOWNLOAD_LIMIT, timeout=timeout)
+    except FetchError as exc:
+        if exc.hint is None:
+            exc.hint = (
+                "check azure.bootstrap_mirror / azure.bootstrap_tarball"
+                if exc.status is not None
+                else "check the network"
+            )
+        raise
 
 
 def check_sha256(path: Path, expected: str, what: str) -> str:

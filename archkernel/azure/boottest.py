@@ -1,4 +1,9 @@
-"""azure_boottest: boot the VHD in QEMU and wait for the marker on the console."""
+"""azure_boottest: boot the VHD in QEMU and wait for the marker on the console.
+
+One step per boot (`boot_tests`): the firmware of the VM generation the image is for,
+and for a hybrid image the other one too. Each is one QEMU command (`qemu.Boot`: shown by
+a dry run as it runs) whose pid file lives in `workdir/azure/tmp/boottest`.
+"""
 
 from __future__ import annotations
 
@@ -6,14 +11,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from archkernel.azure.diskimage import Planned
+from archkernel.azure.diskimage import remove_scratch, scratch
 from archkernel.azure.workspace import _json, paths
-from archkernel.errors import UserError
 from archkernel.host import qemu
 from archkernel.log import log
+from archkernel.plan import Do, Plan, reads
 from archkernel.settings import Settings
-
-# --- azure_boottest -------------------------------------------------------------------------
 
 
 @dataclass(frozen=True)
@@ -53,28 +56,43 @@ def boottest_argv(settings: Settings, test: BootTest, firmware: qemu.Firmware | 
     )
 
 
-def boottest_commands(settings: Settings, test: BootTest) -> Planned:
-    """What `test` runs (for --dry-run)."""
-    try:
-        firmware = qemu.find_ovmf() if test.firmware == "uefi" else None
-    except UserError as exc:
-        return [f"{exc.message} ({exc.hint})"]
-    return [boottest_argv(settings, test, firmware)]
+@reads("azure.boottest_marker", "azure.boottest_timeout", "azure.output")
+def boot(settings: Settings, *, test: BootTest) -> Plan:
+    """boot the VHD in QEMU as `test` says; wait for the marker on the serial console.
 
-
-def run_boottest(settings: Settings, test: BootTest) -> qemu.BootResult:
-    """Boot the VHD as `test` says and wait for `azure.boottest_marker`; writes its stamp."""
-    az = settings.azure
+    A UEFI boot needs OVMF: without it the plan cannot be made (UserError, shown by a
+    dry run).
+    """
+    az, p = settings.azure, paths(settings)
+    marker, wait = az.boottest_marker, az.boottest_timeout
     firmware = qemu.find_ovmf() if test.firmware == "uefi" else None
-    argv = boottest_argv(settings, test, firmware)
-    result = qemu.boot_and_wait(argv, test.console, az.boottest_marker, az.boottest_timeout)
-    stamp = {"marker": az.boottest_marker, "seconds": result.elapsed, "firmware": test.firmware}
-    _json(test.stamp, stamp)
-    log.info(
-        "%r on the console after %.1fs with %s; log %s",
-        az.boottest_marker,
-        result.elapsed,
-        test.firmware_name,
-        test.console,
-    )
-    return result
+    tmp = scratch(p, "boottest")
+
+    results: list[qemu.BootResult] = []
+
+    def stamp() -> None:
+        (result,) = results
+        record = {"marker": marker, "seconds": result.elapsed, "firmware": test.firmware}
+        _json(test.stamp, record)
+        log.info(
+            "%r on the console after %.1fs with %s; log %s",
+            marker,
+            result.elapsed,
+            test.firmware_name,
+            test.console,
+        )
+
+    plan = Plan()
+    plan.ops += [
+        qemu.Boot.of_boot(
+            boottest_argv(settings, test, firmware),
+            serial_log=test.console,
+            marker=marker,
+            wait=wait,
+            pidfile=tmp / f"{test.verb}.pid",
+            booted=results.append,
+        ),
+        Do(f"write {test.stamp}: the marker, how long it took, the firmware", stamp),
+    ]
+    plan.cleanup.append(remove_scratch(p, "boottest"))
+    return plan

@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import re
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
+from archkernel.azure import users
 from archkernel.errors import UserError
 from archkernel.settings import AzureSettings
 
@@ -27,10 +29,24 @@ CLOUD_INIT_UNITS = [
     "cloud-final.service",
 ]
 BASE_UNITS = ["systemd-networkd.service", "systemd-resolved.service", "sshd.service"]
-OPTIONAL_UNITS = ["systemd-timesyncd.service", "pacman-init.service"]
+PACMAN_INIT_UNIT = "pacman-init.service"
+OPTIONAL_UNITS = ["systemd-timesyncd.service", PACMAN_INIT_UNIT]
 WAAGENT_UNIT = "waagent.service"
 WAAGENT_DROPIN = "etc/systemd/system/waagent.service.d/10-archkernel-udev.conf"
 SSHD_DROPIN = "etc/ssh/sshd_config.d/10-archkernel-azure.conf"
+CLOUD_INIT_DROPIN = "etc/cloud/cloud.cfg.d/90-archkernel-azure.cfg"
+WAAGENT_CONF = "etc/waagent.conf"
+# Where systemd units are found in a root tree, distribution's first.
+UNIT_DIRS = ("usr/lib/systemd/system", "etc/systemd/system")
+
+
+@dataclass(frozen=True)
+class File:
+    """A file the build writes into the image: its path under the root, its text, its mode."""
+
+    path: str
+    text: str
+    mode: int = 0o644
 
 
 def pacman_conf(mirror: str, gpgdir: str | None = None) -> str:
@@ -274,6 +290,41 @@ def shadow_password(shadow: str, user: str) -> str | None:
         if fields[0] == user and len(fields) > 1:
             return fields[1]
     return None
+
+
+def system_files(settings: AzureSettings, root_uuid: str, esp_volume: str | None) -> list[File]:
+    """The files step 3 writes into the image: names, locale, keymap, fstab, network, sshd,
+    sudo, the provisioning DVD's drivers and the first-boot keyring unit."""
+    return [
+        File("etc/hostname", settings.hostname + "\n"),
+        File("etc/locale.gen", locale_gen(settings.locale)),
+        File("etc/locale.conf", f"LANG={settings.locale}\n"),
+        File("etc/vconsole.conf", f"KEYMAP={settings.keymap}\n"),
+        File("etc/fstab", fstab(root_uuid, esp_volume)),
+        File("etc/systemd/network/20-eth0.network", networkd_eth0()),
+        File(SSHD_DROPIN, sshd_dropin(users.password_login(settings.user))),
+        File("etc/sudoers.d/10-wheel", sudoers_wheel(), 0o440),
+        File("etc/modules-load.d/azure-provisioning.conf", modules_load()),
+        File(f"usr/lib/systemd/system/{PACMAN_INIT_UNIT}", pacman_init_unit()),
+    ]
+
+
+def system_links(timezone: str) -> dict[str, str]:
+    """The symbolic links step 3 makes in the image (path under the root -> target)."""
+    return {
+        "etc/localtime": f"/usr/share/zoneinfo/{timezone}",
+        "etc/resolv.conf": "/run/systemd/resolve/stub-resolv.conf",
+    }
+
+
+def configured_units(available: set[str]) -> list[str]:
+    """The units step 3 enables: those of the base and optional ones the image has."""
+    return [u for u in BASE_UNITS + OPTIONAL_UNITS if u in available]
+
+
+def agent_units(settings: AzureSettings, available: set[str]) -> list[str]:
+    """The units step 4 enables: those of `units_to_enable` that step 3 did not."""
+    return [u for u in units_to_enable(settings, available) if u not in BASE_UNITS]
 
 
 def units_to_enable(settings: AzureSettings, available: set[str]) -> list[str]:

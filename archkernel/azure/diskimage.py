@@ -1,161 +1,329 @@
-"""Steps 6-8 of azure_vhd: the disk image, the bootloader and the fixed VHD."""
+"""Steps 6-8 of azure_vhd: the disk image, the boot loader and the fixed VHD.
+
+Each step function returns its plan (`archkernel.plan`) without changing anything; the
+commands of steps 6 and 7 run in the build environment (`workspace.build_environment`,
+the plan's context). Step 6 makes the disk as `.disk.img.tmp-new` and renames it to
+`disk.img` once it is whole; step 7 installs GRUB into it; step 8 turns it into the VHD in
+place. Scratch files (GRUB's early config, a mount point, copies to check) live in
+`workdir/azure/tmp/STEP`, removed when the step ends.
+"""
 
 from __future__ import annotations
 
+import contextlib
+import functools
+import json
 import os
-import tempfile
 from pathlib import Path
 
+from archkernel.azure import buildenv
 from archkernel.azure.workspace import (
+    FIRMWARE_SETTINGS,
     INITRD,
     KERNEL,
+    ROUTING_SETTINGS,
     Paths,
     _json,
     build_environment,
+    clear_leftovers,
     esp_volume,
     grub_dirs,
     paths,
     root_uuid,
+    staging,
 )
 from archkernel.errors import UserError
-from archkernel.formats import vhd
+from archkernel.formats import vhd_file
 from archkernel.host import mounts
-from archkernel.host.files import (
-    atomic_path,
-    remove_path,
-)
-from archkernel.host.run import render
-from archkernel.image import disk, esp, grub
+from archkernel.host.files import remove_path
+from archkernel.image import esp, ext4, grub, grub_install
+from archkernel.image.disk import Layout, create_ops, plan_layout
 from archkernel.log import log
+from archkernel.plan import Do, Plan, reads
 from archkernel.settings import AzureSettings, Settings, format_size
 
-# --- step 6 -------------------------------------------------------------------------------
+# Stand-ins for the IDs step 1 chooses, in a plan made (for a dry run) before it ran.
+PLANNED_ROOT_UUID = "ROOT-UUID-FROM-STEP-1"
+PLANNED_ESP_VOLUME = "0000-0000"
+# What `layout_for` reads, besides the firmware.
+LAYOUT_SETTINGS = ("azure.disk_size", "azure.partition_table")
 
 
-def layout_for(az: AzureSettings) -> disk.Layout:
+def layout_for(az: AzureSettings) -> Layout:
     """The partition layout of the image, for the firmware it boots with."""
-    return disk.plan_layout(az.disk_size, az.partition_table, boot=az.firmware)
+    return plan_layout(az.disk_size, az.partition_table, boot=az.firmware)
+
+
+def scratch(p: Paths, step: str) -> Path:
+    """The scratch directory of `step`: `workdir/azure/tmp/STEP` (fixed, so commands can
+    name it; the step removes it when it ends)."""
+    return p.work / "tmp" / step
+
+
+def _remove_scratch(tmp: Path) -> None:
+    remove_path(tmp)
+    with contextlib.suppress(OSError):  # not empty: another step's is there
+        tmp.parent.rmdir()
+
+
+def remove_scratch(p: Paths, step: str) -> Do:
+    """The operation that removes the scratch directory of `step` (and `tmp` if empty)."""
+    tmp = scratch(p, step)
+    return Do(f"remove {tmp}", lambda: _remove_scratch(tmp))
+
+
+def planned_ids(p: Paths) -> tuple[str, str]:
+    """The IDs step 1 chose (root file system UUID, ESP volume ID), or stand-ins before
+    it ran."""
+    try:
+        return root_uuid(p), esp_volume(p)
+    except (OSError, ValueError, KeyError):
+        try:
+            return root_uuid(p), PLANNED_ESP_VOLUME
+        except (OSError, ValueError, KeyError):
+            return PLANNED_ROOT_UUID, PLANNED_ESP_VOLUME
+
+
+def planned_grub_dirs(settings: Settings) -> tuple[Path, Path]:
+    """GRUB's i386-pc and x86_64-efi directories, of the build environment step 1 prepared
+    (builder = container) or of the host: where the step's commands will find them."""
+    if settings.azure.builder != "container":
+        return grub_dirs(None)
+    return grub_dirs(buildenv.load(settings.azure, settings.workdir))
+
+
+def _environment(settings: Settings) -> Plan:
+    return Plan(context=functools.partial(build_environment, settings))
+
+
+def _undo_killed_run(p: Paths) -> None:
+    mounts.cleanup_stale(p.work)
+    clear_leftovers(p.raw)
+
+
+def _fresh_directory(path: Path) -> None:
+    remove_path(path)
+    path.mkdir(parents=True)
+
+
+def _housekeeping(p: Paths) -> Do:
+    return Do(
+        f"undo what a killed run left under {p.work} (mounts, loop devices, processes "
+        "working on the disk): runs umount, losetup or kill only then",
+        functools.partial(_undo_killed_run, p),
+    )
+
+
+def made_vhd(p: Paths) -> Path | None:
+    """The VHD step 8 made, as its stamp `vhd.json` names it (None: no stamp)."""
+    try:
+        return Path(json.loads(p.vhd_stamp.read_text())["vhd"])
+    except (OSError, ValueError, KeyError):
+        return None
+
+
+# --- step 6 -------------------------------------------------------------------------------
 
 
 def unstage_other_platforms(rootdir: Path, boot: str) -> None:
     """Remove GRUB platform directories an earlier run of step 6 staged for another boot
     mode: the image gets only what its firmware uses."""
-    wanted = {"bios": {"i386-pc"}, "uefi": {"x86_64-efi"}}.get(boot, {"i386-pc", "x86_64-efi"})
+    wanted = set(grub.platforms(boot))
     for platform in ("i386-pc", "x86_64-efi"):
         if platform not in wanted:
-            remove_path(rootdir / grub.PREFIX.lstrip("/") / platform)
+            remove_path(grub.staged_dir(rootdir, platform))
 
 
-def take_back_raw(p: Paths) -> None:
-    """Make disk.img the raw image again if step 8 already turned it into the VHD."""
-    if p.raw.exists() or not p.vhd.exists():
-        return
-    size = vhd.strip_footer(p.vhd)
-    os.rename(p.vhd, p.raw)
-    p.vhd_stamp.unlink(missing_ok=True)
-    log.info("took the raw image (%s) back from %s", format_size(size), p.vhd.name)
+def _drop_old_disk(p: Paths) -> None:
+    """From here on the old disk is destroyed: drop the stamps that describe it first, so
+    a run killed from now on re-runs step 6 rather than finding it done (a re-run after
+    `--from 6` keeps doit's record of the earlier success)."""
+    old = made_vhd(p)  # any earlier VHD holds an older disk, and so does its report
+    for path in (p.disk, p.bootloader, *([old] if old else []), p.vhd_stamp, p.report, p.summary):
+        path.unlink(missing_ok=True)
 
 
-def step_disk(settings: Settings) -> None:
-    """Step 6: sparse disk, partition table, GRUB files and ext4 root from the tree, and
-    the EFI system partition's FAT (uefi, hybrid)."""
+def _put_disk_in_place(made: Path, target: Path) -> None:
+    fd = os.open(made, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(made, target)
+
+
+@reads(
+    *LAYOUT_SETTINGS,
+    "azure.filesystem",
+    "azure.kernel_cmdline",
+    *FIRMWARE_SETTINGS,
+    *ROUTING_SETTINGS,
+)
+def disk(settings: Settings) -> Plan:
+    """sparse disk, partition table, ext4 root made from the tree, e2fsck, ESP.
+
+    GRUB's files go into the root tree first (`grub.stage_ops`), so mkfs.ext4 carries them
+    in; for uefi and hybrid the EFI system partition gets its FAT (the boot loader on it is
+    step 7's).
+    """
     az, p = settings.azure, paths(settings)
-    mounts.cleanup_stale(p.work)
-    uid = root_uuid(p)
+    uid, volume = planned_ids(p)
     layout = layout_for(az)
-    esp_id = esp_volume(p) if layout.boots_uefi else None
-    with build_environment(settings) as env:
-        bios_lib, efi_lib = grub_dirs(env)
-        cfg = grub.grub_cfg(uid, KERNEL, INITRD, az.kernel_cmdline)
-        unstage_other_platforms(p.image_root, layout.boot)
-        grub.stage_grub_files(
-            p.image_root, layout.boot, cfg, root_uuid=uid, bios_lib=bios_lib, efi_lib=efi_lib
+    size, table, cmdline = az.disk_size, az.partition_table, az.kernel_cmdline
+    bios_lib, efi_lib = planned_grub_dirs(settings)
+    made, tmp = staging(p.raw), scratch(p, "disk")
+
+    def stamp() -> None:
+        _json(
+            p.disk,
+            {
+                "size": size,
+                "table": table,
+                "boot": layout.boot,
+                "root_uuid": root_uuid(p),
+                "esp_volume": esp_volume(p) if layout.boots_uefi else None,
+                "partitions": [
+                    {"number": x.number, "role": x.role, "start": x.start, "size": x.size}
+                    for x in layout.partitions
+                ],
+            },
         )
+        log.info(
+            "disk %s: %s %s for %s, root UUID %s",
+            p.raw,
+            format_size(size),
+            table,
+            layout.boot,
+            root_uuid(p),
+        )
+
+    plan = _environment(settings)
+    plan.ops += [
+        _housekeeping(p),
+        Do(
+            f"remove GRUB's files for other firmware from {p.image_root}/boot/grub",
+            lambda: unstage_other_platforms(p.image_root, layout.boot),
+        ),
+        *grub.stage_ops(
+            p.image_root,
+            layout.boot,
+            root_uuid=uid,
+            scratch=tmp,
+            bios_lib=bios_lib,
+            efi_lib=efi_lib,
+        ),
+        grub.cfg_op(
+            p.image_root,
+            lambda: grub.grub_cfg(uid, KERNEL, INITRD, cmdline),
+            f"root=UUID={uid} {cmdline}",
+        ),
         # With GRUB's files: they go into the root file system too.
-        disk.check_disk_size(p.image_root, az.disk_size, az.partition_table, boot=layout.boot)
-        # From here on the old disk is destroyed: drop the stamps that describe it first, so
-        # a run killed from now on re-runs this step rather than finding it done (a re-run
-        # after `--from 6` keeps doit's record of the earlier success).
-        p.disk.unlink(missing_ok=True)
-        p.bootloader.unlink(missing_ok=True)
-        p.vhd.unlink(missing_ok=True)  # any earlier VHD holds an older disk
-        p.vhd_stamp.unlink(missing_ok=True)
-        unlink_outputs(p)  # and so does the verify report about it
-        with atomic_path(p.raw) as tmp:
-            disk.create_disk(tmp, layout)
-            disk.make_ext4(tmp, layout.root, p.image_root, uuid=uid)
-            disk.check_ext4(tmp, layout.root)
-            if esp_id is not None:
-                esp.make_fat(tmp, layout.esp, volume=esp_id)
-    _json(
-        p.disk,
-        {
-            "size": az.disk_size,
-            "table": az.partition_table,
-            "boot": layout.boot,
-            "root_uuid": uid,
-            "esp_volume": esp_id,
-            "partitions": [
-                {"number": x.number, "role": x.role, "start": x.start, "size": x.size}
-                for x in layout.partitions
-            ],
-        },
-    )
-    log.info(
-        "disk %s: %s %s for %s, root UUID %s",
-        p.raw,
-        format_size(az.disk_size),
-        az.partition_table,
-        layout.boot,
-        uid,
-    )
+        Do(
+            f"check that {format_size(size)} holds the tree {p.image_root}",
+            lambda: ext4.check_disk_size(p.image_root, size, table, boot=layout.boot),
+        ),
+        Do(
+            f"drop the records of the old disk ({p.disk.name}, {p.bootloader.name}, the VHD "
+            f"and {p.vhd_stamp.name}, {p.report.name} and {p.summary.name})",
+            lambda: _drop_old_disk(p),
+        ),
+        *create_ops(made, layout),
+        *ext4.make_ops(made, layout.root, p.image_root, uuid=uid, label=ext4.DEFAULT_LABEL),
+        ext4.check_op(made, layout.root),
+    ]
+    if layout.boots_uefi:
+        plan.ops += esp.make_ops(made, layout.esp, volume=volume)
+    plan.ops += [
+        Do(f"rename {made} to {p.raw}", lambda: _put_disk_in_place(made, p.raw)),
+        Do(f"write {p.disk}", stamp),
+    ]
+    plan.cleanup += [
+        Do(f"remove {made} if the step stopped before renaming it", lambda: remove_path(made)),
+        remove_scratch(p, "disk"),
+    ]
+    return plan
 
 
 # --- step 7 -------------------------------------------------------------------------------
 
 
-def step_bootloader(settings: Settings) -> None:
-    """Step 7: GRUB for the image's firmware: boot code and core.img (BIOS), core.efi at
-    the ESP's removable path EFI/BOOT/BOOTX64.EFI (UEFI), or both (hybrid)."""
-    az, p = settings.azure, paths(settings)
-    mounts.cleanup_stale(p.work)
+def take_back_raw(p: Paths) -> None:
+    """Make disk.img the raw image again if step 8 already turned it into the VHD."""
+    made = made_vhd(p)
+    if p.raw.exists() or made is None or not made.exists():
+        return
+    size = vhd_file.strip_footer(made)
+    os.rename(made, p.raw)
+    p.vhd_stamp.unlink(missing_ok=True)
+    log.info("took the raw image (%s) back from %s", format_size(size), made.name)
+
+
+def _prepare_raw(p: Paths) -> None:
     p.bootloader.unlink(missing_ok=True)  # killed while writing boot code: not done
     take_back_raw(p)
     if not p.raw.exists():
         raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")
-    p.vhd.unlink(missing_ok=True)
+    old = made_vhd(p)
+    if old is not None:
+        old.unlink(missing_ok=True)
+
+
+@reads(*FIRMWARE_SETTINGS, *LAYOUT_SETTINGS, *ROUTING_SETTINGS)
+def bootloader(settings: Settings) -> Plan:
+    """GRUB for the firmware: boot code and core.img, and/or EFI/BOOT/BOOTX64.EFI.
+
+    BIOS: grub-bios-setup from the files step 6 staged (bios, hybrid); UEFI: core.efi
+    copied to the ESP's removable path and the FAT checked (uefi, hybrid).
+    """
+    az, p = settings.azure, paths(settings)
     layout = layout_for(az)
-    with build_environment(settings) as env:
-        bios_lib, _ = grub_dirs(env)
-        installed = grub.install_grub(p.raw, layout, root_uuid=root_uuid(p), bios_lib=bios_lib)
-        if layout.boots_uefi:
-            esp.check_fat(p.raw, layout.esp)
-    _json(
-        p.bootloader,
-        {
+    uid, _ = planned_ids(p)
+    bios_lib, _ = planned_grub_dirs(settings)
+    tmp = scratch(p, "bootloader")
+    installed = grub_install.installed_platforms(layout)
+
+    def stamp() -> None:
+        record = {
             "grub": installed,
             "boot": layout.boot,
             "root_uuid": root_uuid(p),
-            "table": az.partition_table,
-        },
-    )
-    log.info("GRUB %s installed in %s", " and ".join(installed), p.raw)
+            "table": layout.table,
+        }
+        _json(p.bootloader, record)
+        log.info("GRUB %s installed in %s", " and ".join(installed), p.raw)
+
+    plan = _environment(settings)
+    plan.ops += [
+        _housekeeping(p),
+        Do(
+            f"drop {p.bootloader.name}; take the raw disk {p.raw} back from the VHD if step 8 "
+            "made it",
+            lambda: _prepare_raw(p),
+        ),
+        Do(f"make the empty directory {tmp}", lambda: _fresh_directory(tmp)),
+    ]
+    install = grub_install.install(p.raw, layout, root_uuid=uid, scratch=tmp, bios_lib=bios_lib)
+    plan.ops += install.ops
+    plan.cleanup += install.cleanup
+    if layout.boots_uefi:
+        plan.ops += esp.check_ops(p.raw, layout.esp, tmp / "esp.img")
+    plan.ops.append(Do(f"write {p.bootloader}", stamp))
+    plan.cleanup.append(remove_scratch(p, "bootloader"))
+    return plan
 
 
 # --- step 8 -------------------------------------------------------------------------------
 
 
-def step_vhd(settings: Settings) -> None:
-    """Step 8: append the fixed-VHD footer and rename: O(1), whatever the disk size."""
-    p = paths(settings)
+def _make_vhd(p: Paths) -> None:
     if not p.raw.exists():
         if p.vhd.exists():
-            vhd.check_or_raise(p.vhd)
+            vhd_file.check_or_raise(p.vhd)
             log.info("%s is already the VHD of the current disk", p.vhd)
         else:
             raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")
     else:
-        footer = vhd.append_footer(p.raw)
+        footer = vhd_file.append_footer(p.raw)
         os.replace(p.raw, p.vhd)
         log.info(
             "VHD %s: %s fixed, unique id %s",
@@ -163,99 +331,22 @@ def step_vhd(settings: Settings) -> None:
             format_size(footer.current_size),
             footer.unique_id,
         )
-    footer = vhd.check_or_raise(p.vhd)
+    footer = vhd_file.check_or_raise(p.vhd)
     _json(
         p.vhd_stamp, {"vhd": str(p.vhd), "size": footer.current_size, "id": str(footer.unique_id)}
     )
 
 
-def unlink_outputs(p: Paths) -> None:
-    """Remove outputs an earlier step makes stale (used when a step re-runs)."""
-    for path in (p.report, p.summary):
-        path.unlink(missing_ok=True)
+@reads("azure.output", "azure.disk_size")
+def vhd(settings: Settings) -> Plan:
+    """append the fixed-VHD footer (O(1)) and name the image.
 
-
-# --- what steps 6-8 would run (for --dry-run; nothing here runs or writes) ------------------
-
-Planned = list[list[str] | str]  # argv lists, and descriptions of what is not a command
-
-
-def _planned_ids(p: Paths) -> tuple[str, str]:
-    """The IDs step 1 chose, or placeholders before it ran."""
-    try:
-        return root_uuid(p), esp_volume(p)
-    except (OSError, ValueError, KeyError):
-        return "ROOT-UUID-FROM-STEP-1", "0000-0000"
-
-
-def _planned_tmp(name: str) -> Path:
-    return Path(tempfile.gettempdir()) / "archkernel-grub-XXXXXXXX" / name
-
-
-def _in_environment(az: AzureSettings) -> Planned:
-    if az.builder != "container":
-        return []
-    return [f"build tools run in the bootstrap build environment ({az.container_runtime})"]
-
-
-def disk_commands(settings: Settings) -> Planned:
-    """What step 6 runs: GRUB's core images staged into the tree, the partition table,
-    ext4 from the tree, e2fsck, and the ESP's FAT (uefi, hybrid)."""
+    The footer goes after the raw disk and the file is renamed: no data is copied,
+    whatever the disk size. No command runs.
+    """
     az, p = settings.azure, paths(settings)
-    uid, volume = _planned_ids(p)
-    layout = layout_for(az)
-    early = _planned_tmp("early.cfg")
-    grub_dir = p.image_root / grub.PREFIX.lstrip("/")
-    planned: Planned = _in_environment(az)
-    if layout.boots_bios:
-        planned.append(f"copy GRUB's i386-pc modules from {grub.GRUB_I386_PC} to {grub_dir}")
-        planned.append(grub.mkimage_argv(grub.GRUB_I386_PC, grub_dir / "i386-pc/core.img", early))
-    if layout.boots_uefi:
-        planned.append(f"copy GRUB's x86_64-efi modules from {grub.GRUB_X86_64_EFI} to {grub_dir}")
-        core = grub_dir / "x86_64-efi" / grub.EFI_CORE
-        planned.append(grub.efi_mkimage_argv(grub.GRUB_X86_64_EFI, core, early))
-    planned.append(f"write {grub_dir}/grub.cfg: root=UUID={uid} {az.kernel_cmdline}")
-    planned.append(f"create the sparse file {p.raw} of {format_size(az.disk_size)}")
-    script = "; ".join(line for line in disk.sfdisk_script(layout).splitlines() if line)
-    planned += [disk.create_argv(p.raw), f"sfdisk reads: {script}"]
-    planned.append(disk.mkfs_argv(p.raw, layout.root, p.image_root, uuid=uid, label="archroot"))
-    planned.append(disk.e2fsck_argv(p.raw, layout.root))
-    if layout.boots_uefi:
-        planned.append(esp.mkfs_argv(p.raw, layout.esp, volume=volume))
-    return planned
-
-
-def bootloader_commands(settings: Settings) -> Planned:
-    """What step 7 runs: grub-bios-setup from the staged files (bios, hybrid); core.efi
-    copied to the ESP's removable path and the FAT checked (uefi, hybrid)."""
-    az, p = settings.azure, paths(settings)
-    layout = layout_for(az)
-    planned: Planned = _in_environment(az)
-    if layout.boots_bios:
-        mnt = _planned_tmp("root")
-        planned.append(
-            f"attach partition {layout.root.number} of {p.raw} read-only to a loop device and "
-            f"mount it read-only on {mnt}"
-        )
-        grub_dir = mnt / grub.PREFIX.lstrip("/") / "i386-pc"
-        tool = Path("grub-bios-setup")
-        planned.append(grub.bios_setup_argv(tool, grub_dir, _planned_tmp("device.map"), p.raw))
-    if layout.boots_uefi:
-        core = f"{grub.PREFIX}/x86_64-efi/{grub.EFI_CORE}"
-        planned.append(f"read {core} from the root file system with debugfs")
-        staged = _planned_tmp("esp")
-        planned.append(f"copy it to {staged}/{esp.REMOVABLE_PATH_X64}")
-        planned.append(esp.copy_argv(p.raw, layout.esp, [staged / "EFI"]))
-        planned.append(
-            f"copy the ESP to a sparse file and check it: {render(esp.fsck_argv(Path('esp.img')))}"
-        )
-    return planned
-
-
-def vhd_commands(settings: Settings) -> Planned:
-    """What step 8 does: no command, an append and a rename."""
-    az, p = settings.azure, paths(settings)
-    return [
+    return Plan().do(
         f"append the 512-byte fixed-VHD footer ({format_size(az.disk_size)}) to {p.raw} and "
-        f"rename it to {p.vhd}: no data is copied, the file stays sparse"
-    ]
+        f"rename it to {p.vhd}: no data is copied, the file stays sparse",
+        lambda: _make_vhd(p),
+    )

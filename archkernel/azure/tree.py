@@ -1,96 +1,45 @@
-"""Steps 2-5 of azure_vhd: the root tree: pacstrap, configuration, agent, initramfs."""
+"""Steps 2-5 of azure_vhd: the root tree: pacstrap, configuration, agent, initramfs.
+
+Each step function reads its settings and what the earlier steps made, and returns its
+plan (`archkernel.plan`) without changing anything; its commands run in the build
+environment (`workspace.build_environment`, the plan's context). Step 2 pacstraps into
+`.root.tmp-new` beside `root` and puts the tree in place once it is whole; step 3 does the
+same with a copy of it (`image-root`), which steps 4 and 5 then edit in place.
+"""
 
 from __future__ import annotations
 
-import os
+import functools
 import uuid
 from pathlib import Path
 
 from archkernel.azure import config as conf
+from archkernel.azure import pacman, users
 from archkernel.azure.workspace import (
+    FIRMWARE_SETTINGS,
+    PACKAGE_SETTINGS,
+    ROUTING_SETTINGS,
+    Paths,
     _json,
     build_environment,
+    clear_leftovers,
     esp_volume,
     paths,
+    put_in_place,
     root_uuid,
+    staging,
     tree_id,
 )
 from archkernel.errors import UserError
-from archkernel.formats import initramfs
+from archkernel.formats import initramfs as initramfs_format
 from archkernel.host import mounts
-from archkernel.host.files import (
-    atomic_path,
-    remove_path,
-    write_if_changed,
-    write_text,
-)
-from archkernel.host.processes import release_stale_trees, release_tree, stop_processes_in
-from archkernel.host.run import command_error, run
+from archkernel.host.files import remove_path, write_if_changed, write_text
+from archkernel.host.processes import release_tree
 from archkernel.log import log
+from archkernel.plan import Do, Plan, reads
 from archkernel.settings import AzureSettings, Settings
 
-# --- step 2 -------------------------------------------------------------------------------
-
-
-def _kill_gpg_agents(root: Path) -> None:
-    for home in (root / "etc/pacman.d/gnupg",):
-        if home.is_dir():
-            run(["gpgconf", "--homedir", home, "--kill", "all"], check=False)
-
-
-def pacman_errors(output: str) -> list[str]:
-    """pacman's own `error: ...` lines in `output` (what went wrong, in its words), once each."""
-    found = [
-        line.strip().removeprefix("error: ")
-        for line in output.splitlines()
-        if line.strip().startswith("error: ")
-    ]
-    return list(dict.fromkeys(found))
-
-
-def pacstrap_error(argv: list[str], code: int, stderr: str) -> UserError:
-    """The UserError for a failed pacstrap: pacman's reasons on the first line, if it gave any."""
-    errors = pacman_errors(stderr)
-    if code < 0 or not errors:
-        return command_error(argv, code, stderr)
-    if any(e.startswith("target not found") for e in errors):
-        hint = "check the names in azure.packages and azure.extra_packages (pacman -Sl lists them)"
-    else:
-        hint = "see pacman's output above; check azure.mirror or azure.pacman_conf"
-    return UserError(f"pacstrap could not install the packages: {'; '.join(errors)}", hint)
-
-
-def pacstrap_argv(pacman_conf: Path, root: Path, packages: list[str]) -> list[str]:
-    """The pacstrap command that installs `packages` into `root` (the host's cache, no
-    keyring copied, no mirror list copied)."""
-    return ["pacstrap", "-C", str(pacman_conf), "-c", "-G", "-M", str(root), *packages]
-
-
-def step_pacstrap(settings: Settings) -> None:
-    """Step 2: pacstrap the packages into a directory; write the package manifest."""
-    az, p = settings.azure, paths(settings)
-    release_stale_trees(p.root)  # a killed run's pacman may still be writing
-    mounts.cleanup_stale(p.work)
-    packages = az.all_packages()
-    log.info("pacstrap: %s", " ".join(packages))
-    with build_environment(settings), atomic_path(p.root) as tmp:
-        tmp.mkdir()
-        try:
-            argv = pacstrap_argv(p.pacman_conf, tmp, packages)
-            proc = run(argv, check=False, timeout=3 * 3600)
-            if proc.returncode != 0:
-                raise pacstrap_error(argv, proc.returncode, proc.stderr)
-        finally:
-            # Also on Ctrl-C and errors, before atomic_path removes the tree.
-            stop_processes_in(tmp)
-            _kill_gpg_agents(tmp)
-            mounts.cleanup_stale(tmp)
-        listing = run(["pacman", "--root", tmp, "-Q"], capture=True).stdout
-    write_if_changed(p.packages, listing.encode())
-    log.info("installed %d packages; manifest %s", len(listing.splitlines()), p.packages)
-
-
-# --- step 3 -------------------------------------------------------------------------------
+# --- shared by the steps --------------------------------------------------------------------
 
 
 def _owned_write(path: Path, text: str, mode: int = 0o644) -> None:
@@ -105,120 +54,214 @@ def _symlink(path: Path, target: str) -> None:
     path.symlink_to(target)
 
 
-def _passwd_ids(root: Path, user: str) -> tuple[int, int]:
-    for line in (root / "etc/passwd").read_text().splitlines():
-        fields = line.split(":")
-        if fields[0] == user:
-            return int(fields[2]), int(fields[3])
-    raise UserError(f"user {user} was not created in the image", "see useradd's output above")
-
-
-def _add_user(root: Path, az: AzureSettings) -> None:
-    user = az.user
-    if user is None:
-        return
-    run(
-        [
-            "useradd",
-            "--root",
-            root,
-            "--create-home",
-            "--user-group",
-            "--groups",
-            "wheel",
-            "--shell",
-            "/bin/bash",
-            user.name,
-        ]
-    )
-    shadow = root / "etc/shadow"
-    if user.password_hash is not None:
-        # Written here rather than with `usermod -p`, so the hash is on no command line.
-        lines = []
-        for line in shadow.read_text().splitlines():
-            fields = line.split(":")
-            if fields[0] == user.name:
-                fields[1] = user.password_hash.get_secret_value()
-            lines.append(":".join(fields))
-        write_text(shadow, "\n".join(lines) + "\n", 0o600)
-    uid, gid = _passwd_ids(root, user.name)
-    home = root / "home" / user.name
-    ssh = home / ".ssh"
-    ssh.mkdir(mode=0o700, parents=True, exist_ok=True)
-    keys = ssh / "authorized_keys"
-    write_text(keys, "".join(k + "\n" for k in user.ssh_authorized_keys), 0o600)
-    for path in (home, ssh, keys):
-        os.chown(path, uid, gid)
-    log.info("user %s (wheel) with %d SSH key(s)", user.name, len(user.ssh_authorized_keys))
-
-
-def _units_available(root: Path) -> set[str]:
+def units_in(root: Path) -> set[str]:
+    """The names of the systemd units (and unit directories) a root tree ships."""
     found: set[str] = set()
-    for base in ("usr/lib/systemd/system", "etc/systemd/system"):
+    for base in conf.UNIT_DIRS:
         directory = root / base
         if directory.is_dir():
             found.update(p.name for p in directory.iterdir())
     return found
 
 
-def enable_units(root: Path, units: list[str]) -> None:
-    """`systemctl --root` enable `units` in the image (their [Install] sections)."""
+def _enable(plan: Plan, root: Path, units: list[str]) -> None:
+    """`systemctl --root` enable `units` in the image (their [Install] sections), if any."""
     if units:
-        run(["systemctl", f"--root={root}", "enable", *units])
+        plan.run(["systemctl", f"--root={root}", "enable", *units])
 
 
-def step_configure(settings: Settings) -> None:
-    """Step 3: a fresh copy of the tree, configured: names, network, sshd, users, clean-up."""
+def _undo_killed_run(p: Paths, target: Path | None = None) -> Do:
+    """Housekeeping before a step: what a killed run left is undone (a killed arch-chroot
+    leaves its API mounts in the tree; a killed pacstrap, its pacman still writing)."""
+
+    def undo() -> None:
+        if target is not None:
+            clear_leftovers(target)
+        mounts.cleanup_stale(p.work)
+
+    beside = ""
+    if target is not None:
+        beside = f"stop what still works in {staging(target).name} and remove it; "
+    return Do(
+        f"undo what a killed run left: {beside}undo the mounts and loop devices under "
+        f"{p.work} (runs umount or losetup only then)",
+        undo,
+    )
+
+
+def _with_environment(settings: Settings) -> Plan:
+    return Plan(context=functools.partial(build_environment, settings))
+
+
+def _pacstrapped(p: Paths) -> Path:
+    """The pacstrapped tree, which step 3 copies: UserError before step 2 made it."""
+    if not p.root.is_dir():
+        # No hint: a dry run shows the message as the reason it cannot plan the step yet.
+        raise UserError(f"there is no root tree {p.root} yet: step 2 (pacstrap) makes it")
+    return p.root
+
+
+# --- step 2 -----------------------------------------------------------------------------------
+
+
+@reads(*PACKAGE_SETTINGS, *ROUTING_SETTINGS)
+def pacstrap(settings: Settings) -> Plan:
+    """pacstrap the packages into a directory; write the package manifest."""
     az, p = settings.azure, paths(settings)
-    # A killed arch-chroot (locale-gen) leaves its API mounts in the temporary tree.
-    release_stale_trees(p.image_root)
-    mounts.cleanup_stale(p.work)
-    uid = root_uuid(p)
-    # A UEFI image mounts its EFI system partition (its volume ID chosen by step 1).
-    esp_id = esp_volume(p) if az.firmware != "bios" else None
-    with build_environment(settings), atomic_path(p.image_root) as tree:
-        run(["cp", "-a", "--reflink=auto", p.root, tree])
-        etc = tree / "etc"
-        _owned_write(etc / "hostname", az.hostname + "\n")
-        _owned_write(etc / "locale.gen", conf.locale_gen(az.locale))
-        _owned_write(etc / "locale.conf", f"LANG={az.locale}\n")
-        _owned_write(etc / "vconsole.conf", f"KEYMAP={az.keymap}\n")
-        zone = tree / "usr/share/zoneinfo" / az.timezone
-        if not zone.exists():
-            raise UserError(
-                f"azure.timezone: {az.timezone!r} is not in the image's /usr/share/zoneinfo",
-                "use a name such as UTC or Europe/Paris (the tzdata package must be installed)",
+    staged = staging(p.root)
+    packages = az.all_packages()
+    listing: list[str] = []
+    plan = _with_environment(settings)
+    plan.ops.append(_undo_killed_run(p, p.root))
+    plan.do(f"make the empty directory {staged}", staged.mkdir)
+    plan.run(
+        pacman.pacstrap_argv(p.pacman_conf, staged, packages),
+        timeout=3 * 3600,
+        error=pacman.pacstrap_error,
+    )
+    plan.run(pacman.stop_gpg_agent_argv(staged / pacman.KEYRING_DIR))
+    plan.do(
+        f"stop the processes still working in {staged}; undo any mount left in it",
+        lambda: release_tree(staged),
+    )
+    plan.run(
+        pacman.installed_argv(staged),
+        capture=True,
+        then=lambda proc: listing.append(proc.stdout),
+    )
+    plan.do(f"put {staged} in place of {p.root}", lambda: put_in_place(staged, p.root))
+
+    def manifest() -> None:
+        write_if_changed(p.packages, listing[0].encode())
+        log.info("installed %d packages; manifest %s", len(listing[0].splitlines()), p.packages)
+
+    plan.do(f"write the package manifest {p.packages}", manifest)
+    plan.cleanup.append(_discard(staged, "pacstrap"))
+    return plan
+
+
+def _discard(staged: Path, what: str) -> Do:
+    """Remove `staged` if it is still there (the step failed or was interrupted), after
+    stopping what works in it: pacman ignores Ctrl-C while it unpacks and outlives pacstrap."""
+
+    def discard() -> None:
+        if staged.exists():
+            release_tree(staged)
+            remove_path(staged)
+
+    return Do(
+        f"if {staged} is still there ({what} failed or was interrupted): stop the processes "
+        "working in it, undo its mounts, remove it",
+        discard,
+    )
+
+
+# --- step 3 -----------------------------------------------------------------------------------
+
+
+@reads(
+    "azure.hostname",
+    "azure.locale",
+    "azure.timezone",
+    "azure.keymap",
+    "azure.user",
+    *FIRMWARE_SETTINGS,
+    *ROUTING_SETTINGS,
+)
+def configure(settings: Settings) -> Plan:
+    """host name, locale, time, fstab by UUID, network, sshd, users, clean-up."""
+    az, p = settings.azure, paths(settings)
+    source = _pacstrapped(p)
+    tree = staging(p.image_root)
+    etc = tree / "etc"
+    uefi = az.firmware != "bios"
+    # What the copy will hold, known from the tree it copies (step 3 adds pacman-init).
+    units = conf.configured_units(units_in(source) | {conf.PACMAN_INIT_UNIT})
+    has_locale_gen = (source / "usr/bin/locale-gen").exists()
+    plan = _with_environment(settings)
+    plan.ops.append(_undo_killed_run(p, p.image_root))
+    plan.run(["cp", "-a", "--reflink=auto", source, tree])
+    plan.do(
+        f"check that the image has /usr/share/zoneinfo/{az.timezone}",
+        lambda: _check_timezone(tree, az.timezone),
+    )
+    files = conf.system_files(az, "ROOT-UUID", "ESP-ID" if uefi else None)
+    plan.do(
+        f"write {', '.join(f.path for f in files)} (root and ESP by the IDs step 1 chose); "
+        f"link {', '.join(conf.system_links(az.timezone))}"
+        + (f"; make {conf.ESP_MOUNT}" if uefi else ""),
+        lambda: _write_system_files(tree, az, p),
+    )
+    if has_locale_gen:
+        plan.run(["arch-chroot", tree, "locale-gen"], timeout=600)
+        plan.do(f"stop what locale-gen left running in {tree}", lambda: release_tree(tree))
+    else:
+        plan.do(
+            f"warn: the image has no locale-gen; {az.locale} is not compiled",
+            lambda: log.warning("the image has no locale-gen; %s is not compiled", az.locale),
+        )
+    plan.do("lock root's password in etc/shadow", lambda: _lock_root(etc / "shadow"))
+    if az.user is not None:
+        user = az.user
+        plan.run(users.useradd_argv(tree, user.name))
+        if user.password_hash is not None:
+            plan.do(
+                f"set {user.name}'s password hash in etc/shadow",
+                lambda: users.set_password(tree, user),
             )
-        _symlink(etc / "localtime", f"/usr/share/zoneinfo/{az.timezone}")
-        if (tree / "usr/bin/locale-gen").exists():
-            try:
-                run(["arch-chroot", tree, "locale-gen"], timeout=600)
-            finally:
-                release_tree(tree)  # so atomic_path can remove the tree if this failed
-        else:
-            log.warning("the image has no locale-gen; %s is not compiled", az.locale)
-        _owned_write(etc / "fstab", conf.fstab(uid, esp_id))
-        if esp_id is not None:
-            (tree / conf.ESP_MOUNT.lstrip("/")).mkdir(mode=0o755, exist_ok=True)
-        _owned_write(etc / "systemd/network/20-eth0.network", conf.networkd_eth0())
-        _symlink(etc / "resolv.conf", "/run/systemd/resolve/stub-resolv.conf")
-        password_login = az.user is not None and az.user.password_hash is not None
-        if az.user is not None and az.user.ssh_authorized_keys:
-            password_login = False
-        _owned_write(tree / conf.SSHD_DROPIN, conf.sshd_dropin(password_login))
-        _owned_write(etc / "sudoers.d/10-wheel", conf.sudoers_wheel(), 0o440)
-        _owned_write(etc / "modules-load.d/azure-provisioning.conf", conf.modules_load())
-        _owned_write(tree / "usr/lib/systemd/system/pacman-init.service", conf.pacman_init_unit())
-        shadow = etc / "shadow"
-        write_text(shadow, conf.lock_root(shadow.read_text()), 0o600)
-        _add_user(tree, az)
-        # Nothing of the build host may stay: identity, host keys, keyring secrets.
-        write_text(etc / "machine-id", "", 0o444)
-        for key in etc.glob("ssh/ssh_host_*"):
-            key.unlink()
-        remove_path(etc / "pacman.d/gnupg")
-        units = [u for u in conf.BASE_UNITS + conf.OPTIONAL_UNITS if u in _units_available(tree)]
-        enable_units(tree, units)
+        plan.do(
+            f"write /home/{user.name}/.ssh/authorized_keys ({len(user.ssh_authorized_keys)} "
+            "key(s)), owned by the user",
+            lambda: users.install_keys(tree, user),
+        )
+    plan.do(
+        "remove what is the build host's: empty etc/machine-id, no SSH host keys, no "
+        f"{pacman.KEYRING_DIR}",
+        lambda: _forget_build_host(etc),
+    )
+    _enable(plan, tree, units)
+    plan.do(f"put {tree} in place of {p.image_root}", lambda: put_in_place(tree, p.image_root))
+    plan.do(
+        f"write {p.configured}",
+        lambda: _configured(p, az, units),
+    )
+    plan.cleanup.append(_discard(tree, "the configuration"))
+    return plan
+
+
+def _check_timezone(tree: Path, timezone: str) -> None:
+    if not (tree / "usr/share/zoneinfo" / timezone).exists():
+        raise UserError(
+            f"azure.timezone: {timezone!r} is not in the image's /usr/share/zoneinfo",
+            "use a name such as UTC or Europe/Paris (the tzdata package must be installed)",
+        )
+
+
+def _write_system_files(tree: Path, az: AzureSettings, p: Paths) -> None:
+    esp_id = esp_volume(p) if az.firmware != "bios" else None
+    for file in conf.system_files(az, root_uuid(p), esp_id):
+        _owned_write(tree / file.path, file.text, file.mode)
+    for path, target in conf.system_links(az.timezone).items():
+        _symlink(tree / path, target)
+    if esp_id is not None:
+        (tree / conf.ESP_MOUNT.lstrip("/")).mkdir(mode=0o755, exist_ok=True)
+
+
+def _lock_root(shadow: Path) -> None:
+    write_text(shadow, conf.lock_root(shadow.read_text()), 0o600)
+
+
+def _forget_build_host(etc: Path) -> None:
+    """Nothing of the build host may stay: identity, host keys, keyring secrets."""
+    write_text(etc / "machine-id", "", 0o444)
+    for key in etc.glob("ssh/ssh_host_*"):
+        key.unlink()
+    remove_path(etc.parent / pacman.KEYRING_DIR)
+
+
+def _configured(p: Paths, az: AzureSettings, units: list[str]) -> None:
+    uid = root_uuid(p)
+    esp_id = esp_volume(p) if az.firmware != "bios" else None
     _json(
         p.configured,
         {
@@ -233,54 +276,80 @@ def step_configure(settings: Settings) -> None:
     log.info("configured %s: host %s, units %s", p.image_root, az.hostname, " ".join(units))
 
 
-# --- step 4 -------------------------------------------------------------------------------
+# --- step 4 -----------------------------------------------------------------------------------
 
 
-def step_agent(settings: Settings) -> None:
-    """Step 4: cloud-init for Azure, or waagent, configured and enabled."""
+def _configured_tree(p: Paths) -> tuple[Path, set[str]]:
+    """The tree step 3 made and its units. Before step 3 ran (a dry run), the tree it copies
+    stands in for it: it has the same packages' files and units, and pacman-init."""
+    if p.image_root.is_dir():
+        return p.image_root, units_in(p.image_root)
+    source = _pacstrapped(p)
+    return source, units_in(source) | {conf.PACMAN_INIT_UNIT}
+
+
+@reads("azure.provisioning", "azure.extensions", *ROUTING_SETTINGS)
+def agent(settings: Settings) -> Plan:
+    """configure and enable cloud-init or the Azure Linux Agent."""
     az, p = settings.azure, paths(settings)
     tree = p.image_root
-    available = _units_available(tree)
+    found, available = _configured_tree(p)
     wants_agent = az.provisioning == "waagent" or az.extensions
+    plan = _with_environment(settings)
     if az.provisioning == "cloud-init":
-        if not (tree / "etc/cloud").is_dir():
+        if not (found / "etc/cloud").is_dir():
             raise UserError(
                 "provisioning is cloud-init but the image has no /etc/cloud",
                 f"install {az.cloud_init_package} (azure.cloud_init_package)",
             )
-        _owned_write(tree / "etc/cloud/cloud.cfg.d/90-archkernel-azure.cfg", conf.cloud_init_cfg())
+        plan.do(
+            f"write {conf.CLOUD_INIT_DROPIN} (Azure's datasource only)",
+            lambda: _owned_write(tree / conf.CLOUD_INIT_DROPIN, conf.cloud_init_cfg()),
+        )
     if wants_agent:
-        agent_conf = tree / "etc/waagent.conf"
-        if not agent_conf.is_file() or conf.WAAGENT_UNIT not in available:
+        if not (found / conf.WAAGENT_CONF).is_file() or conf.WAAGENT_UNIT not in available:
             raise UserError(
-                f"the image has no Azure Linux Agent ({agent_conf} or {conf.WAAGENT_UNIT} missing)",
+                f"the image has no Azure Linux Agent ({tree / conf.WAAGENT_CONF} or "
+                f"{conf.WAAGENT_UNIT} missing)",
                 f"azure.agent_package ({az.agent_package}) must provide them; it is not in "
                 "Arch's official repositories: build it from the AUR into a local repository",
             )
         values = conf.waagent_values(az.provisioning)
-        write_text(agent_conf, conf.set_conf_values(agent_conf.read_text(), values))
-        _owned_write(tree / conf.WAAGENT_DROPIN, conf.waagent_dropin())
-    units = [u for u in conf.units_to_enable(az, available) if u not in conf.BASE_UNITS]
+        plan.do(
+            f"set {', '.join(values)} in {conf.WAAGENT_CONF}; write {conf.WAAGENT_DROPIN}",
+            lambda: _configure_waagent(tree, values),
+        )
+    units = conf.agent_units(az, available)
     if az.provisioning == "cloud-init" and not any(u in conf.CLOUD_INIT_UNITS for u in units):
         raise UserError(
             "the image has no cloud-init units to enable",
             f"install {az.cloud_init_package} (azure.cloud_init_package)",
         )
-    with build_environment(settings):
-        enable_units(tree, units)
-    _json(
-        p.agent,
-        {
-            "provisioning": az.provisioning,
-            "extensions": az.extensions,
-            "units": units,
-            "tree": tree_id(p.configured),
-        },
-    )
-    log.info("provisioning by %s; enabled %s", az.provisioning, " ".join(units))
+    _enable(plan, tree, units)
+
+    def stamp() -> None:
+        _json(
+            p.agent,
+            {
+                "provisioning": az.provisioning,
+                "extensions": az.extensions,
+                "units": units,
+                "tree": tree_id(p.configured),
+            },
+        )
+        log.info("provisioning by %s; enabled %s", az.provisioning, " ".join(units))
+
+    plan.do(f"write {p.agent}", stamp)
+    return plan
 
 
-# --- step 5 -------------------------------------------------------------------------------
+def _configure_waagent(tree: Path, values: dict[str, str]) -> None:
+    agent_conf = tree / conf.WAAGENT_CONF
+    write_text(agent_conf, conf.set_conf_values(agent_conf.read_text(), values))
+    _owned_write(tree / conf.WAAGENT_DROPIN, conf.waagent_dropin())
+
+
+# --- step 5 -----------------------------------------------------------------------------------
 
 
 def initramfs_modules(image: Path) -> set[str]:
@@ -288,7 +357,7 @@ def initramfs_modules(image: Path) -> set[str]:
     from archkernel.formats.kmod import module_name
 
     data = image.read_bytes()
-    entries = initramfs.read_entries(data, source=str(image))
+    entries = initramfs_format.read_entries(data, source=str(image))
     return {
         module_name(e.path)
         for e in entries
@@ -297,33 +366,51 @@ def initramfs_modules(image: Path) -> set[str]:
     }
 
 
-def step_initramfs(settings: Settings) -> None:
-    """Step 5: mkinitcpio -P inside the image, with the Hyper-V modules and no autodetect."""
+@reads("azure.initramfs_modules", *ROUTING_SETTINGS)
+def initramfs(settings: Settings) -> Plan:
+    """mkinitcpio -P in the image with the Hyper-V drivers, checked."""
     az, p = settings.azure, paths(settings)
     tree = p.image_root
-    mounts.cleanup_stale(p.work)
+    modules = list(az.initramfs_modules)
+    plan = _with_environment(settings)
+    plan.ops.append(_undo_killed_run(p))
+    plan.do(
+        f"set MODULES=({' '.join(modules)}) and HOOKS without autodetect in "
+        "etc/mkinitcpio.conf; remove the old boot/initramfs-*.img",
+        lambda: _prepare_mkinitcpio(tree, modules),
+    )
+    plan.run(["arch-chroot", tree, "mkinitcpio", "-P"], timeout=1800)
+    plan.do(
+        f"check that each boot/initramfs-*.img holds {' '.join(modules)}; write {p.initramfs}",
+        lambda: _check_initramfs(p, modules),
+    )
+    return plan
+
+
+def _prepare_mkinitcpio(tree: Path, modules: list[str]) -> None:
     config = tree / "etc/mkinitcpio.conf"
     if not config.is_file():
         raise UserError(
             "the image has no /etc/mkinitcpio.conf", "install mkinitcpio (azure.packages)"
         )
-    write_text(config, conf.mkinitcpio_conf(config.read_text(), az.initramfs_modules))
+    write_text(config, conf.mkinitcpio_conf(config.read_text(), modules))
     for old in tree.glob("boot/initramfs-*.img"):
         old.unlink()
-    with build_environment(settings):
-        run(["arch-chroot", tree, "mkinitcpio", "-P"], timeout=1800)
-    images = sorted(tree.glob("boot/initramfs-*.img"))
+
+
+def _check_initramfs(p: Paths, wanted: list[str]) -> None:
+    images = sorted(p.image_root.glob("boot/initramfs-*.img"))
     if not images:
         raise UserError("mkinitcpio -P made no /boot/initramfs-*.img", "see its output above")
     found: dict[str, list[str]] = {}
     for image in images:
         modules = initramfs_modules(image)
-        missing = [m for m in az.initramfs_modules if m.replace("-", "_") not in modules]
+        missing = [m for m in wanted if m.replace("-", "_") not in modules]
         if missing:
             raise UserError(
                 f"{image.name} lacks {', '.join(missing)} although mkinitcpio.conf asks for them",
                 "the image's mkinitcpio ignored MODULES; check /etc/mkinitcpio.conf in the image",
             )
-        found[image.name] = sorted(m for m in modules if m in az.initramfs_modules)
+        found[image.name] = sorted(m for m in modules if m in wanted)
     _json(p.initramfs, {"images": found, "tree": tree_id(p.agent)})
-    log.info("initramfs %s holds %s", ", ".join(found), " ".join(az.initramfs_modules))
+    log.info("initramfs %s holds %s", ", ".join(found), " ".join(wanted))

@@ -1,95 +1,157 @@
 """Step 9 of azure_vhd: check the finished VHD as Azure and a careful reviewer would.
 
-`inspect_tree` and `check_*` are pure over what was read from the image; `verify` reads
-the image (its footer, its partition table through `sfdisk`, its root file system mounted
-read-only from a read-only loop device, the EFI system partition through mtools at its
-offset in the VHD file: a fixed VHD is the raw disk with the footer after it) and writes
-the report.
-
-The boot rules follow the firmware the image is for (`azure.firmware`): a UEFI image
-(generation 2, or hybrid) needs a GPT, an EFI system partition with a FAT, and a boot
-loader at the removable path EFI/BOOT/BOOTX64.EFI (an uploaded disk has no NVRAM entry),
-here GRUB's core.efi, which must look for the root file system's UUID; a BIOS image
-(generation 1, or hybrid) needs boot code in the MBR and, on GPT, a BIOS boot partition
-for GRUB's core.img.
+The step's commands read the VHD file itself (a fixed VHD is the raw disk with the footer
+after it) and nothing is mounted: its partition table through `sfdisk --json`, what the
+partitions hold through `blkid -p` at their offsets, the EFI system partition through
+mtools at its offset, and the root file system's /etc and /boot, copied out with debugfs
+(`rdump`) into `workdir/azure/tmp/verify`. They look where step 6 put the partitions for
+these settings; a table that differs fails the check that needed it. The rules are
+archkernel.azure.rules, pure over what was read; the report goes to verify.json and a
+readable verify.txt, and any failed check fails the step.
 """
 
 from __future__ import annotations
 
+import functools
 import json
-import re
+import subprocess
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archkernel.azure import config as conf
+from archkernel.azure.diskimage import layout_for, planned_ids, remove_scratch, scratch
+from archkernel.azure.rules import (
+    BootFacts,
+    Report,
+    TreeFacts,
+    check_boot,
+    check_partitions,
+    check_tree,
+    has_boot_code,
+)
+from archkernel.azure.workspace import (
+    FIRMWARE_SETTINGS,
+    ROUTING_SETTINGS,
+    build_environment,
+    paths,
+)
 from archkernel.errors import UserError
-from archkernel.formats import initramfs, vhd
+from archkernel.formats import initramfs, vhd_file
 from archkernel.formats.kmod import module_name
-from archkernel.host import mounts
-from archkernel.host.files import temporary_directory, write_text
-from archkernel.host.run import run
-from archkernel.image import disk, esp
-from archkernel.image.disk import MiB
+from archkernel.host.files import remove_path, temporary_directory, write_text
+from archkernel.image import disk, esp, ext4
 from archkernel.log import log
-from archkernel.settings import AzureSettings
+from archkernel.plan import Do, Op, Plan, Run, execute, reads
+from archkernel.settings import AzureSettings, Settings
+from archkernel.units import SECTOR, MiB
 
-SWAP_TYPES = {"0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "82"}
-# PE32+ machine type x86-64 and subsystem "EFI application".
-PE_MACHINE_X86_64 = 0x8664
-PE_SUBSYSTEM_EFI_APPLICATION = 10
+# Linux partition types: MBR, generic Linux data and "Linux root (x86-64)".
+LINUX_TYPES = (
+    "83",
+    "0fc63daf-8483-4772-8e79-3d69d8477de4",
+    "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
+)
+# The directories of the root file system the tree rules read, copied out of it.
+TREE_DIRECTORIES = ("/etc", "/boot")
+LOADER_COPY = "BOOTX64.EFI"
 
-
-@dataclass
-class Check:
-    """One rule: its name, whether it holds, and what was found."""
-
-    name: str
-    ok: bool
-    detail: str
-
-
-@dataclass
-class Report:
-    """Every check of one image."""
-
-    image: str
-    checks: list[Check] = field(default_factory=list)
-
-    def add(self, name: str, ok: bool, detail: str) -> None:
-        self.checks.append(Check(name, bool(ok), detail))
-
-    @property
-    def failed(self) -> list[Check]:
-        return [c for c in self.checks if not c.ok]
-
-    def summary(self) -> str:
-        lines = [f"archkernel verify: {self.image}"]
-        for c in self.checks:
-            lines.append(f"{'PASS' if c.ok else 'FAIL'}  {c.name}: {c.detail}")
-        lines.append(f"{len(self.checks) - len(self.failed)} passed, {len(self.failed)} failed")
-        return "\n".join(lines) + "\n"
+# --- reading the image --------------------------------------------------------------------
 
 
 @dataclass
-class TreeFacts:
-    """What the checks need from the image's root file system."""
+class Reading:
+    """What the commands of `reading_ops` found in the image (the copied files aside)."""
 
-    fstab: str = ""
-    grub_cfg: str = ""
-    shadow: str = ""
-    machine_id: str | None = None
-    host_keys: list[str] = field(default_factory=list)
-    resolv_conf: str = ""
-    keyring_private: list[str] = field(default_factory=list)
-    sshd_config: str = ""
-    sshd_dropins: dict[str, str] = field(default_factory=dict)
-    initramfs_modules: dict[str, list[str]] = field(default_factory=dict)
-    cloud_cfg: dict[str, str] = field(default_factory=dict)
-    waagent_conf: str | None = None
-    enabled_units: list[str] = field(default_factory=list)
-    modules_load: str = ""
-    hostname: str = ""
+    table: dict[str, Any] | None = None  # sfdisk's "partitiontable"
+    table_error: str = ""
+    esp_type: str = ""  # blkid's TYPE of the ESP; '' for none
+    esp_volume: str = ""
+    esp_files: list[str] = field(default_factory=list)
+    esp_error: str | None = None  # why its FAT could not be listed
+    loader_error: str | None = None  # why EFI/BOOT/BOOTX64.EFI could not be read
+    root_uuid: str = ""
+
+
+def _value(proc: subprocess.CompletedProcess[str]) -> str:
+    return proc.stdout.strip() if proc.returncode == 0 else ""
+
+
+def reading_ops(image: Path, layout: disk.Layout, tmp: Path, into: Reading) -> list[Op]:
+    """The commands that read what the rules need from `image`, where `layout` puts the
+    partitions, into `into` and `tmp` (made anew: the root file system's /etc and /boot go
+    to `tmp/tree`, the UEFI boot loader to `tmp/BOOTX64.EFI`). None writes to the image; a
+    failure is recorded for the report, not raised."""
+
+    def table(proc: subprocess.CompletedProcess[str]) -> None:
+        try:
+            into.table = json.loads(proc.stdout)["partitiontable"]
+        except (ValueError, KeyError):
+            into.table_error = proc.stderr.strip() or f"sfdisk exited with {proc.returncode}"
+
+    def fresh() -> None:
+        remove_path(tmp)
+        (tmp / "tree").mkdir(parents=True)
+
+    ops: list[Op] = [
+        Do(f"make the empty directory {tmp / 'tree'}", fresh),
+        Run.of(disk.list_argv(image), check=False, capture=True, then=table),
+    ]
+    if layout.has("esp"):
+        part = layout.esp
+
+        def esp_type(proc: subprocess.CompletedProcess[str]) -> None:
+            into.esp_type = _value(proc)
+
+        def esp_volume(proc: subprocess.CompletedProcess[str]) -> None:
+            into.esp_volume = _value(proc)
+
+        def listed(proc: subprocess.CompletedProcess[str]) -> None:
+            try:
+                into.esp_files = esp.listing(proc, image, part)
+            except UserError as exc:
+                into.esp_error = exc.message
+
+        def loader(proc: subprocess.CompletedProcess[str]) -> None:
+            if proc.returncode != 0:
+                into.loader_error = (
+                    f"cannot read {esp.REMOVABLE_PATH_X64} from the FAT in partition "
+                    f"{part.number} of {image}: {proc.stderr.strip()}"
+                )
+
+        copy = str(tmp / LOADER_COPY)
+        ops += [
+            Run.of(disk.blkid_argv(image, part, "TYPE"), check=False, capture=True, then=esp_type),
+            Run.of(
+                disk.blkid_argv(image, part, "UUID"), check=False, capture=True, then=esp_volume
+            ),
+            Run.of(
+                esp.list_argv(image, part),
+                check=False,
+                capture=True,
+                env=esp.MTOOLS_ENV,
+                then=listed,
+            ),
+            Run.of(
+                esp.read_argv(image, part, esp.REMOVABLE_PATH_X64, copy),
+                check=False,
+                capture=True,
+                env=esp.MTOOLS_ENV,
+                then=loader,
+            ),
+        ]
+
+    def root_uuid(proc: subprocess.CompletedProcess[str]) -> None:
+        into.root_uuid = _value(proc)
+
+    root = layout.root
+    ops.append(
+        Run.of(disk.blkid_argv(image, root, "UUID"), check=False, capture=True, then=root_uuid)
+    )
+    for directory in TREE_DIRECTORIES:
+        # Relative: debugfs's own parsing never sees our paths.
+        argv = ext4.rdump_argv(image, root, directory, "tree")
+        ops.append(Run.of(argv, check=False, capture=True, cwd=str(tmp), note=f"in {tmp}"))
+    return ops
 
 
 def _read(path: Path) -> str:
@@ -100,7 +162,8 @@ def _read(path: Path) -> str:
 
 
 def inspect_tree(root: Path) -> TreeFacts:
-    """Read what the checks need from a mounted image root (read-only)."""
+    """Read what the checks need from the image's files under `root` (its /etc and /boot
+    as `reading_ops` copy them out, or a mounted image root)."""
     facts = TreeFacts()
     etc = root / "etc"
     facts.fstab = _read(etc / "fstab")
@@ -144,316 +207,90 @@ def inspect_tree(root: Path) -> TreeFacts:
     return facts
 
 
-def _fstab_root_uuid(fstab: str) -> str | None:
-    for line in fstab.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and not fields[0].startswith("#") and fields[1] == "/":
-            m = re.fullmatch(r"UUID=([0-9a-fA-F-]+)", fields[0])
-            return m.group(1).lower() if m else fields[0]
-    return None
-
-
-def _grub_roots(cfg: str) -> list[str]:
-    return [m.lower() for m in re.findall(r"root=UUID=([0-9a-fA-F-]+)", cfg)]
-
-
-def _sshd_value(facts: TreeFacts, key: str) -> str | None:
-    """sshd's first-match-wins value of `key`, drop-ins (included first) before the main file."""
-    texts = list(facts.sshd_dropins.values()) if "Include" in facts.sshd_config else []
-    for text in [*texts, facts.sshd_config]:
-        for line in text.splitlines():
-            words = line.split()
-            if len(words) >= 2 and words[0].lower() == key.lower():
-                return words[1]
-    return None
-
-
-def check_tree(report: Report, facts: TreeFacts, az: AzureSettings, fs_uuid: str) -> None:
-    """The rules about the image's contents."""
-    fs_uuid = fs_uuid.lower()
-    fstab_uuid = _fstab_root_uuid(facts.fstab)
-    report.add(
-        "fstab root by UUID", fstab_uuid == fs_uuid, f"fstab {fstab_uuid}, file system {fs_uuid}"
-    )
-    roots = _grub_roots(facts.grub_cfg)
-    report.add(
-        "grub root=UUID",
-        bool(roots) and set(roots) == {fs_uuid},
-        f"grub.cfg root={roots or 'none'}",
-    )
-    cmdline_ok = all(token in facts.grub_cfg for token in az.kernel_cmdline.split())
-    report.add("kernel command line", cmdline_ok, az.kernel_cmdline)
-    swap = [
-        ln
-        for ln in facts.fstab.splitlines()
-        if not ln.lstrip().startswith("#") and " swap " in f" {ln} "
-    ]
-    report.add("no swap on the OS disk", not swap, "none in fstab" if not swap else "; ".join(swap))
-    for name, modules in facts.initramfs_modules.items():
-        missing = [m for m in conf.HYPERV_REQUIRED if m not in modules]
-        report.add(
-            f"Hyper-V drivers in {name}",
-            not missing,
-            f"missing {missing}" if missing else "hv_vmbus hv_storvsc hv_netvsc",
-        )
-    if not facts.initramfs_modules:
-        report.add("initramfs present", False, "no /boot/initramfs-*.img")
-    alive = _sshd_value(facts, "ClientAliveInterval")
-    report.add(
-        "sshd keep-alive",
-        alive is not None and 0 < int(alive or 0) <= 180,
-        f"ClientAliveInterval {alive}",
-    )
-    root_login = _sshd_value(facts, "PermitRootLogin")
-    report.add("sshd refuses root", root_login == "no", f"PermitRootLogin {root_login}")
-    root_pw = None
-    for line in facts.shadow.splitlines():
-        fields = line.split(":")
-        if fields[0] == "root" and len(fields) > 1:
-            root_pw = fields[1]
-    report.add(
-        "root locked",
-        root_pw is not None and root_pw[:1] in ("!", "*"),
-        f"root password field {root_pw!r:.8}",
-    )
-    dvd = [m for m in conf.PROVISIONING_MODULES if m not in facts.modules_load.split()]
-    report.add(
-        "provisioning DVD drivers loaded at boot",
-        not dvd,
-        f"missing {dvd}" if dvd else " ".join(conf.PROVISIONING_MODULES),
-    )
-    report.add("host name", facts.hostname == az.hostname, facts.hostname)
-    _check_agent(report, facts, az)
-    leftovers = []
-    if facts.machine_id:
-        leftovers.append("machine-id is set")
-    if facts.host_keys:
-        leftovers.append(f"SSH host keys {facts.host_keys}")
-    if facts.resolv_conf and not facts.resolv_conf.startswith("-> /run/"):
-        leftovers.append("a copied /etc/resolv.conf")
-    if facts.keyring_private:
-        leftovers.append(f"pacman keyring secrets {facts.keyring_private}")
-    report.add("no build-host leftovers", not leftovers, "; ".join(leftovers) or "none")
-
-
-def _check_agent(report: Report, facts: TreeFacts, az: AzureSettings) -> None:
-    units = set(facts.enabled_units)
-    if az.provisioning == "cloud-init":
-        azure_only = any(
-            re.search(r"^datasource_list:\s*\[\s*Azure\s*\]", text, re.MULTILINE)
-            for text in facts.cloud_cfg.values()
-        )
-        report.add(
-            "cloud-init datasource Azure",
-            azure_only,
-            ", ".join(facts.cloud_cfg) or "no cloud.cfg.d",
-        )
-        enabled = sorted(units & set(conf.CLOUD_INIT_UNITS))
-        report.add(
-            "cloud-init enabled", bool(enabled), " ".join(enabled) or "no cloud-init unit enabled"
-        )
-    wants_agent = az.provisioning == "waagent" or az.extensions
-    if wants_agent:
-        values = conf.read_conf_values(facts.waagent_conf or "")
-        expected = conf.waagent_values(az.provisioning)
-        wrong = {k: values.get(k) for k, v in expected.items() if values.get(k) != v}
-        report.add(
-            "waagent.conf matches provisioning",
-            facts.waagent_conf is not None and not wrong,
-            f"differs: {wrong}" if wrong else "as expected",
-        )
-        report.add("waagent enabled", conf.WAAGENT_UNIT in units, "waagent.service")
-    elif facts.waagent_conf is not None and conf.WAAGENT_UNIT in units:
-        report.add(
-            "waagent not provisioning", False, "waagent is enabled though cloud-init provisions"
-        )
-
-
-@dataclass
-class BootFacts:
-    """What the boot rules need from the disk itself (outside the root file system)."""
-
-    label: str  # the partition table: 'gpt' or 'dos'
-    types: list[str]  # each partition's type GUID (or MBR type), upper case, in order
-    mbr_boot_code: bool  # boot code in the first 440 bytes and the 55AA signature
-    esp_fs: str | None = None  # what blkid finds on the ESP ('vfat'); None: nothing
-    esp_volume: str | None = None  # its FAT volume ID, `1234-ABCD`
-    esp_files: list[str] = field(default_factory=list)  # every path on it
-    esp_error: str | None = None  # why the FAT could not be read
-    loader: bytes = b""  # EFI/BOOT/BOOTX64.EFI
-
-
-def has_boot_code(mbr: bytes) -> bool:
-    """Whether a first sector holds boot code: any byte of the code area, and 55AA."""
-    return len(mbr) >= 512 and mbr[510:512] == b"\x55\xaa" and any(mbr[:440])
-
-
-def pe_kind(data: bytes) -> tuple[int, int] | None:
-    """(machine, subsystem) of a PE32+ executable, or None if `data` is not one."""
-    if data[:2] != b"MZ" or len(data) < 0x40:
-        return None
-    pe = int.from_bytes(data[0x3C:0x40], "little")
-    optional = pe + 24
-    if data[pe : pe + 4] != b"PE\0\0" or data[optional : optional + 2] != b"\x0b\x02":
-        return None
-    machine = int.from_bytes(data[pe + 4 : pe + 6], "little")
-    return machine, int.from_bytes(data[optional + 68 : optional + 70], "little")
-
-
-def _fstab_mount(fstab: str, mount_point: str) -> str | None:
-    for line in fstab.splitlines():
-        fields = line.split()
-        if len(fields) >= 2 and not fields[0].startswith("#") and fields[1] == mount_point:
-            return fields[0]
-    return None
-
-
-def check_boot(report: Report, facts: BootFacts, firmware: str, root_uuid: str, fstab: str) -> None:
-    """The rules of the firmware the image boots with: 'bios', 'uefi' or 'hybrid'."""
-    esp_type, bios_type = disk.ESP_GUID.upper(), disk.BIOS_BOOT_GUID.upper()
-    if firmware in ("uefi", "hybrid"):
-        report.add(
-            "UEFI: GPT partition table",
-            facts.label == "gpt",
-            f"{facts.label} (generation 2 VMs boot GPT disks only)",
-        )
-        esps = [n for n, t in enumerate(facts.types, start=1) if t == esp_type]
-        if len(esps) != 1:
-            esp_ok, detail = False, f"{len(esps)} partitions of type {disk.ESP_GUID}"
-        elif facts.esp_fs != "vfat":
-            esp_ok, detail = False, f"partition {esps[0]} holds {facts.esp_fs or 'nothing'}"
-        else:
-            esp_ok, detail = True, f"partition {esps[0]}, FAT volume {facts.esp_volume}"
-        report.add("UEFI: EFI system partition with a FAT", esp_ok, detail)
-        files = {f.upper() for f in facts.esp_files}
-        kind = pe_kind(facts.loader)
-        if facts.esp_error is not None:
-            loader_ok, detail = False, facts.esp_error
-        elif esp.REMOVABLE_PATH_X64.upper() not in files:
-            loader_ok, detail = False, f"not there; the ESP holds {sorted(files) or 'nothing'}"
-        elif kind != (PE_MACHINE_X86_64, PE_SUBSYSTEM_EFI_APPLICATION):
-            loader_ok, detail = False, f"not an x86-64 EFI application (PE {kind})"
-        else:
-            loader_ok, detail = True, f"x86-64 EFI application, {len(facts.loader)} bytes"
-        report.add(f"UEFI: boot loader at {esp.REMOVABLE_PATH_X64}", loader_ok, detail)
-        # GRUB's core image carries its early configuration as text.
-        search = f"--set=root {root_uuid.lower()}".encode()
-        report.add(
-            "UEFI: boot loader looks for the root file system",
-            search in facts.loader,
-            f"search {'finds' if search in facts.loader else 'does not name'} {root_uuid}",
-        )
-        source = _fstab_mount(fstab, conf.ESP_MOUNT)
-        wanted = f"UUID={facts.esp_volume}"
-        report.add(
-            f"UEFI: ESP mounted at {conf.ESP_MOUNT} by volume ID",
-            source is not None and source.upper() == wanted.upper(),
-            f"fstab {source or 'does not mount it'}, ESP {facts.esp_volume}",
-        )
-    if firmware in ("bios", "hybrid"):
-        report.add(
-            "BIOS: boot code in the MBR",
-            facts.mbr_boot_code,
-            "GRUB boot.img" if facts.mbr_boot_code else "none: SeaBIOS/Hyper-V BIOS cannot boot it",
-        )
-        if facts.label == "gpt":
-            found = [n for n, t in enumerate(facts.types, start=1) if t == bios_type]
-            report.add(
-                "BIOS: BIOS boot partition for GRUB's core.img",
-                len(found) == 1,
-                f"partition {found[0]}" if len(found) == 1 else f"{len(found)} found",
-            )
-
-
-def read_boot_facts(image: Path, label: str, parts: list[dict[str, Any]]) -> BootFacts:
-    """The boot facts of `image` (raw, or a fixed VHD) whose partitions sfdisk listed as
-    `parts`; the ESP's FAT is read in place (mtools at its offset), nothing is mounted."""
+def _boot_facts(
+    image: Path,
+    layout: disk.Layout,
+    label: str,
+    parts: list[dict[str, Any]],
+    found: Reading,
+    tmp: Path,
+) -> BootFacts:
+    """The boot facts of `image` whose partitions sfdisk listed as `parts`, from what
+    `reading_ops` read at the ESP of `layout`."""
     with open(image, "rb") as f:
-        mbr = f.read(512)
+        mbr = f.read(SECTOR)
     types = [str(p.get("type", "")).upper() for p in parts]
     facts = BootFacts(label, types, has_boot_code(mbr))
-    for number, part in enumerate(parts, start=1):
-        if types[number - 1] != disk.ESP_GUID.upper():
-            continue
-        start, size = int(part["start"]) * 512, int(part["size"]) * 512
-        partition = disk.Partition(number, start, size, disk.ESP_GUID, "", "esp")
-        facts.esp_fs = disk.fs_type(image, partition)
-        if facts.esp_fs != "vfat":
-            break
-        facts.esp_volume = disk.fs_uuid(image, partition)
-        try:
-            facts.esp_files = esp.list_files(image, partition)
-            present = {f.upper(): f for f in facts.esp_files}
-            path = present.get(esp.REMOVABLE_PATH_X64.upper())
-            if path is not None:
-                facts.loader = esp.read_file(image, partition, path)
-        except UserError as exc:
-            facts.esp_error = exc.message
-        break
+    esps = [n for n, t in enumerate(types, start=1) if t == disk.ESP_GUID.upper()]
+    if not esps:
+        return facts
+    number = esps[0]
+    part = parts[number - 1]
+    where = (int(part["start"]) * SECTOR, int(part["size"]) * SECTOR)
+    if not layout.has("esp") or where != (layout.esp.start, layout.esp.size):
+        facts.esp_error = f"partition {number} is not where step 6 put the ESP"
+        return facts
+    facts.esp_fs = found.esp_type or None
+    if facts.esp_fs != "vfat":
+        return facts
+    facts.esp_volume = found.esp_volume
+    if found.esp_error is not None:
+        facts.esp_error = found.esp_error
+        return facts
+    facts.esp_files = found.esp_files
+    if esp.REMOVABLE_PATH_X64.upper() in {f.upper() for f in found.esp_files}:
+        if found.loader_error is not None:
+            facts.esp_error = found.loader_error
+        else:
+            facts.loader = (tmp / LOADER_COPY).read_bytes()
     return facts
 
 
-def check_partitions(report: Report, parts: list[dict[str, Any]], size: int, table: str) -> None:
-    """Partitions aligned to 1 MiB and inside the disk; no swap partition."""
-    sectors = size // 512
-    for part in parts:
-        start, length = int(part["start"]), int(part["size"])
-        aligned = start % (MiB // 512) == 0
-        inside = start + length <= sectors
-        # By number, not by the loop device node it was read through (which varies).
-        number = re.search(r"(\d+)$", str(part.get("node", "")))
-        label = number[1] if number else "?"
-        report.add(
-            f"partition {label} aligned and inside",
-            aligned and inside,
-            f"start {start}, {length} sectors of {sectors}",
-        )
-        if str(part.get("type", "")).lower() in SWAP_TYPES:
-            report.add("no swap partition", False, f"partition {part.get('node')}")
-    report.add("partition table", bool(parts), f"{table}, {len(parts)} partition(s)")
-
-
-def verify(image: Path, az: AzureSettings, root_uuid: str) -> Report:
-    """Check `image` (a fixed VHD) and return the report; reads, never writes."""
+def judge(
+    image: Path, az: AzureSettings, root_uuid: str, layout: disk.Layout, found: Reading, tmp: Path
+) -> Report:
+    """The report on `image`, whose root file system must have `root_uuid`: its footer
+    (read here), then the rules over what `reading_ops` found."""
     report = Report(str(image))
-    footer_report = vhd.examine(image)
+    footer_report = vhd_file.examine(image)
     for result in footer_report.results:
         report.add(f"VHD {result.rule}", result.ok, result.detail)
     if not footer_report.ok or footer_report.footer is None:
         return report
     size = footer_report.footer.current_size
     report.add("VHD size is disk_size", size == az.disk_size, f"{size // MiB} MiB")
-    with mounts.loop_device(image, sizelimit=size, read_only=True) as dev:
-        table = json.loads(run(["sfdisk", "--json", dev], capture=True).stdout)["partitiontable"]
-        parts = table.get("partitions", [])
-        check_partitions(report, parts, size, table.get("label", "?"))
-        boot = read_boot_facts(image, table.get("label", "?"), parts)
-        roots = [
-            p
-            for p in parts
-            if str(p.get("type", "")).lower()
-            in (
-                "83",
-                "0fc63daf-8483-4772-8e79-3d69d8477de4",
-                "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
-            )
-        ]
-        if not roots:
-            report.add("root partition", False, "no Linux partition")
-            return report
-        root = roots[-1]
-        offset, length = int(root["start"]) * 512, int(root["size"]) * 512
-    with (
-        mounts.loop_device(image, offset=offset, sizelimit=length, read_only=True) as rootdev,
-        temporary_directory(prefix="archkernel-verify-") as tmp,
-    ):
-        fs = run(["blkid", "-p", "-s", "UUID", "-o", "value", rootdev], capture=True).stdout.strip()
-        report.add("file system UUID is the chosen one", fs.lower() == root_uuid.lower(), fs)
-        with mounts.mounted(rootdev, tmp / "root", fstype="ext4", options=("ro", "noload")) as mnt:
-            facts = inspect_tree(mnt)
+    if found.table is None:
+        report.add("partition table", False, f"sfdisk cannot read it: {found.table_error}")
+        return report
+    label = found.table.get("label", "?")
+    parts: list[dict[str, Any]] = found.table.get("partitions", [])
+    check_partitions(report, parts, size, label)
+    boot = _boot_facts(image, layout, label, parts, found, tmp)
+    roots = [p for p in parts if str(p.get("type", "")).lower() in LINUX_TYPES]
+    if not roots:
+        report.add("root partition", False, "no Linux partition")
+        return report
+    root = roots[-1]
+    where = (int(root["start"]) * SECTOR, int(root["size"]) * SECTOR)
+    if where != (layout.root.start, layout.root.size):
+        report.add("root partition", False, f"{root.get('node')} is not where step 6 put it")
+        return report
+    fs = found.root_uuid
+    report.add("file system UUID is the chosen one", fs.lower() == root_uuid.lower(), fs)
+    facts = inspect_tree(tmp / "tree")
     check_tree(report, facts, az, fs)
     check_boot(report, boot, az.firmware, fs, facts.fstab)
     return report
+
+
+def check_image(image: Path, az: AzureSettings, root_uuid: str) -> Report:
+    """Check `image` (a fixed VHD made for `az`) and return the report; reads, never
+    writes (its scratch files go to a temporary directory)."""
+    layout = layout_for(az)
+    found = Reading()
+    with temporary_directory(prefix="archkernel-verify-") as tmp:
+        execute(Plan(reading_ops(image, layout, tmp, found)))
+        return judge(image, az, root_uuid, layout, found, tmp)
 
 
 def write_report(report: Report, json_path: Path, text_path: Path) -> None:
@@ -476,3 +313,43 @@ def raise_on_failure(report: Report, summary: Path) -> None:
             f"the whole report is in {summary}",
         )
     log.info("all %d checks passed; report %s", len(report.checks), summary)
+
+
+# --- step 9 -------------------------------------------------------------------------------
+
+
+@reads(
+    "azure.hostname",
+    "azure.kernel_cmdline",
+    "azure.provisioning",
+    "azure.extensions",
+    "azure.disk_size",
+    *FIRMWARE_SETTINGS,
+    "azure.partition_table",  # with the firmware and disk_size: where the partitions are
+    "azure.output",  # the VHD's name
+    *ROUTING_SETTINGS,
+)
+def verify(settings: Settings) -> Plan:
+    """check the image against Azure's rules; write verify.json and .txt.
+
+    Its commands only read the VHD (see the module's docstring); a failed check fails
+    the step, after the report is written.
+    """
+    az, p = settings.azure, paths(settings)
+    layout = layout_for(az)
+    uid, _ = planned_ids(p)
+    tmp = scratch(p, "verify")
+    found = Reading()
+
+    def conclude() -> None:
+        report = judge(p.vhd, az, uid, layout, found, tmp)
+        write_report(report, p.report, p.summary)
+        raise_on_failure(report, p.summary)
+
+    plan = Plan(context=functools.partial(build_environment, settings))
+    plan.ops += reading_ops(p.vhd, layout, tmp, found)
+    plan.ops.append(
+        Do(f"check what was read against the rules; write {p.report} and {p.summary}", conclude)
+    )
+    plan.cleanup.append(remove_scratch(p, "verify"))
+    return plan

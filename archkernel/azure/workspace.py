@@ -6,14 +6,13 @@ import json
 import os
 import uuid
 from contextlib import AbstractContextManager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from archkernel.azure import buildenv
-from archkernel.host.files import (
-    write_if_changed,
-)
+from archkernel.host.files import remove_path, remove_stale_temporaries, write_if_changed
+from archkernel.host.processes import release_stale_trees, release_tree
 from archkernel.image import grub
 from archkernel.settings import AzureSettings, Settings
 
@@ -34,10 +33,27 @@ HOST_TOOLS = [
     "umount",
     "grub-mkimage",
     "cp",
+    "gpgconf",  # step 2 stops the gpg-agent a package's hook may start in the new tree
 ]
 # The EFI system partition (uefi, hybrid): made, filled, listed and checked without a
 # mount; core.efi is read back from the root file system with debugfs.
 UEFI_TOOLS = ["mkfs.fat", "mcopy", "mdir", "fsck.fat", "debugfs"]
+
+# The settings that choose the firmware, read by the steps it changes: 1 (tools), 3 (fstab
+# mounts the ESP), 6 (layout, ESP), 7 (GRUB platforms) and 9 (rules).
+FIRMWARE_SETTINGS = ("azure.generation", "azure.boot")
+# What `build_environment` reads to know where a step's commands run: every step that runs
+# commands declares it.
+ROUTING_SETTINGS = ("azure.builder",)
+# The settings that choose the packages pacstrap installs (`AzureSettings.all_packages`).
+PACKAGE_SETTINGS = (
+    "azure.packages",
+    "azure.extra_packages",
+    "azure.provisioning",
+    "azure.extensions",
+    "azure.agent_package",
+    "azure.cloud_init_package",
+)
 
 
 @dataclass(frozen=True)
@@ -45,7 +61,9 @@ class Paths:
     """The workflow's files under `workdir/azure`."""
 
     work: Path
-    output_name: str
+    # Read only for the VHD's name (azure.output), so that a step that never names the
+    # VHD does not read that setting.
+    azure: AzureSettings = field(repr=False, compare=False)
 
     @property
     def pacman_conf(self) -> Path:
@@ -101,7 +119,7 @@ class Paths:
 
     @property
     def vhd(self) -> Path:
-        return self.work / self.output_name
+        return self.work / self.azure.output
 
     @property
     def vhd_stamp(self) -> Path:
@@ -126,7 +144,51 @@ class Paths:
 
 def paths(settings: Settings) -> Paths:
     """The workflow's paths for these settings."""
-    return Paths(settings.workdir.resolve() / "azure", settings.azure.output)
+    return Paths(settings.workdir.resolve() / "azure", settings.azure)
+
+
+# --- trees made beside their place -----------------------------------------------------------
+
+
+def staging(target: Path) -> Path:
+    """Where a step makes the tree `target` before putting it in place: `.NAME.tmp-new`
+    beside it (same file system, so putting it in place is a rename).
+
+    The name is fixed, so that a step's plan can name it in its commands; the step first
+    removes what a killed run left there (`clear_leftovers`).
+    """
+    return target.with_name(f".{target.name}.tmp-new")
+
+
+def _retired(target: Path) -> Path:
+    return target.with_name(f".{target.name}.old-new")
+
+
+def put_in_place(staged: Path, target: Path) -> None:
+    """Rename the directory `staged` onto `target`. An old `target` goes only once the new
+    tree is in place (a directory cannot be renamed over a non-empty one: it moves aside)."""
+    if target.exists():
+        old = _retired(target)
+        remove_path(old)
+        os.rename(target, old)
+        os.rename(staged, target)
+        remove_path(old)
+    else:
+        os.rename(staged, target)
+
+
+def clear_leftovers(target: Path) -> None:
+    """Remove what a killed run left beside `target`: its staging tree (after stopping the
+    processes still working in it and undoing its mounts), a tree it moved aside, and the
+    temporary trees of older versions (`.NAME.tmp-PID`). Runs a command (umount) only
+    when something is still mounted there."""
+    staged = staging(target)
+    if staged.exists():
+        release_tree(staged)
+        remove_path(staged)
+    remove_path(_retired(target))
+    release_stale_trees(target)
+    remove_stale_temporaries(target)
 
 
 def _json(path: Path, data: Any) -> bool:

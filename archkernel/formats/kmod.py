@@ -28,7 +28,6 @@ import difflib
 import gzip
 import lzma
 import re
-import tempfile
 import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
@@ -36,16 +35,17 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 
 from archkernel.errors import UserError
-from archkernel.host.run import run
+from archkernel.formats.compression import GZIP_MAGIC, XZ_MAGIC, ZSTD_MAGIC
+from archkernel.host.decompress import CorruptData, zstd_decompress
 
 ELF_MAGIC = b"\x7fELF"
 MODULE_SUFFIXES = (".ko", ".ko.gz", ".ko.xz", ".ko.zst")
 
 # suffix -> (format name, magic bytes)
 _COMPRESSION = {
-    ".ko.gz": ("gzip", b"\x1f\x8b"),
-    ".ko.xz": ("xz", b"\xfd7zXZ\x00"),
-    ".ko.zst": ("zstd", b"\x28\xb5\x2f\xfd"),
+    ".ko.gz": ("gzip", GZIP_MAGIC),
+    ".ko.xz": ("xz", XZ_MAGIC),
+    ".ko.zst": ("zstd", ZSTD_MAGIC),
 }
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -392,38 +392,6 @@ def _root_of(moddir: Path) -> str:
     return "ROOT"
 
 
-class _CorruptData(Exception):
-    """Decompression failed; the text says why."""
-
-
-def _zstd_decompress(data: bytes) -> bytes:
-    """Decompress zstd data: libarchive's raw reader, else the zstd command."""
-    try:
-        import libarchive
-        from libarchive.exception import ArchiveError
-    except (ImportError, OSError):  # OSError: the libarchive C library is missing
-        return _zstd_command(data)
-    blocks: list[bytes] = []
-    try:
-        with libarchive.memory_reader(data, format_name="raw", filter_name="zstd") as archive:
-            for entry in archive:
-                blocks.extend(bytes(block) for block in entry.get_blocks())
-    except ValueError:  # this libarchive was built without zstd
-        return _zstd_command(data)
-    except ArchiveError as exc:
-        raise _CorruptData(str(exc).split(" (errno=")[0]) from exc
-    return b"".join(blocks)
-
-
-def _zstd_command(data: bytes) -> bytes:
-    with tempfile.TemporaryFile() as out:
-        proc = run(["zstd", "-dc"], check=False, stdin=data, stdout_file=out.fileno())
-        if proc.returncode != 0:
-            raise _CorruptData(proc.stderr.strip().splitlines()[-1] if proc.stderr else "")
-        out.seek(0)
-        return out.read()
-
-
 def decompress_module(data: bytes, relpath: str) -> bytes:
     """The uncompressed ELF object of module file `relpath` whose content is `data`.
 
@@ -452,8 +420,8 @@ def decompress_module(data: bytes, relpath: str) -> bytes:
             elif kind == "xz":
                 result = lzma.decompress(data, format=lzma.FORMAT_XZ)
             else:
-                result = _zstd_decompress(data)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, _CorruptData) as exc:
+                result = zstd_decompress(data)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, CorruptData) as exc:
             raise UserError(
                 f"cannot decompress {relpath} ({kind}): {exc or 'corrupt data'}",
                 "the module file is corrupt: reinstall the kernel package",

@@ -104,21 +104,23 @@ def write_if_changed(target: str | os.PathLike[str], data: bytes, mode: int = 0o
     return True
 
 
+def is_under(path: str | os.PathLike[str], directory: str | os.PathLike[str]) -> bool:
+    """True if `path` is `directory` or lies below it, by the names alone (no symlinks
+    resolved, so pass real paths); every path is below '/'."""
+    p, d = os.fspath(path), os.fspath(directory).rstrip("/")
+    return p == d or p.startswith(d + "/") or d == ""
+
+
 def mount_points_under(path: str | os.PathLike[str]) -> list[str]:
-    """Mount points at or below `path` (from /proc/self/mountinfo)."""
-    base = os.path.realpath(path)
-    points = []
+    """Mount points at or below `path`, deepest first (from /proc/self/mountinfo)."""
+    # mounts imports this module: its one mountinfo parser is imported when used.
+    from archkernel.host import mounts
+
     try:
-        text = Path("/proc/self/mountinfo").read_text()
+        text = mounts.MOUNTINFO.read_text()
     except OSError:
         return []
-    for line in text.splitlines():
-        fields = line.split()
-        if len(fields) > 4:
-            point = fields[4].replace("\\040", " ")
-            if point == base or point.startswith(base.rstrip("/") + "/"):
-                points.append(point)
-    return points
+    return mounts.mounts_under(text, os.path.realpath(path))
 
 
 def remove_path(path: str | os.PathLike[str]) -> None:

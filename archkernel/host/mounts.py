@@ -2,8 +2,12 @@
 
 Every context manager here undoes what it did when its block ends, whether normally, by
 an exception or by Ctrl-C. What a killed process (SIGKILL, a power cut) leaves behind,
-`cleanup_stale(workdir)` finds from the kernel's own lists and removes before a step is
-run again.
+`cleanup_stale(workdir)` finds from the kernel's own lists (/proc/self/mountinfo and
+/sys/block/loop*) and removes before a step is run again; it runs no command unless
+there is something to undo.
+
+A plan (archkernel.plan) that mounts does it with commands known before it runs:
+`loop_mount_argv` lets mount(8) make the loop device itself, which `umount` frees again.
 
 This machine's kernel has no partition-table parser: `losetup -P` makes no
 `/dev/loopNp1`, so `loop_device(..., partitions=True)` asks `partx -a` for them.
@@ -14,15 +18,19 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from archkernel.errors import UserError
+from archkernel.host.files import is_under
 from archkernel.host.run import run
 from archkernel.log import log
 
 MOUNTINFO = Path("/proc/self/mountinfo")
+# How long the kernel gets to detach a loop device mount made, after umount.
+LOOP_FREE_TIMEOUT = 5.0
 
 
 @dataclass(frozen=True)
@@ -51,12 +59,26 @@ def parse_losetup_json(text: str) -> list[LoopInfo]:
     return out
 
 
+SYS_BLOCK = Path("/sys/block")
+
+
 def list_loop_devices() -> list[LoopInfo]:
-    """Every loop device attached on this machine."""
-    proc = run(
-        ["losetup", "--list", "--json", "--output", "NAME,BACK-FILE,OFFSET,SIZELIMIT"], capture=True
-    )
-    return parse_losetup_json(proc.stdout)
+    """Every loop device attached on this machine, as the kernel lists them in /sys (what
+    `losetup --list` reads too)."""
+    found = []
+    for entry in sorted(SYS_BLOCK.glob("loop*"), key=lambda p: (len(p.name), p.name)):
+        info = entry / "loop"  # only while attached
+        try:
+            back = (info / "backing_file").read_text().rstrip("\n")
+            offset = int((info / "offset").read_text())
+            sizelimit = int((info / "sizelimit").read_text())
+        except (OSError, ValueError):
+            continue
+        # The kernel reports a backing file that was deleted or renamed away this way.
+        found.append(
+            LoopInfo(f"/dev/{entry.name}", back.removesuffix(" (deleted)"), offset, sizelimit)
+        )
+    return found
 
 
 def _unescape_mountinfo(field: str) -> str:
@@ -74,10 +96,6 @@ def _unescape_mountinfo(field: str) -> str:
     return os.fsdecode(bytes(out))
 
 
-def _is_under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
-
-
 def mounts_under(mountinfo: str, directory: str) -> list[str]:
     """Mount points at or below `directory`, deepest first (the order to unmount them).
 
@@ -88,7 +106,7 @@ def mounts_under(mountinfo: str, directory: str) -> list[str]:
         fields = line.split(" ")
         if len(fields) > 4:
             point = _unescape_mountinfo(fields[4])
-            if _is_under(point, directory):
+            if is_under(point, directory):
                 found.append(point)
     # Later mounts over the same point sit on top: unmount them first.
     ordered = list(reversed(found))
@@ -98,7 +116,7 @@ def mounts_under(mountinfo: str, directory: str) -> list[str]:
 
 def loops_under(devices: Iterable[LoopInfo], directory: str) -> list[LoopInfo]:
     """The loop devices whose backing file lies in `directory`."""
-    return [d for d in devices if d.back_file and _is_under(d.back_file, directory)]
+    return [d for d in devices if d.back_file and is_under(d.back_file, directory)]
 
 
 @contextlib.contextmanager
@@ -219,6 +237,44 @@ def _unmount(target: Path) -> None:
     if proc.returncode != 0:
         log.warning("%s is busy (%s); detaching it lazily", target, proc.stderr.strip())
         run(["umount", "--lazy", target])
+
+
+def loop_mount_argv(image: Path, offset: int, size: int, target: Path) -> list[str]:
+    """The mount command that mounts the ext4 in the `size` bytes of `image` from `offset`
+    read-only on `target`: mount attaches a read-only loop device of that part of the
+    file, which `umount` detaches again."""
+    options = f"ro,loop,offset={offset},sizelimit={size}"
+    return ["mount", "-t", "ext4", "-o", options, os.fspath(image), os.fspath(target)]
+
+
+def umount_argv(target: Path) -> list[str]:
+    """The umount command for `target`."""
+    return ["umount", os.fspath(target)]
+
+
+def await_loop_freed(image: Path, offset: int, timeout: float = LOOP_FREE_TIMEOUT) -> None:
+    """Wait until the kernel has detached the loop device mount made for `image` at
+    `offset` (`loop_mount_argv`): it does so just after `umount`, but not always before
+    umount returns. One still attached after `timeout` seconds is detached here."""
+    back = os.path.realpath(image)
+    deadline = time.monotonic() + timeout
+    while True:
+        left = [d for d in list_loop_devices() if d.back_file == back and d.offset == offset]
+        if not left:
+            return
+        if time.monotonic() > deadline:
+            for dev in left:
+                log.warning("%s still holds %s after umount; detaching it", dev.name, back)
+                run(["losetup", "--detach", dev.name], check=False)
+            return
+        time.sleep(0.01)
+
+
+def unmount_if_mounted(target: Path) -> None:
+    """Unmount `target` if something is mounted there (what a plan interrupted between its
+    mount and umount leaves); runs no command otherwise."""
+    if os.path.isdir(target) and _mounts_at(target):
+        _unmount(target)
 
 
 @contextlib.contextmanager

@@ -11,13 +11,10 @@ from pathlib import Path
 
 from archkernel.errors import UserError
 from archkernel.host import mounts
+from archkernel.host.files import is_under
 from archkernel.log import log
 
 # --- processes left working in a tree ------------------------------------------------------
-
-
-def _is_under(path: str, directory: str) -> bool:
-    return path == directory or path.startswith(directory.rstrip("/") + "/")
 
 
 def processes_in(tree: Path, table: Iterable[tuple[int, list[str], str]]) -> list[int]:
@@ -28,7 +25,7 @@ def processes_in(tree: Path, table: Iterable[tuple[int, list[str], str]]) -> lis
     found = []
     for pid, argv, root in table:
         paths = [arg.split("=", 1)[-1] for arg in argv]
-        if any(_is_under(x, base) for x in paths) or _is_under(root, base):
+        if any(is_under(x, base) for x in paths) or is_under(root, base):
             found.append(pid)
     return found
 

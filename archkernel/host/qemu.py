@@ -2,7 +2,8 @@
 
 `qemu_argv` decides the command (pure). `qemu_process` runs it in the background and
 stops it (SIGTERM, then SIGKILL) when its block ends, however it ends. `boot_and_wait`
-polls the serial log until a marker appears.
+polls the serial log until a marker appears. `Boot` is that boot as an operation of a plan
+(archkernel.plan): shown, and logged with -v, as the QEMU command it runs.
 
 Always TCG: KVM opens on the build machines but its guests hang. QEMU runs through
 `archkernel.host.run.run` in a worker thread, so it gets the same minimal environment, logging
@@ -20,7 +21,7 @@ import signal
 import subprocess
 import threading
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -28,6 +29,7 @@ from archkernel.errors import UserError
 from archkernel.host.files import temporary_directory
 from archkernel.host.run import render, run
 from archkernel.log import log
+from archkernel.plan import Run
 
 QEMU = "qemu-system-x86_64"
 DISK_FORMATS = ("raw", "vpc")
@@ -147,11 +149,16 @@ def qemu_argv(
     return argv
 
 
+def pidfile_argv(argv: Sequence[str], pidfile: Path) -> list[str]:
+    """`argv` with QEMU writing its pid to `pidfile`: the command `qemu_process` runs."""
+    return [*argv, "-pidfile", os.fspath(pidfile)]
+
+
 class QemuProcess:
     """A QEMU started by `qemu_process`: whether it still runs, and how it ended."""
 
     def __init__(self, argv: Sequence[str], pidfile: Path, limit: float) -> None:
-        self.argv = [*argv, "-pidfile", os.fspath(pidfile)]
+        self.argv = pidfile_argv(argv, pidfile)
         self.pidfile = pidfile
         self.limit = limit
         self.result: subprocess.CompletedProcess[str] | None = None
@@ -207,13 +214,23 @@ class QemuProcess:
 
 
 @contextlib.contextmanager
-def qemu_process(argv: Sequence[str], *, limit: float = 3600.0) -> Iterator[QemuProcess]:
+def qemu_process(
+    argv: Sequence[str], *, limit: float = 3600.0, pidfile: Path | None = None
+) -> Iterator[QemuProcess]:
     """Run QEMU in the background for the block; stop it and wait for it on any exit.
 
-    `limit` (seconds) is the longest QEMU may run at all.
+    `limit` (seconds) is the longest QEMU may run at all. QEMU writes its pid to `pidfile`
+    (its directory is made; default: in a temporary directory).
     """
-    with temporary_directory(prefix="archkernel-qemu-") as tmp:
-        vm = QemuProcess(argv, tmp / "qemu.pid", limit)
+    with contextlib.ExitStack() as stack:
+        if pidfile is None:
+            pidfile = (
+                stack.enter_context(temporary_directory(prefix="archkernel-qemu-")) / "qemu.pid"
+            )
+        else:
+            pidfile.parent.mkdir(parents=True, exist_ok=True)
+            pidfile.unlink(missing_ok=True)  # a killed run's: it may name a reused pid
+        vm = QemuProcess(argv, pidfile, limit)
         vm.start()
         try:
             yield vm
@@ -254,7 +271,13 @@ def _contains(text: str, marker: str) -> bool:
 
 
 def boot_and_wait(
-    argv: Sequence[str], serial_log: Path, marker: str, timeout: float, *, check: bool = True
+    argv: Sequence[str],
+    serial_log: Path,
+    marker: str,
+    timeout: float,
+    *,
+    check: bool = True,
+    pidfile: Path | None = None,
 ) -> BootResult:
     """Run QEMU (`argv` from qemu_argv, writing `serial_log`) until `marker` appears.
 
@@ -268,7 +291,7 @@ def boot_and_wait(
     serial_log.unlink(missing_ok=True)
     start = time.monotonic()
     exited = False
-    with qemu_process(argv, limit=timeout + 60) as vm:
+    with qemu_process(argv, limit=timeout + 60, pidfile=pidfile) as vm:
         while True:
             text = _read_log(serial_log)
             if _contains(text, marker):
@@ -301,3 +324,51 @@ def boot_and_wait(
         f"the whole console log is {serial_log}; check the boot loader and the kernel "
         "command line (console=ttyS0)",
     )
+
+
+@dataclass(frozen=True)
+class Boot(Run):
+    """A plan's operation that boots QEMU until `marker` appears on its console
+    (`boot_and_wait`; UserError if it does not within `wait` seconds) and hands the
+    result to `booted`.
+
+    Its `argv` is the command run() starts and logs, `-pidfile` included, so a dry run
+    shows exactly what -v logs; make it with `Boot.of_boot`.
+    """
+
+    qemu: tuple[str, ...] = ()  # argv without the -pidfile option
+    serial_log: Path = Path()
+    marker: str = ""
+    wait: float = 0.0
+    pidfile: Path = Path()
+    booted: Callable[[BootResult], None] | None = None
+
+    @classmethod
+    def of_boot(
+        cls,
+        argv: Sequence[str],
+        *,
+        serial_log: Path,
+        marker: str,
+        wait: float,
+        pidfile: Path,
+        booted: Callable[[BootResult], None] | None = None,
+    ) -> Boot:
+        """The boot of `argv` (from qemu_argv, writing `serial_log`) until `marker`."""
+        return cls(
+            tuple(pidfile_argv(argv, pidfile)),
+            qemu=tuple(argv),
+            serial_log=serial_log,
+            marker=marker,
+            wait=wait,
+            pidfile=pidfile,
+            booted=booted,
+            note=f"until {marker!r} appears in {serial_log}, at most {wait:g}s",
+        )
+
+    def __call__(self) -> None:
+        result = boot_and_wait(
+            self.qemu, self.serial_log, self.marker, self.wait, pidfile=self.pidfile
+        )
+        if self.booted is not None:
+            self.booted(result)

@@ -4,11 +4,13 @@ Nothing is mounted and no loop device is attached (this machine's kernel cannot 
 vfat). `mkfs.fat --offset=SECTOR` writes the file system straight into the partition of
 the image file, and mtools reach it as `IMAGE@@OFFSET` (the byte offset of the
 partition): `mcopy -s` fills it (making directories as needed), `mdir` lists it,
-`mcopy ... -` reads a file back.
-`fsck.fat` has no offset option, so `check_fat` checks a sparse copy of the partition.
+`mcopy ::/PATH DEST` reads a file back.
+`fsck.fat` has no offset option, so `check_ops` check a sparse copy of the partition.
 
-The `*_argv` functions decide the commands (pure); the others run them. Only the
-`Partition` of a layout from archkernel.image.disk is needed to find the file system.
+The `*_argv` functions decide the commands (pure); the `*_ops` functions are the
+operations of a plan (archkernel.plan) that run them, and `make_fat`, `list_files`,
+`check_fat` ... carry those out at once. Only the `Partition` of a layout from
+archkernel.image.disk is needed to find the file system.
 """
 
 from __future__ import annotations
@@ -17,14 +19,14 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
 
 from archkernel.errors import UserError
-from archkernel.host.files import temporary_directory
-from archkernel.host.run import run
-from archkernel.image.disk import SECTOR, KiB, MiB, Partition
+from archkernel.host.files import remove_path, temporary_directory
+from archkernel.image.disk import Partition
+from archkernel.plan import Do, Op, Plan, Run, execute
+from archkernel.units import SECTOR, KiB, MiB
 
 # FAT32 with 1 KiB clusters, pinned so the result does not depend on mkfs.fat's defaults:
 # its choice for 256 MiB (4 KiB clusters) gives fewer than the 65525 clusters a FAT32
@@ -38,13 +40,6 @@ DEFAULT_LABEL = "ESP"
 # Where UEFI firmware looks for a boot loader on a removable (or any NVRAM-less) disk.
 REMOVABLE_PATH_X64 = "EFI/BOOT/BOOTX64.EFI"
 
-# Debian and Arch name both packages alike.
-_PACKAGE = {
-    "mkfs.fat": "dosfstools",
-    "fsck.fat": "dosfstools",
-    "mcopy": "mtools",
-    "mdir": "mtools",
-}
 # mtools refuses a FAT whose sector count is not a multiple of its (made-up) track size;
 # the check protects floppies and means nothing for a partition.
 MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
@@ -108,9 +103,10 @@ def copy_argv(
     return [*argv, *(os.fspath(s) for s in sources), target.rstrip("/") + "/"]
 
 
-def read_argv(image: Path, partition: Partition, path: str) -> list[str]:
-    """The mcopy command that writes the file `path` of the FAT to standard output."""
-    return ["mcopy", "-n", "-i", mtools_image(image, partition), "::/" + path.lstrip("/"), "-"]
+def read_argv(image: Path, partition: Partition, path: str, dest: str = "-") -> list[str]:
+    """The mcopy command that copies the file `path` of the FAT to the file `dest`
+    (standard output: `-`)."""
+    return ["mcopy", "-n", "-i", mtools_image(image, partition), "::/" + path.lstrip("/"), dest]
 
 
 def list_argv(image: Path, partition: Partition) -> list[str]:
@@ -128,29 +124,6 @@ def parse_listing(text: str) -> list[str]:
     return [line.removeprefix("::/") for line in text.splitlines() if line.startswith("::/")]
 
 
-def _mtools(
-    argv: list[str], *, check: bool = True, stdout_file: int | None = None
-) -> tuple[int, str, str]:
-    proc = _run_tool(
-        argv, env=MTOOLS_ENV, capture=stdout_file is None, stdout_file=stdout_file, check=check
-    )
-    return proc.returncode, proc.stdout, proc.stderr
-
-
-def _run_tool(argv: list[str], **kwargs: Any) -> subprocess.CompletedProcess[str]:
-    """run(), with the package to install when the tool is missing (run.PACKAGES does not
-    know them all)."""
-    try:
-        return run(argv, **kwargs)
-    except UserError as exc:
-        if not exc.message.startswith("command not found"):
-            raise
-        package = _PACKAGE.get(argv[0], argv[0])
-        raise UserError(
-            exc.message, f"install '{package}' (so named on Arch Linux and Debian/Ubuntu)"
-        ) from exc
-
-
 def _check_inside(image: Path, partition: Partition) -> None:
     try:
         size = os.stat(image).st_size
@@ -164,17 +137,34 @@ def _check_inside(image: Path, partition: Partition) -> None:
         )
 
 
-def make_fat(
-    image: Path,
-    partition: Partition,
-    *,
-    label: str = DEFAULT_LABEL,
-    volume: str | None = None,
-    tree: Path | None = None,
-) -> None:
-    """Make a FAT32 file system filling `partition` of `image`, with the files of `tree`.
+def _problems(
+    tool: str, partition: Partition, image: Path, hint: str
+) -> Callable[[subprocess.CompletedProcess[str]], None]:
+    """A `then` that raises UserError quoting the output of a check that failed."""
 
-    The image file must already hold the partition (create_disk); nothing outside the
+    def judge(proc: subprocess.CompletedProcess[str]) -> None:
+        if proc.returncode == 0:
+            return
+        lines = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+        tail = "\n".join(f"    {line}" for line in lines)
+        raise UserError(
+            f"{tool} found problems in partition {partition.number} of {image} "
+            f"(exit code {proc.returncode}):\n{tail}",
+            hint,
+        )
+
+    return judge
+
+
+# --- making and filling it --------------------------------------------------------------------
+
+
+def make_ops(
+    image: Path, partition: Partition, *, label: str = DEFAULT_LABEL, volume: str | None = None
+) -> list[Op]:
+    """Make a FAT32 file system filling `partition` of `image`.
+
+    The image file must already hold the partition (disk.create_ops); nothing outside the
     partition is written. `volume` is the volume ID (see `volume_id`).
     """
     if partition.size < MIN_FAT_SIZE:
@@ -182,12 +172,25 @@ def make_fat(
             f"partition {partition.number} ({partition.size // MiB} MiB) is too small for FAT32",
             f"use a partition of at least {-(-MIN_FAT_SIZE // MiB)} MiB (plan_layout's ESP)",
         )
-    _check_inside(image, partition)
     argv = mkfs_argv(image, partition, label=label, volume=volume)
-    # Captured: mkfs.fat prints its version on stdout even when all goes well.
-    _run_tool(argv, capture=True)
-    if tree is not None:
-        copy_tree(image, partition, tree)
+    return [
+        Do(
+            f"check that partition {partition.number} lies inside {image}",
+            lambda: _check_inside(image, partition),
+        ),
+        # Captured: mkfs.fat prints its version on stdout even when all goes well.
+        Run.of(argv, capture=True),
+    ]
+
+
+def copy_op(
+    image: Path, partition: Partition, sources: Sequence[Path], directory: str = "/"
+) -> Run:
+    """Copy `sources` (files or whole directories) into `directory` of the FAT: directories
+    are made as needed and merged with existing ones, files of the same name replaced,
+    modification times kept."""
+    argv = copy_argv(image, partition, sources, directory)
+    return Run.of(argv, capture=True, env=MTOOLS_ENV)
 
 
 def _tree_entries(tree: Path) -> list[Path]:
@@ -206,59 +209,106 @@ def _tree_entries(tree: Path) -> list[Path]:
 
 
 def copy_tree(image: Path, partition: Partition, tree: Path, directory: str = "/") -> None:
-    """Copy everything in `tree` into `directory` of the FAT in `partition` of `image`.
-
-    Directories are made as needed and merged with existing ones; files of the same name
-    are replaced. Modification times are kept.
-    """
+    """Copy everything in `tree` into `directory` of the FAT in `partition` of `image`."""
     entries = _tree_entries(Path(tree))
     if entries:
-        _mtools(copy_argv(image, partition, entries, directory))
+        execute(Plan([copy_op(image, partition, entries, directory)]))
+
+
+def make_fat(
+    image: Path,
+    partition: Partition,
+    *,
+    label: str = DEFAULT_LABEL,
+    volume: str | None = None,
+    tree: Path | None = None,
+) -> None:
+    """Carry out `make_ops`, then copy the files of `tree` (if any) onto the new FAT."""
+    execute(Plan(make_ops(image, partition, label=label, volume=volume)))
+    if tree is not None:
+        copy_tree(image, partition, tree)
+
+
+def _stage_files(staging: Path, files: Mapping[str, Path]) -> None:
+    """Copy each source file to its path on the FAT under `staging` (`{"EFI/BOOT/BOOTX64.EFI":
+    src}`), a fresh directory whose entries `copy_op` then copies."""
+    remove_path(staging)
+    staging.mkdir(parents=True)
+    for dest, source in files.items():
+        parts = Path(dest.strip("/")).parts
+        if not parts or ".." in parts:
+            raise UserError(f"{dest!r} is not a path on the ESP", "give it from the root")
+        staged = staging.joinpath(*parts)
+        staged.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(source, staged)
 
 
 def add_files(image: Path, partition: Partition, files: Mapping[str, Path]) -> None:
     """Copy each source file to its path on the FAT (`{"EFI/BOOT/BOOTX64.EFI": src}`)."""
     with temporary_directory(prefix="archkernel-esp-") as tmp:
-        for dest, source in files.items():
-            parts = Path(dest.strip("/")).parts
-            if not parts or ".." in parts:
-                raise UserError(f"{dest!r} is not a path on the ESP", "give it from the root")
-            staged = tmp.joinpath(*parts)
-            staged.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copy2(source, staged)
-        copy_tree(image, partition, tmp)
+        _stage_files(tmp / "tree", files)
+        copy_tree(image, partition, tmp / "tree")
 
 
-def list_files(image: Path, partition: Partition) -> list[str]:
-    """Every path on the FAT in `partition` of `image`, sorted, directories ending in '/'."""
-    code, out, err = _mtools(list_argv(image, partition), check=False)
-    if code == 0:
-        return sorted(parse_listing(out))
-    # mdir fails on a FAT with nothing in it, saying the root was "not found".
-    if not out.strip() and 'File "::/" not found' in err:
-        return []
-    raise UserError(
+# --- reading it back --------------------------------------------------------------------------
+
+
+def _unreadable(image: Path, partition: Partition, err: str, code: int) -> UserError:
+    return UserError(
         f"cannot read the FAT in partition {partition.number} of {image}: "
         f"{err.strip() or f'mdir failed with exit code {code}'}",
         "make the EFI system partition first (esp.make_fat)",
     )
 
 
+def listing(proc: subprocess.CompletedProcess[str], image: Path, partition: Partition) -> list[str]:
+    """What `mdir` (`list_argv`) answered: every path on the FAT, sorted, directories
+    ending in '/'; UserError if it could not read the FAT."""
+    if proc.returncode == 0:
+        return sorted(parse_listing(proc.stdout))
+    # mdir fails on a FAT with nothing in it, saying the root was "not found".
+    if not proc.stdout.strip() and 'File "::/" not found' in proc.stderr:
+        return []
+    raise _unreadable(image, partition, proc.stderr, proc.returncode)
+
+
+def list_op(image: Path, partition: Partition, into: list[str]) -> Run:
+    """Put every path on the FAT (see `listing`) into `into`."""
+
+    def listed(proc: subprocess.CompletedProcess[str]) -> None:
+        into[:] = listing(proc, image, partition)
+
+    return Run.of(
+        list_argv(image, partition), check=False, capture=True, env=MTOOLS_ENV, then=listed
+    )
+
+
+def list_files(image: Path, partition: Partition) -> list[str]:
+    """Every path on the FAT in `partition` of `image`, sorted, directories ending in '/'."""
+    found: list[str] = []
+    execute(Plan([list_op(image, partition, found)]))
+    return found
+
+
+def read_op(image: Path, partition: Partition, path: str, dest: Path) -> Run:
+    """Copy the file `path` on the FAT to the file `dest`; UserError if it cannot."""
+
+    def unreadable(argv: list[str], code: int, err: str) -> UserError:
+        return UserError(
+            f"cannot read {path} from the FAT in partition {partition.number} of {image}: "
+            f"{err.strip()}",
+            "list the files with esp.list_files",
+        )
+
+    argv = read_argv(image, partition, path, os.fspath(dest))
+    return Run.of(argv, capture=True, env=MTOOLS_ENV, error=unreadable)
+
+
 def read_file(image: Path, partition: Partition, path: str) -> bytes:
     """The content of the file `path` on the FAT in `partition` of `image`."""
     with temporary_directory(prefix="archkernel-esp-") as tmp:
-        out = tmp / "out"
-        with open(out, "wb") as f:
-            code, _, err = _mtools(
-                read_argv(image, partition, path), check=False, stdout_file=f.fileno()
-            )
-        if code != 0:
-            raise UserError(
-                f"cannot read {path} from the FAT in partition {partition.number} of {image}: "
-                f"{err.strip()}",
-                "list the files with esp.list_files",
-            )
-        return out.read_bytes()
+        execute(Plan([read_op(image, partition, path, tmp / "out")]))
+        return (tmp / "out").read_bytes()
 
 
 def extract_partition(image: Path, partition: Partition, dest: Path) -> None:
@@ -278,18 +328,20 @@ def extract_partition(image: Path, partition: Partition, dest: Path) -> None:
         out.truncate(partition.size)
 
 
+def check_ops(image: Path, partition: Partition, copy: Path) -> list[Op]:
+    """Run `fsck.fat -n` on the FAT in `partition` of `image`, copied to `copy` first
+    (fsck.fat has no offset option); UserError on any problem. The caller removes `copy`."""
+    judge = _problems("fsck.fat", partition, image, "rebuild the image from the disk step on")
+    return [
+        Do(
+            f"copy partition {partition.number} of {image} to {copy}, a sparse file",
+            lambda: extract_partition(image, partition, copy),
+        ),
+        Run.of(fsck_argv(copy), check=False, capture=True, then=judge),
+    ]
+
+
 def check_fat(image: Path, partition: Partition) -> None:
     """Run `fsck.fat -n` on the FAT in `partition` of `image`; UserError on any problem."""
     with temporary_directory(prefix="archkernel-esp-") as tmp:
-        copy = tmp / "esp.img"
-        extract_partition(image, partition, copy)
-        proc = _run_tool(fsck_argv(copy), capture=True, check=False)
-    if proc.returncode != 0:
-        tail = "\n".join(
-            f"    {line}" for line in (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-        )
-        raise UserError(
-            f"fsck.fat found problems in partition {partition.number} of {image} "
-            f"(exit code {proc.returncode}):\n{tail}",
-            "rebuild the image from the disk step on",
-        )
+        execute(Plan(check_ops(image, partition, tmp / "esp.img")))

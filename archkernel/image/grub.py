@@ -3,31 +3,23 @@
 Like mkosi's tools tree, the boot loader comes from the machine that builds the image, not
 from the image, so nothing runs inside the image. It happens in two acts:
 
-1. `stage_bios_files` / `stage_efi_files`, *before* the root file system is made: copy the
+1. Here, *before* the root file system is made (`stage_ops`, `stage_grub_files`): copy the
    host's modules into `ROOT/boot/grub/i386-pc` or `ROOT/boot/grub/x86_64-efi`, build the
    core image there with `grub-mkimage` (`core.img`, `core.efi`; its early config finds
    the root file system by UUID, which we choose before mkfs, and sets the prefix to
-   `/boot/grub` on it), and write `ROOT/boot/grub/grub.cfg`, the one configuration both
-   firmwares end up in. `mkfs.ext4 -d` then carries them in.
-2. `install_bios` / `install_efi`, after mkfs: `grub-bios-setup` writes `boot.img` into the
-   MBR and embeds `core.img` in the BIOS boot partition (GPT) or the gap after the MBR
-   (MBR); `install_efi` copies `core.efi`, read back from the root file system, to the EFI
-   system partition's removable path `EFI/BOOT/BOOTX64.EFI`, which UEFI firmware boots
-   without an NVRAM entry (an uploaded disk has none).
+   `/boot/grub` on it); `cfg_op` writes `ROOT/boot/grub/grub.cfg`, the one configuration
+   both firmwares end up in. `mkfs.ext4 -d` then carries them in.
+2. archkernel.image.grub_install, after mkfs: boot code and core.img for BIOS, core.efi at
+   the ESP's removable path for UEFI.
 
 A hybrid disk gets both. For UEFI the core image is small and loads its modules from the
 root file system, as for BIOS, rather than being a standalone image carrying them all: one
 grub.cfg and one module directory per platform, all from the same GRUB build, and the ESP
 holds a single ~200 KiB file that never needs to change when grub.cfg does.
 
-`grub-bios-setup` writes to the image *file* through a device map `(hd0) IMAGE`, but
-before it does anything it insists that the directory holding `boot.img` and `core.img`
-lies on a block device GRUB can open (it "guesses the root device" from that directory's
-mount, even though the result is not written anywhere). A directory on the build host's
-disk fails in containers (`/dev/vda` opens with EPERM) and would make the result depend on
-the host, so `install_bios` attaches the image's root partition read-only to a loop device,
-mounts it read-only and points `grub-bios-setup` at the staged files there. The file
-system stays exactly as mkfs made it.
+The texts (`grub_cfg`, `early_cfg`) and commands (`*_argv`) are decided here, purely;
+`stage_ops` are the operations of a plan (archkernel.plan) that the disk step puts into its
+own, and `stage_grub_files` carries them out at once.
 
 Modules and core images must come from the same GRUB build; both come from `grub_lib`
 (`efi_lib`). No Secure Boot: the EFI image is unsigned, so Azure generation 2 VMs need the
@@ -36,18 +28,18 @@ Modules and core images must come from the same GRUB build; both come from `grub
 
 from __future__ import annotations
 
+import functools
 import os
 import re
 import shutil
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 
 from archkernel.errors import UserError
 from archkernel.host.files import temporary_directory, write_text
-from archkernel.host.mounts import loop_device, mounted
-from archkernel.host.run import check_tools, package_hint, run, which
-from archkernel.image import esp
-from archkernel.image.disk import SECTOR, Layout, fs_type, fs_uuid, read_ext4_file, read_partitions
+from archkernel.host.run import check_tools, package_hint, which
+from archkernel.plan import Do, Op, Plan, Run, execute
 
 GRUB_I386_PC = Path("/usr/lib/grub/i386-pc")
 GRUB_X86_64_EFI = Path("/usr/lib/grub/x86_64-efi")
@@ -192,52 +184,90 @@ def check_platforms(
         _check_grub_lib(Path(efi_lib), "x86_64-efi", ("kernel.img", "moddep.lst"), _EFI_HINT)
 
 
-def _stage(
-    dest: Path, grub_lib: Path, extra: tuple[str, ...], build: list[str], cfg_text: str
-) -> Path:
-    """Copy `grub_lib`'s modules (and `extra` files) to `dest` (ROOT/boot/grub/PLATFORM),
-    run the grub-mkimage command `build`, write grub.cfg beside `dest`; returns `dest`."""
+# --- staging, before the root file system is made ----------------------------------------------
+
+# platform -> (files the GRUB directory must have, files to copy besides *.mod and *.lst, hint)
+_PLATFORMS: dict[str, tuple[tuple[str, ...], tuple[str, ...], str]] = {
+    "i386-pc": (("kernel.img", "boot.img", "moddep.lst"), ("boot.img",), ""),
+    "x86_64-efi": (("kernel.img", "moddep.lst"), (), _EFI_HINT),
+}
+
+
+def platforms(boot: str) -> list[str]:
+    """The GRUB platforms the firmware `boot` ('bios', 'uefi' or 'hybrid') needs."""
+    found = {"bios": ["i386-pc"], "uefi": ["x86_64-efi"], "hybrid": ["i386-pc", "x86_64-efi"]}
+    if boot not in found:
+        raise UserError(f"unknown boot mode {boot!r}", "use 'bios', 'uefi' or 'hybrid'")
+    return found[boot]
+
+
+def staged_dir(rootdir: Path, platform: str) -> Path:
+    """Where the files of `platform` go in the root tree: `ROOT/boot/grub/PLATFORM`."""
+    return Path(rootdir) / PREFIX.lstrip("/") / platform
+
+
+def _copy_modules(platform: str, grub_lib: Path, dest: Path) -> None:
+    needed, extra, hint = _PLATFORMS[platform]
+    _check_grub_lib(grub_lib, platform, needed, hint or package_hint("grub-install"))
+    check_tools(["grub-mkimage"], "installing GRUB")
     dest.mkdir(parents=True, exist_ok=True)
     for source in sorted(grub_lib.iterdir()):
         if source.suffix in (".mod", ".lst") or source.name in extra:
             shutil.copyfile(source, dest / source.name)
             os.chmod(dest / source.name, 0o644)
-    run(build)
-    write_text(dest.parent / "grub.cfg", cfg_text)
-    return dest
 
 
-def stage_bios_files(rootdir: Path, grub_lib: Path, cfg_text: str, *, root_uuid: str) -> Path:
-    """Put GRUB's i386-pc files, a core.img for `root_uuid` and grub.cfg into `rootdir`.
+def _write_early_cfg(path: Path, root_uuid: str) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    write_text(path, early_cfg(root_uuid))
 
-    Run before the root file system is made, with the UUID it will be made with. Returns
-    the directory `ROOT/boot/grub/i386-pc`.
+
+def stage_ops(
+    rootdir: Path,
+    boot: str,
+    *,
+    root_uuid: str,
+    scratch: Path,
+    bios_lib: Path = GRUB_I386_PC,
+    efi_lib: Path = GRUB_X86_64_EFI,
+) -> list[Op]:
+    """Put what the firmware `boot` needs into `rootdir`: for each platform GRUB's modules
+    and a core image for `root_uuid` (its early config is written to `scratch`).
+
+    Done before the root file system is made, with the UUID it will be made with; `cfg_op`
+    writes grub.cfg beside them.
     """
-    grub_lib = Path(grub_lib)
-    needed = ("kernel.img", "boot.img", "moddep.lst")
-    _check_grub_lib(grub_lib, "i386-pc", needed, package_hint("grub-install"))
-    check_tools(["grub-mkimage"], "installing GRUB")
-    dest = Path(rootdir) / PREFIX.lstrip("/") / "i386-pc"
-    with temporary_directory(prefix="archkernel-grub-") as tmp:
-        config = write_text(tmp / "early.cfg", early_cfg(root_uuid))
-        build = mkimage_argv(grub_lib, dest / "core.img", config)
-        return _stage(dest, grub_lib, ("boot.img",), build, cfg_text)
+    early = Path(scratch) / "early.cfg"
+    ops: list[Op] = [
+        Do(
+            f"write {early}: find the root file system by UUID {root_uuid}, load the rest "
+            f"from {PREFIX} on it",
+            lambda: _write_early_cfg(early, root_uuid),
+        )
+    ]
+    for platform in platforms(boot):
+        dest = staged_dir(rootdir, platform)
+        grub_lib = Path(bios_lib if platform == "i386-pc" else efi_lib)
+        build = (
+            mkimage_argv(grub_lib, dest / "core.img", early)
+            if platform == "i386-pc"
+            else efi_mkimage_argv(grub_lib, dest / EFI_CORE, early)
+        )
+        ops += [
+            Do(
+                f"copy GRUB's {platform} modules from {grub_lib} to {dest}",
+                functools.partial(_copy_modules, platform, grub_lib, dest),
+            ),
+            Run.of(build),
+        ]
+    return ops
 
 
-def stage_efi_files(rootdir: Path, efi_lib: Path, cfg_text: str, *, root_uuid: str) -> Path:
-    """Put GRUB's x86_64-efi modules, a core.efi for `root_uuid` and grub.cfg into `rootdir`.
-
-    Run before the root file system is made, with the UUID it will be made with;
-    `install_efi` later copies core.efi to the ESP. Returns `ROOT/boot/grub/x86_64-efi`.
-    """
-    efi_lib = Path(efi_lib)
-    _check_grub_lib(efi_lib, "x86_64-efi", ("kernel.img", "moddep.lst"), _EFI_HINT)
-    check_tools(["grub-mkimage"], "installing GRUB")
-    dest = Path(rootdir) / PREFIX.lstrip("/") / "x86_64-efi"
-    with temporary_directory(prefix="archkernel-grub-") as tmp:
-        config = write_text(tmp / "early.cfg", early_cfg(root_uuid))
-        build = efi_mkimage_argv(efi_lib, dest / EFI_CORE, config)
-        return _stage(dest, efi_lib, (), build, cfg_text)
+def cfg_op(rootdir: Path, text: Callable[[], str], what: str = "") -> Do:
+    """Write ROOT/boot/grub/grub.cfg: `text()` (made when it runs, so a plan can show it
+    before the values it needs exist; `what` sums it up for a dry run)."""
+    path = Path(rootdir) / PREFIX.lstrip("/") / "grub.cfg"
+    return Do(f"write {path}" + (f": {what}" if what else ""), lambda: write_text(path, text()))
 
 
 def stage_grub_files(
@@ -249,136 +279,26 @@ def stage_grub_files(
     bios_lib: Path = GRUB_I386_PC,
     efi_lib: Path = GRUB_X86_64_EFI,
 ) -> list[Path]:
-    """Stage what the firmware `boot` ('bios', 'uefi' or 'hybrid'; `layout.boot` of the disk
-    it goes on) needs into `rootdir`: `stage_bios_files`, `stage_efi_files` or both.
-    Returns the module directories."""
-    staged = []
-    if boot in ("bios", "hybrid"):
-        staged.append(stage_bios_files(rootdir, bios_lib, cfg_text, root_uuid=root_uuid))
-    if boot in ("uefi", "hybrid"):
-        staged.append(stage_efi_files(rootdir, efi_lib, cfg_text, root_uuid=root_uuid))
-    if not staged:
-        raise UserError(f"unknown boot mode {boot!r}", "use 'bios', 'uefi' or 'hybrid'")
-    return staged
-
-
-def install_bios(
-    image: Path, layout: Layout, *, root_uuid: str, grub_lib: Path = GRUB_I386_PC
-) -> None:
-    """Write GRUB's boot.img and core.img (staged by `stage_bios_files`) into `image`.
-
-    `root_uuid` is the UUID core.img was built for; the root file system must have it, or
-    the machine would stop at `grub rescue>`.
-    """
-    if not layout.boots_bios:
-        raise UserError(
-            f"the {layout.boot} layout of {image} has no place for BIOS boot code",
-            "plan the disk with boot='bios' or 'hybrid'",
-        )
-    tool = bios_setup_tool(grub_lib)
-    root = layout.root
-    _check_root_uuid(image, layout, root_uuid)
+    """Carry out `stage_ops` and `cfg_op` for the firmware `boot` (`layout.boot` of the
+    disk it goes on). Returns the module directories."""
+    dirs = [staged_dir(rootdir, platform) for platform in platforms(boot)]
     with temporary_directory(prefix="archkernel-grub-") as tmp:
-        map_file = write_text(tmp / "device.map", device_map(image))
-        with (
-            loop_device(image, offset=root.start, sizelimit=root.size, read_only=True) as dev,
-            mounted(dev, tmp / "root", fstype="ext4", options=("ro",)) as mnt,
-        ):
-            grub_dir = mnt / PREFIX.lstrip("/") / "i386-pc"
-            missing = [n for n in ("boot.img", "core.img") if not (grub_dir / n).is_file()]
-            if missing:
-                raise UserError(
-                    f"the root file system of {image} has no {PREFIX}/i386-pc/"
-                    f"{' or '.join(missing)}",
-                    "stage GRUB's files into the root tree before making the file system",
-                )
-            run(bios_setup_argv(tool, grub_dir, map_file, image))
-    _check_table_kept(image, layout)
-    _check_boot_code(image)
-
-
-def _check_root_uuid(image: Path, layout: Layout, root_uuid: str) -> None:
-    found = fs_uuid(image, layout.root)
-    if found.lower() != canonical_uuid(root_uuid):
-        raise UserError(
-            f"the root file system of {image} has UUID {found}, but GRUB was staged for "
-            f"{root_uuid}",
-            "make the file system with the UUID given when GRUB's files were staged",
+        ops = stage_ops(
+            rootdir, boot, root_uuid=root_uuid, scratch=tmp, bios_lib=bios_lib, efi_lib=efi_lib
         )
+        execute(Plan([*ops, cfg_op(rootdir, lambda: cfg_text)]))
+    return dirs
 
 
-def install_efi(image: Path, layout: Layout, *, root_uuid: str) -> None:
-    """Copy the core.efi staged by `stage_efi_files` to the ESP of `image` as
-    EFI/BOOT/BOOTX64.EFI.
-
-    core.efi is read back from the root file system (debugfs, no mount), so the ESP gets
-    exactly the build of the modules beside it. The ESP must already hold a FAT
-    (`esp.make_fat`); other files on it are kept, an earlier BOOTX64.EFI is replaced.
-    """
-    if not layout.boots_uefi:
-        raise UserError(
-            f"the {layout.boot} layout of {image} has no EFI system partition",
-            "plan the disk with boot='uefi' or 'hybrid'",
-        )
-    _check_root_uuid(image, layout, root_uuid)
-    part = layout.esp
-    found = fs_type(image, part)
-    if found != "vfat":
-        raise UserError(
-            f"the EFI system partition of {image} holds "
-            f"{'no file system' if found is None else f'a {found} file system'}, not FAT",
-            "make it with esp.make_fat after creating the disk",
-        )
-    staged = f"{PREFIX}/x86_64-efi/{EFI_CORE}"
-    try:
-        core = read_ext4_file(image, layout.root, staged)
-    except UserError as exc:
-        raise UserError(
-            f"the root file system of {image} has no {staged}",
-            "stage GRUB's EFI files into the root tree before making the file system",
-        ) from exc
-    with temporary_directory(prefix="archkernel-grub-") as tmp:
-        source = tmp / "BOOTX64.EFI"
-        source.write_bytes(core)
-        esp.add_files(image, part, {esp.REMOVABLE_PATH_X64: source})
-    if esp.read_file(image, part, esp.REMOVABLE_PATH_X64) != core:
-        raise UserError(
-            f"{esp.REMOVABLE_PATH_X64} on the ESP of {image} differs from {staged}",
-            "run the boot loader step again with -v to see mcopy's output",
-        )
-    _check_table_kept(image, layout)
+def stage_bios_files(rootdir: Path, grub_lib: Path, cfg_text: str, *, root_uuid: str) -> Path:
+    """`stage_grub_files` for BIOS: GRUB's i386-pc files, a core.img for `root_uuid` and
+    grub.cfg. Returns the directory `ROOT/boot/grub/i386-pc`."""
+    (dest,) = stage_grub_files(rootdir, "bios", cfg_text, root_uuid=root_uuid, bios_lib=grub_lib)
+    return dest
 
 
-def install_grub(
-    image: Path, layout: Layout, *, root_uuid: str, bios_lib: Path = GRUB_I386_PC
-) -> list[str]:
-    """Install what the firmware of `layout` boots: `install_bios` for bios, `install_efi`
-    for uefi, both for hybrid. Returns the GRUB platforms installed."""
-    done = []
-    if layout.boots_bios:
-        install_bios(image, layout, root_uuid=root_uuid, grub_lib=bios_lib)
-        done.append("i386-pc")
-    if layout.boots_uefi:
-        install_efi(image, layout, root_uuid=root_uuid)
-        done.append("x86_64-efi")
-    return done
-
-
-def _check_table_kept(image: Path, layout: Layout) -> None:
-    written = [(p["start"], p["size"]) for p in read_partitions(image)]
-    planned = [(p.start // SECTOR, p.size // SECTOR) for p in layout.partitions]
-    if written != planned:
-        raise UserError(
-            f"installing GRUB changed the partition table of {image}",
-            "report this together with `grub-install --version`",
-        )
-
-
-def _check_boot_code(image: Path) -> None:
-    with open(image, "rb") as f:
-        mbr = f.read(SECTOR)
-    if mbr[510:] != b"\x55\xaa" or not any(mbr[:440]):
-        raise UserError(
-            f"{image} has no boot code in its MBR after grub-bios-setup",
-            "run the GRUB step again with -v to see grub-bios-setup's output",
-        )
+def stage_efi_files(rootdir: Path, efi_lib: Path, cfg_text: str, *, root_uuid: str) -> Path:
+    """`stage_grub_files` for UEFI: GRUB's x86_64-efi modules, a core.efi for `root_uuid`
+    and grub.cfg. Returns `ROOT/boot/grub/x86_64-efi`."""
+    (dest,) = stage_grub_files(rootdir, "uefi", cfg_text, root_uuid=root_uuid, efi_lib=efi_lib)
+    return dest

@@ -1,431 +1,181 @@
-"""Scaleway C1: boot the Arch kernel by patching the provider's initrd and kexec'ing.
+"""The steps of scaleway_kexec: each returns its plan (`archkernel.plan`), which then runs.
 
-Deciding functions (command lines, bootscript parsing, the new /init, the shutdown patch)
-are pure; the `step_*` functions act, one per numbered step of `tasks/scaleway_kexec.py`.
-Every system path is taken under `settings.root`, so tests run against a directory tree.
+One function per numbered step of `tasks/scaleway_kexec.py`, in order; each reads the
+settings it declares with `@reads` and the files earlier steps wrote, and changes nothing
+until its plan runs. What they decide comes from the pure modules beside this one
+(`bootscript`, `modules`, `scripts`, `cmdline`, `metadata`).
+
+Steps 1, 2, 7 and 8 run on every boot: they import and read little. The initrd's formats
+(and libarchive) are imported only by the steps that rebuild the initrd.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import shutil
-from dataclasses import asdict, dataclass
+import subprocess
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
 
 from archkernel.errors import UserError
 from archkernel.host import tftp
 from archkernel.host.files import atomic_path, write_bytes, write_if_changed
-from archkernel.host.run import check_tools, render, run
+from archkernel.host.run import check_tools, render
 from archkernel.log import log
-from archkernel.settings import ScalewaySettings, Settings
-
-if TYPE_CHECKING:
-    from archkernel.formats import initramfs
-
-MARKER = "archkernel"
-MODULE_DIR = "archkernel/modules"  # inside the initrd; a directory the provider never has
-# A final shell, as old shutdown scripts end: `sh`, `exec /bin/sh`, `busybox sh`,
-# `exec setsid cttyhack sh` (busybox's way of giving the shell a controlling tty) ...
-SHELL_ENDINGS = re.compile(
-    r"^\s*(exec\s+)?(setsid\s+)?(cttyhack\s+)?(/usr)?(/s?bin/)?(ba|busybox\s+|a)?sh(\s+-[a-z]+)*\s*$"
+from archkernel.plan import Plan, Run, reads
+from archkernel.scaleway import bootscript, cmdline, metadata, scripts
+from archkernel.scaleway import modules as kernel_modules
+from archkernel.scaleway.workspace import (
+    CheckResult,
+    Paths,
+    current_cmdline,
+    load_check,
+    paths,
+    planned_check,
+    read_text,
 )
-
-# --- paths -----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class Paths:
-    """Where the workflow reads and writes: system paths under root, outputs under workdir."""
-
-    root: Path
-    work: Path
-
-    def system(self, path: str) -> Path:
-        """`path` (absolute on the target system) taken under root."""
-        return self.root / path.lstrip("/")
-
-    @property
-    def check(self) -> Path:
-        return self.work / "check.json"
-
-    @property
-    def bootscript(self) -> Path:
-        return self.work / "uboot.bootscript"
-
-    @property
-    def uinitrd(self) -> Path:
-        return self.work / "uInitrd"
-
-    @property
-    def initrd_info(self) -> Path:
-        return self.work / "initrd.json"
-
-    @property
-    def payload(self) -> Path:
-        return self.work / "initrd.payload"
-
-    @property
-    def listing(self) -> Path:
-        return self.work / "initrd.list.json"
-
-    @property
-    def modules(self) -> Path:
-        return self.work / "modules"
-
-    @property
-    def modules_manifest(self) -> Path:
-        return self.work / "modules.json"
-
-    @property
-    def packed(self) -> Path:
-        return self.work / "pack.json"
-
-    @property
-    def kexec_record(self) -> Path:
-        return self.work / "kexec.json"
-
-
-def paths(settings: Settings) -> Paths:
-    """The workflow's paths for these settings."""
-    return Paths(settings.scaleway.root, settings.workdir / "scaleway")
-
-
-# --- deciding ---------------------------------------------------------------------------------
-
-
-def split_cmdline(text: str) -> list[str]:
-    """Kernel command-line tokens; double quotes group words as the kernel's parser does."""
-    tokens: list[str] = []
-    current: list[str] = []
-    quoted = False
-    started = False
-    for ch in text.strip():
-        if ch == '"':
-            quoted = not quoted
-            current.append(ch)
-            started = True
-        elif ch.isspace() and not quoted:
-            if started:
-                tokens.append("".join(current))
-                current, started = [], False
-        else:
-            current.append(ch)
-            started = True
-    if started:
-        tokens.append("".join(current))
-    return tokens
-
-
-def _key(token: str) -> str:
-    return token.split("=", 1)[0]
-
-
-def already_kexeced(cmdline: str) -> bool:
-    """True when the running kernel was started by us (the marker token is present)."""
-    return MARKER in split_cmdline(cmdline)
-
-
-def kexec_cmdline(current: str, extra: str) -> str:
-    """The current command line plus `extra`, with no flag twice (extra's value wins)."""
-    added = split_cmdline(extra)
-    keys = {_key(t) for t in added}
-    kept = [t for t in split_cmdline(current) if _key(t) not in keys]
-    return " ".join([*kept, *added])
-
-
-def kexec_argv(kernel: Path, initrd: Path, cmdline: str, dtb: Path | None) -> list[str]:
-    """`kexec -l KERNEL --initrd=... [--dtb=...] --command-line=...` as an argv list."""
-    argv = ["kexec", "-l", str(kernel), f"--initrd={initrd}"]
-    if dtb is not None:
-        argv.append(f"--dtb={dtb}")
-    argv.append(f"--command-line={cmdline}")
-    return argv
-
-
-def tags_from_metadata(text: str) -> list[str]:
-    """Server tags from `scw-metadata` output (`TAGS_<n>=<tag>` lines, n of any length)."""
-    tags = []
-    for line in text.splitlines():
-        m = re.fullmatch(r"TAGS_(\d+)=(.*)", line.strip())
-        if m:
-            tags.append(m.group(2).strip().strip("'\""))
-    return tags
-
-
-def _script_commands(text: str) -> list[list[str]]:
-    """U-Boot script commands as word lists: lines, `;` separators, comments dropped."""
-    import shlex  # only when a bootscript is parsed, not on every boot
-
-    commands = []
-    for line in text.replace("\r", "\n").splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        for part in re.split(r";(?=(?:[^'\"]|'[^']*'|\"[^\"]*\")*$)", line):
-            try:
-                words = shlex.split(part, comments=False)
-            except ValueError:
-                words = part.split()
-            if words:
-                commands.append(words)
-    return commands
-
-
-def _expand(word: str, env: dict[str, str]) -> str:
-    """`word` with the script's own variables expanded.
-
-    Variables the script does not set (U-Boot's `${ramdisk_addr_r}` ...) stay as written:
-    they still tell two load addresses apart, where expanding them to nothing would make
-    every address equal.
-    """
-
-    def value(m: re.Match[str]) -> str:
-        return env.get(m.group(1) or m.group(2), m.group(0))
-
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, word)
-
-
-def _same_address(a: str, b: str) -> bool:
-    try:
-        return int(a, 16) == int(b, 16)
-    except ValueError:
-        return a.strip().lower() == b.strip().lower()
-
-
-def initrd_from_bootscript(text: str, *, source: str = "the bootscript") -> str:
-    """The initrd path the bootscript fetches by TFTP.
-
-    Picks the `tftp`/`tftpboot` whose load address `bootm`/`bootz` uses as the initrd; if
-    the script boots differently, the one load whose file name says initrd. Variables set
-    with `setenv` are expanded; whitespace and tabs may vary.
-    """
-    env: dict[str, str] = {}
-    loads: list[tuple[str | None, str]] = []
-    initrd_addr: str | None = None
-    for words in _script_commands(text):
-        cmd, args = words[0], [_expand(w, env) for w in words[1:]]
-        if cmd == "setenv" and args:
-            env[args[0]] = " ".join(args[1:])
-        elif cmd == "env" and len(args) >= 2 and args[0] == "set":
-            env[args[1]] = " ".join(args[2:])
-        elif cmd in ("tftp", "tftpboot") and args:
-            address, name = (args[0], args[1]) if len(args) >= 2 else (None, args[0])
-            if ":" in name and re.match(r"^\d+\.\d+\.\d+\.\d+:", name):
-                name = name.split(":", 1)[1]
-            loads.append((address, name))
-        elif cmd in ("bootm", "bootz", "booti") and len(args) >= 2 and args[1] != "-":
-            initrd_addr = args[1].split(":", 1)[0]
-    chosen: list[str] = []
-    if initrd_addr is not None:
-        chosen = [n for a, n in loads if a is not None and _same_address(a, initrd_addr)]
-    if not chosen:
-        chosen = [n for _, n in loads if re.search(r"initrd|initramfs", n, re.IGNORECASE)]
-    if not chosen:
-        names = ", ".join(n for _, n in loads) or "no tftp command at all"
-        raise UserError(
-            f"{source} names no initrd to fetch (it loads: {names})",
-            "check the server's bootscript; set scaleway.bootscript if it has another name",
-        )
-    name = chosen[-1]
-    if name.startswith("/") or ".." in name.split("/") or not name.strip():
-        raise UserError(
-            f"{source} names an unsafe initrd path {name!r}",
-            "the path must be relative and must not contain '..'",
-        )
-    return name
-
-
-def init_script(modules: list[str], version: str) -> str:
-    """The new /init: busybox applets, the modules in order, then the provider's init.
-
-    It sources /init.scw so the provider's script keeps running as PID 1.
-    """
-    from archkernel.formats import kmod
-
-    lines = [
-        "#!/bin/sh",
-        f"# archkernel: load the modules of the Arch kernel {version} the root needs,",
-        "# then hand over to the provider's init (sourced, so it stays PID 1).",
-        "/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys",
-        "/bin/busybox --install -s",
-    ]
-    for relpath in modules:
-        name = kmod.module_name(relpath)
-        lines.append(f'echo "archkernel: loading {name}"')
-        lines.append(f'insmod /{MODULE_DIR}/{name}.ko || echo "archkernel: loading {name} failed"')
-    lines += ['echo "archkernel: starting the provider init"', ". /init.scw", ""]
-    return "\n".join(lines)
-
-
-def patch_shutdown(text: str) -> str | None:
-    """The shutdown script made to end with `kexec -e`, or None when it already does.
-
-    Old provider initrds end their shutdown script with a plain shell; that last line
-    becomes `kexec -e`. A script that ends another way is an error (nothing to guess).
-    """
-    lines = text.rstrip("\n").split("\n")
-    commands = [
-        (i, ln) for i, ln in enumerate(lines) if ln.strip() and not ln.lstrip().startswith("#")
-    ]
-    if any(re.search(r"(^|[\s/;])kexec\s+-e\b", ln) for _, ln in commands):
-        return None
-    if commands and SHELL_ENDINGS.match(commands[-1][1]):
-        index = commands[-1][0]
-        indent = lines[index][: len(lines[index]) - len(lines[index].lstrip())]
-        lines[index] = f"{indent}kexec -e"
-        return "\n".join(lines) + "\n"
-    last = commands[-1][1].strip() if commands else "(empty)"
-    raise UserError(
-        f"the shutdown script does not end with a shell or `kexec -e` (it ends with {last!r})",
-        "check /run/initramfs/shutdown by hand; a plain shell last line is what we replace",
-    )
-
-
-def find_kernel_version(moddirs: Path, kernel: Path, configured: str | None) -> str:
-    """The module directory version for `kernel`: the setting, else the one with pkgbase.
-
-    Several Arch kernels installed and no way to tell which is `kernel` is an error that
-    lists them.
-    """
-    if configured:
-        if not (moddirs / configured).is_dir():
-            raise UserError(
-                f"kernel_version {configured!r}: {moddirs / configured} does not exist",
-                "set scaleway.kernel_version to one of the directories there, or remove it",
-            )
-        return configured
-    candidates = sorted(p.parent.name for p in moddirs.glob("*/pkgbase"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise UserError(
-            f"no Arch kernel found: no {moddirs}/*/pkgbase",
-            "install the Arch kernel package (e.g. linux-armv7), or set scaleway.kernel_version",
-        )
-    # Several: the one shipping a copy of the kernel we boot.
-    size = kernel.stat().st_size
-    same = [
-        v
-        for v in candidates
-        for image in ("vmlinuz", "zImage")
-        if (moddirs / v / image).is_file()
-        and (moddirs / v / image).stat().st_size == size
-        and (moddirs / v / image).read_bytes() == kernel.read_bytes()
-    ]
-    if len(same) == 1:
-        return same[0]
-    raise UserError(
-        f"several kernels are installed ({', '.join(candidates)}) and none is known to be {kernel}",
-        "set scaleway.kernel_version to the one to boot",
-    )
-
-
-# --- acting: one function per step ------------------------------------------------------------
-
-
-@dataclass
-class CheckResult:
-    """What step 1 found; later steps read it from check.json."""
-
-    kernel: str
-    kernel_version: str
-    server: str
-    server_origin: str
-    cmdline: str
-
-
-def _read(path: Path, what: str, hint: str) -> str:
-    try:
-        return path.read_text(encoding="utf-8", errors="replace")
-    except FileNotFoundError:
-        raise UserError(f"{what} not found: {path}", hint) from None
-    except OSError as exc:
-        raise UserError(f"cannot read {what} {path}: {exc.strerror}", hint) from None
-
-
-def _kill_switch(cfg: ScalewaySettings) -> None:
-    if shutil.which("scw-metadata") is None:
-        log.debug("scw-metadata not found; kill switch not checked")
-        return
-    result = run(["scw-metadata"], capture=True, check=False, timeout=30)
-    if result.returncode != 0:
-        log.warning("scw-metadata failed (exit %d); kill switch not checked", result.returncode)
-        return
-    if cfg.disable_tag in tags_from_metadata(result.stdout):
-        raise UserError(
-            f"kill switch set: the server has the tag {cfg.disable_tag!r}; doing nothing",
-            f"remove the tag {cfg.disable_tag!r} from the server to boot the Arch kernel again",
-        )
-
-
-def current_cmdline(settings: Settings) -> str:
-    """The running kernel's command line."""
-    path = paths(settings).system("/proc/cmdline")
-    return _read(path, "kernel command line", "is /proc mounted?").strip()
+from archkernel.settings import Settings
+
+# The settings of every TFTP transfer (the server's address is step 1's finding).
+TFTP_SETTINGS = (
+    "scaleway.tftp_port",
+    "scaleway.tftp_timeout",
+    "scaleway.tftp_retries",
+    "scaleway.tftp_blksize",
+)
+SHUTDOWN_SCRIPT = "/run/initramfs/shutdown"
+SHUTDOWN_KEXEC = "/run/initramfs/sbin/kexec"
+KEXEC_SWITCH = "/proc/sys/kernel/kexec_load_disabled"
 
 
 def halted(settings: Settings) -> str | None:
     """Why a boot run has nothing to do: we are already running the Arch kernel."""
     try:
-        cmdline = current_cmdline(settings)
+        line = current_cmdline(settings)
     except UserError:
         return None  # step 1 reports it
-    if already_kexeced(cmdline):
+    if cmdline.already_kexeced(line):
         return "already running the Arch kernel ('archkernel' is on the command line)"
     return None
 
 
-def load_check(p: Paths) -> CheckResult:
-    """check.json written by step 1."""
-    return CheckResult(**json.loads(p.check.read_text()))
+# --- 1 check ----------------------------------------------------------------------------------
 
 
-def step_check(settings: Settings) -> None:
-    """Step 1: preconditions, the kill switch, the kernel and its version, the server."""
+@reads(
+    "scaleway.root",
+    "scaleway.kernel",
+    "scaleway.kernel_version",
+    "scaleway.tftp_server",
+    "scaleway.fallback_tftp_server",
+    "scaleway.disable_tag",
+)
+def check(settings: Settings) -> Plan:
+    """check root, kexec, the kill switch; find the kernel, its version and the server."""
     cfg, p = settings.scaleway, paths(settings)
-    p.work.mkdir(parents=True, exist_ok=True)
-    cmdline = current_cmdline(settings)
+    plan = Plan()
+    plan.do(f"create {p.work}", lambda: p.work.mkdir(parents=True, exist_ok=True))
+    plan.do(
+        f"check that we run as root, that {p.system(KEXEC_SWITCH)} reads 0, that kexec and "
+        f"systemctl are installed and that the shutdown initrd has {p.system(SHUTDOWN_KEXEC)}",
+        lambda: _preconditions(settings),
+    )
+    if shutil.which(metadata.COMMAND[0]) is None:
+        plan.do(
+            "skip the kill switch: scw-metadata is not installed",
+            lambda: log.debug("scw-metadata not found; kill switch not checked"),
+        )
+    else:
+        plan.ops.append(
+            Run.of(
+                metadata.COMMAND,
+                check=False,
+                capture=True,
+                timeout=30,
+                then=lambda proc: _kill_switch(proc, settings.scaleway.disable_tag),
+                note=f"stop if the server has the tag {cfg.disable_tag!r}",
+            )
+        )
+    plan.do(
+        f"find the kernel {p.system(cfg.kernel)}, its modules' version in "
+        f"{p.system('/usr/lib/modules')} and the TFTP server; record them in {p.check}",
+        lambda: _find(settings),
+    )
+    return plan
+
+
+def _preconditions(settings: Settings) -> None:
+    p = paths(settings)
+    current_cmdline(settings)
     if os.geteuid() != 0:
         raise UserError(
             "scaleway_kexec must run as root", "run it from the systemd unit or with sudo"
         )
-    disabled = p.system("/proc/sys/kernel/kexec_load_disabled")
-    value = _read(disabled, "kexec switch", "this kernel was built without kexec support")
+    disabled = p.system(KEXEC_SWITCH)
+    value = read_text(disabled, "kexec switch", "this kernel was built without kexec support")
     if value.strip() != "0":
         raise UserError(
             f"kexec is disabled: {disabled} reads {value.strip()!r}",
             "it can only be re-enabled by a reboot; something set it after boot",
         )
     check_tools(["kexec", "systemctl"], "scaleway_kexec")
-    if not p.system("/run/initramfs/sbin/kexec").exists():
+    if not p.system(SHUTDOWN_KEXEC).exists():
         raise UserError(
-            f"the shutdown initrd has no kexec: {p.system('/run/initramfs/sbin/kexec')} is missing",
+            f"the shutdown initrd has no kexec: {p.system(SHUTDOWN_KEXEC)} is missing",
             "the provider's initrd must keep a copy in /run/initramfs; check the boot script",
         )
-    _kill_switch(cfg)
+
+
+def _kill_switch(proc: subprocess.CompletedProcess[str], disable_tag: str) -> None:
+    if proc.returncode != 0:
+        log.warning("scw-metadata failed (exit %d); kill switch not checked", proc.returncode)
+        return
+    error = metadata.kill_switch(proc.stdout, disable_tag)
+    if error is not None:
+        raise error
+
+
+def _find(settings: Settings) -> None:
+    cfg, p = settings.scaleway, paths(settings)
+    line = current_cmdline(settings)
     kernel = p.system(cfg.kernel)
     if not kernel.is_file():
         raise UserError(
             f"kernel {kernel} does not exist", "install the Arch kernel, or set scaleway.kernel"
         )
-    version = find_kernel_version(p.system("/usr/lib/modules"), kernel, cfg.kernel_version)
+    version = kernel_modules.find_kernel_version(
+        p.system("/usr/lib/modules"), kernel, cfg.kernel_version
+    )
     pnp = tftp.read_pnp(p.system("/proc/net/pnp"))
     server, origin = tftp.choose_server(cfg.tftp_server, pnp, cfg.fallback_tftp_server)
-    result = CheckResult(str(kernel), version, server, origin, cmdline)
-    write_if_changed(p.check, json.dumps(asdict(result), indent=2).encode() + b"\n")
+    write_if_changed(p.check, CheckResult(str(kernel), version, server, origin, line).to_json())
     log.info("kernel %s (%s); TFTP server %s (from %s)", kernel, version, server, origin)
 
 
-def _server(settings: Settings) -> tftp.TftpServer:
-    return tftp.TftpServer(load_check(paths(settings)).server, settings.scaleway.tftp_port)
+# --- 2 and 3: TFTP ----------------------------------------------------------------------------
 
 
-def _fetch(settings: Settings, remote: str, dest: Path) -> bool:
+def _planned_server(settings: Settings) -> tftp.TftpServer | None:
+    """The boot server step 1 chose, or None in a dry run before step 1 ran."""
+    check = planned_check(paths(settings))
+    return None if check is None else tftp.TftpServer(check.server, settings.scaleway.tftp_port)
+
+
+def _fetching(settings: Settings, server: tftp.TftpServer | None, remote: str, dest: Path) -> str:
+    """How a dry run shows a TFTP transfer: file, server, port and destination."""
+    host = server.host if server else "(the server step 1 chooses)"
+    port = settings.scaleway.tftp_port
+    return (
+        f"fetch {remote} over TFTP from server {host} port {port} into {dest}"
+        " (rewritten only if it changed)"
+    )
+
+
+def _fetch(settings: Settings, server: tftp.TftpServer | None, remote: str, dest: Path) -> bool:
+    """Fetch `remote` into `dest` (in-process, tftpy); True when `dest` changed."""
     cfg = settings.scaleway
     return tftp.fetch_to(
-        _server(settings),
+        server or _checked_server(settings),
         remote,
         dest,
         timeout=cfg.tftp_timeout,
@@ -434,48 +184,71 @@ def _fetch(settings: Settings, remote: str, dest: Path) -> bool:
     )
 
 
-def step_fetch_bootscript(settings: Settings) -> None:
-    """Step 2: the bootscript, rewritten only when its content changed."""
+def _checked_server(settings: Settings) -> tftp.TftpServer:
+    """The boot server step 1 chose (it has run when a plan runs)."""
+    return tftp.TftpServer(load_check(paths(settings)).server, settings.scaleway.tftp_port)
+
+
+@reads("scaleway.bootscript", *TFTP_SETTINGS)
+def fetch_bootscript(settings: Settings) -> Plan:
+    """fetch the U-Boot bootscript over TFTP."""
+    p, name = paths(settings), settings.scaleway.bootscript
+    server = _planned_server(settings)
+
+    def fetch() -> None:
+        changed = _fetch(settings, server, name, p.bootscript)
+        shown = server or _checked_server(settings)
+        log.info("bootscript %s from %s: %s", name, shown, "changed" if changed else "unchanged")
+
+    return Plan().do(_fetching(settings, server, name, p.bootscript), fetch)
+
+
+@reads(*TFTP_SETTINGS)
+def fetch_initrd(settings: Settings) -> Plan:
+    """find the initrd in the bootscript and fetch it over TFTP."""
     p = paths(settings)
-    changed = _fetch(settings, settings.scaleway.bootscript, p.bootscript)
-    log.info(
-        "bootscript %s from %s: %s",
-        settings.scaleway.bootscript,
-        _server(settings),
-        "changed" if changed else "unchanged",
+    if not p.bootscript.is_file():
+        raise UserError(f"step 2 has not fetched the bootscript yet ({p.bootscript})")
+    name = bootscript.bootscript_initrd(p.bootscript)
+    server = _planned_server(settings)
+
+    def fetch() -> None:
+        changed = _fetch(settings, server, name, p.uinitrd)
+        write_if_changed(p.initrd_info, json.dumps({"name": name}).encode() + b"\n")
+        log.info("initrd %s: %s", name, "fetched" if changed else "unchanged")
+
+    plan = Plan(notes=[f"the bootscript {p.bootscript} boots the initrd {name}"])
+    return plan.do(
+        f"{_fetching(settings, server, name, p.uinitrd)}; record its name in {p.initrd_info}",
+        fetch,
     )
 
 
-def bootscript_initrd(path: Path) -> str:
-    """The initrd path named by the bootscript image at `path`."""
-    from archkernel.formats import uimage
-
-    source = f"bootscript {path.name}"
-    _, payload = uimage.parse(path.read_bytes(), expect_type=uimage.SCRIPT, source=source)
-    return initrd_from_bootscript(uimage.script_text(payload, source), source=source)
+# --- 4 unpack ---------------------------------------------------------------------------------
 
 
-def step_fetch_initrd(settings: Settings) -> None:
-    """Step 3: find the initrd in the bootscript and fetch it."""
+@reads()
+def unpack(settings: Settings) -> Plan:
+    """check the initrd's U-Boot header and every cpio entry."""
     p = paths(settings)
-    name = bootscript_initrd(p.bootscript)
-    changed = _fetch(settings, name, p.uinitrd)
-    write_if_changed(p.initrd_info, json.dumps({"name": name}).encode() + b"\n")
-    log.info("initrd %s: %s", name, "fetched" if changed else "unchanged")
+    return Plan().do(
+        f"check the U-Boot header of {p.uinitrd}, its payload's compression and every cpio "
+        f"entry; keep the payload in {p.payload} and what it holds in {p.listing}",
+        lambda: _unpack(p),
+    )
 
 
-def step_unpack(settings: Settings) -> None:
-    """Step 4: check the uImage, read and check every cpio entry, keep the payload."""
+def _unpack(p: Paths) -> None:
     # libarchive and friends: only when the initrd is rebuilt, not on every boot
-    from archkernel.formats import initramfs, uimage
+    from archkernel.formats import cpio, initramfs, uimage
+    from archkernel.formats.compression import detect_compression
 
-    p = paths(settings)
     name = json.loads(p.initrd_info.read_text())["name"]
     source = f"initrd {name}"
     _, payload = uimage.parse(p.uinitrd.read_bytes(), expect_type=uimage.RAMDISK, source=source)
-    compression = initramfs.detect_compression(payload, source=source)
+    compression = detect_compression(payload, source=source)
     entries = initramfs.read_entries(payload, source=source)
-    init = initramfs.original_init(entries)
+    init = cpio.original_init(entries)
     listing = {
         "name": name,
         "compression": compression,
@@ -487,104 +260,123 @@ def step_unpack(settings: Settings) -> None:
     log.info("initrd %s: %s-compressed cpio, %d entries, checked", name, compression, len(entries))
 
 
-def step_modules(settings: Settings) -> None:
-    """Step 5: the modules and their dependencies, decompressed, and the new /init."""
+# --- 5 modules --------------------------------------------------------------------------------
+
+
+@reads("scaleway.modules", "scaleway.optional_modules")
+def modules(settings: Settings) -> Plan:
+    """resolve the modules' dependencies, decompress them, write the new /init."""
+    cfg, p = settings.scaleway, paths(settings)
+    check = planned_check(p)
+    if check is None:
+        raise UserError("step 1 has not found the kernel version yet")
+    moddir = p.system("/usr/lib/modules") / check.kernel_version
+    chosen = kernel_modules.select(moddir, check.kernel_version, cfg.modules, cfg.optional_modules)
+    plan = Plan(notes=[f"optional module {name} is not in {moddir}" for name in chosen.missing])
+    return plan.do(
+        f"decompress {len(chosen.order)} modules of {moddir} ({' '.join(chosen.names)}) "
+        f"and write the new /init into {p.modules}; list them in {p.modules_manifest}",
+        lambda: _prepare_modules(p, chosen),
+    )
+
+
+def _prepare_modules(p: Paths, chosen: kernel_modules.Selection) -> None:
     from archkernel.formats import kmod
 
-    cfg, p = settings.scaleway, paths(settings)
-    check = load_check(p)
-    moddir = p.system("/usr/lib/modules") / check.kernel_version
-    index = kmod.ModulesDep.load(moddir)
-    order, missing = index.resolve(cfg.modules, cfg.optional_modules)
-    for name in missing:
-        log.warning(
-            "optional module %s is not in %s; going on without it", name, check.kernel_version
-        )
-    manifest: list[dict[str, Any]] = []
+    for name in chosen.missing:
+        log.warning("optional module %s is not in %s; going on without it", name, chosen.version)
+    listed: list[dict[str, object]] = []
     with atomic_path(p.modules) as tmp:
         tmp.mkdir()
-        for relpath in order:
-            data = kmod.decompress_module((moddir / relpath).read_bytes(), relpath)
+        for relpath in chosen.order:
+            data = kmod.decompress_module((chosen.moddir / relpath).read_bytes(), relpath)
             name = kmod.module_name(relpath)
             (tmp / f"{name}.ko").write_bytes(data)
-            manifest.append({"name": name, "path": relpath, "size": len(data)})
-        (tmp / "init").write_text(init_script(order, check.kernel_version))
-    write_if_changed(
-        p.modules_manifest,
-        json.dumps({"version": check.kernel_version, "modules": manifest}, indent=2).encode()
-        + b"\n",
+            listed.append({"name": name, "path": relpath, "size": len(data)})
+        (tmp / "init").write_text(scripts.init_script(chosen.order, chosen.version))
+    write_if_changed(p.modules_manifest, kernel_modules.manifest(chosen.version, listed))
+    log.info("modules for %s: %s", chosen.version, " ".join(str(m["name"]) for m in listed))
+
+
+# --- 6 pack -----------------------------------------------------------------------------------
+
+
+@reads("scaleway.output_initrd", "scaleway.compression")
+def pack(settings: Settings) -> Plan:
+    """append the modules and the new /init to the initrd, written atomically."""
+    cfg, p = settings.scaleway, paths(settings)
+    output, compression = p.system(cfg.output_initrd), cfg.compression
+    return Plan().do(
+        f"append a {compression} archive of /init, /init.scw (the provider's /init) and the "
+        f"modules of {p.modules} to {p.payload}; write it to {output} (atomically, only if it "
+        f"changed) and its size to {p.packed}",
+        lambda: _pack(p, output, compression),
     )
-    log.info("modules for %s: %s", check.kernel_version, " ".join(m["name"] for m in manifest))
 
 
-def additions(p: Paths, original_init: bytes) -> list[initramfs.Entry]:
-    """What the appended archive holds: /init, /init.scw and the modules."""
+def _pack(p: Paths, output: Path, compression: str) -> None:
     from archkernel.formats import initramfs  # libarchive: only when the initrd is rebuilt
 
+    payload = p.payload.read_bytes()
+    source = f"initrd {json.loads(p.listing.read_text())['name']}"
+    original_init = initramfs.read_file(payload, "init", source)
     manifest = json.loads(p.modules_manifest.read_text())
     if not (p.modules / "init").is_file():
         raise UserError(
             f"the prepared modules in {p.modules} are gone",
             "run again with --from 5 to prepare them",
         )
-    entries = [
-        initramfs.Entry.file("init", (p.modules / "init").read_bytes(), mode=0o755),
-        initramfs.Entry.file("init.scw", original_init, mode=0o755),
-        initramfs.Entry.directory("archkernel"),
-        initramfs.Entry.directory(MODULE_DIR),
+    prepared = [
+        (m["name"], (p.modules / f"{m['name']}.ko").read_bytes()) for m in manifest["modules"]
     ]
-    for module in manifest["modules"]:
-        data = (p.modules / f"{module['name']}.ko").read_bytes()
-        entries.append(initramfs.Entry.file(f"{MODULE_DIR}/{module['name']}.ko", data, mode=0o644))
-    return entries
-
-
-def step_pack(settings: Settings) -> None:
-    """Step 6: the original payload plus our archive, written atomically to output_initrd."""
-    from archkernel.formats import initramfs  # libarchive: only when the initrd is rebuilt
-
-    cfg, p = settings.scaleway, paths(settings)
-    payload = p.payload.read_bytes()
-    source = f"initrd {json.loads(p.listing.read_text())['name']}"
-    init = initramfs.read_file(payload, "init", source)
-    data = initramfs.patch(payload, additions(p, init), source=source, compression=cfg.compression)
-    output = p.system(cfg.output_initrd)
+    entries = kernel_modules.archive_entries(
+        (p.modules / "init").read_bytes(), original_init, prepared
+    )
+    data = initramfs.patch(payload, entries, source=source, compression=compression)
     changed = write_if_changed(output, data)
     write_bytes(p.packed, json.dumps({"output": str(output), "size": len(data)}).encode() + b"\n")
     log.info("initrd %s: %s (%d bytes)", output, "rebuilt" if changed else "reused", len(data))
 
 
-def step_shutdown(settings: Settings) -> None:
-    """Step 7: make /run/initramfs/shutdown end with `kexec -e` (old scripts end in a shell)."""
-    p = paths(settings)
-    script = p.system("/run/initramfs/shutdown")
-    text = _read(script, "shutdown script", "the provider's initrd keeps it in /run/initramfs")
-    patched = patch_shutdown(text)
+# --- 7 shutdown -------------------------------------------------------------------------------
+
+
+@reads()
+def shutdown(settings: Settings) -> Plan:
+    """make the shutdown initrd end with kexec -e."""
+    script = paths(settings).system(SHUTDOWN_SCRIPT)
+    text = read_text(script, "shutdown script", "the provider's initrd keeps it in /run/initramfs")
+    patched = scripts.patch_shutdown(text)
     if patched is None:
-        log.info("shutdown script already ends with kexec -e")
-        return
-    write_bytes(script, patched.encode(), mode=script.stat().st_mode & 0o7777)
-    log.info("shutdown script patched to end with kexec -e")
+        return Plan().do(
+            f"leave {script} as it is: it already ends with kexec -e",
+            lambda: log.info("shutdown script already ends with kexec -e"),
+        )
+
+    def write() -> None:
+        write_bytes(script, patched.encode(), mode=script.stat().st_mode & 0o7777)
+        log.info("shutdown script patched to end with kexec -e")
+
+    last = scripts.last_command(text)
+    return Plan().do(f"replace the last command of {script} ({last!r}) with `kexec -e`", write)
 
 
-def kexec_plan(settings: Settings) -> list[list[str]]:
-    """The two commands step 8 runs, from check.json and the settings."""
+# --- 8 kexec ----------------------------------------------------------------------------------
+
+
+@reads("scaleway.extra_cmdline", "scaleway.dtb", "scaleway.kernel", "scaleway.output_initrd")
+def kexec(settings: Settings) -> Plan:
+    """kexec -l the Arch kernel with the patched initrd, then systemctl kexec."""
     cfg, p = settings.scaleway, paths(settings)
-    check = load_check(p)
+    line = cmdline.kexec_cmdline(current_cmdline(settings), cfg.extra_cmdline)
     dtb = p.system(cfg.dtb) if cfg.dtb else None
-    cmdline = kexec_cmdline(check.cmdline, cfg.extra_cmdline)
-    return [
-        kexec_argv(Path(check.kernel), p.system(cfg.output_initrd), cmdline, dtb),
-        ["systemctl", "kexec"],
-    ]
+    load = cmdline.kexec_argv(p.system(cfg.kernel), p.system(cfg.output_initrd), line, dtb)
 
+    def loaded(_: subprocess.CompletedProcess[str]) -> None:
+        # Unchanged on a cached boot: nothing written, nothing fsynced (the root may be NBD).
+        write_if_changed(p.kexec_record, json.dumps({"load": load}).encode() + b"\n")
+        log.info("kexec: %s", render(load))
+        log.info("kexec loaded; %s", render(cmdline.REBOOT))
 
-def step_kexec(settings: Settings) -> None:
-    """Step 8: load the Arch kernel with the patched initrd, then reboot into it."""
-    load, reboot = kexec_plan(settings)
-    log.info("kexec: %s", render(load))
-    run(load, timeout=120)
-    # Unchanged on a cached boot: nothing written, nothing fsynced (the root may be NBD).
-    write_if_changed(paths(settings).kexec_record, json.dumps({"load": load}).encode() + b"\n")
-    log.info("kexec loaded; %s", render(reboot))
-    run(reboot, timeout=120)
+    # A failing kexec -l stops the plan there: no systemctl kexec without a loaded kernel.
+    return Plan().run(load, timeout=120, then=loaded).run(cmdline.REBOOT, timeout=120)

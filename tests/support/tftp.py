@@ -1,13 +1,10 @@
 """TFTP servers for tests: Debian's in.tftpd, and a tftpy server that injects faults.
 
-Use the fixtures from any test module by importing them:
-
-    from tests.support_tftp import tftpd_hpa, tftpy_server  # noqa: F401
-
-`tftpd_hpa` is the real server the provider runs (module scope: put files with
-`.put(name, data)`); `tftpy_server` is a factory for in-process servers whose files
-may misbehave (`Truncate`, `Short`, `Stall`). Every server listens on 127.0.0.1 on a
-free port and is stopped, and its process or thread waited for, in teardown.
+`running_tftpd_hpa(root)` runs the real server the provider runs (put files with
+`.put(name, data)`); `tftpy_servers(...)` starts in-process servers whose files may
+misbehave (`Truncate`, `Short`, `Stall`). Every server listens on 127.0.0.1 on a free port
+and is stopped, and its process or thread waited for, when its block ends. The fixtures
+`tftpd_hpa` and `tftpy_server` (tests/conftest.py) wrap them.
 """
 
 from __future__ import annotations
@@ -26,7 +23,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-import pytest
 import tftpy
 
 LOOPBACK = "127.0.0.1"
@@ -135,17 +131,6 @@ def _stop_group(proc: subprocess.Popen[bytes]) -> None:
         os.killpg(proc.pid, signal.SIGKILL)
 
 
-@pytest.fixture(scope="module")
-def tftpd_hpa(tmp_path_factory: pytest.TempPathFactory) -> Iterator[TftpdHpa]:
-    """Debian's in.tftpd on 127.0.0.1, one per test module; put files with `.put()`."""
-    with contextlib.ExitStack() as stack:
-        try:
-            server = stack.enter_context(running_tftpd_hpa(tmp_path_factory.mktemp("tftpd-root")))
-        except TftpdUnavailable as exc:
-            pytest.skip(str(exc))
-        yield server
-
-
 # ----------------------------------------------------------------- tftpy with faults
 
 
@@ -251,18 +236,19 @@ def _dyn_file_func(
     return open_file
 
 
-@pytest.fixture
-def tftpy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[..., TftpyServer]]:
-    """Factory: `tftpy_server({"name": bytes | Truncate | Short | Stall}, timeout=0.25)`.
+@contextlib.contextmanager
+def tftpy_servers(new_dir: Callable[[], Path]) -> Iterator[Callable[..., TftpyServer]]:
+    """Factory: `start({"name": bytes | Truncate | Short | Stall}, timeout=0.25)`.
 
     Unknown names get TFTP error 1. `timeout` is the server's per-packet timeout and
-    how often it checks for shutdown; keep it short. Servers stop at teardown, and a
-    crash of the listener thread fails the test there.
+    how often it checks for shutdown; keep it short. Each server keeps its files in a new
+    directory from `new_dir()`. Servers stop when the block ends, and a crash of a
+    listener thread fails there (AssertionError).
     """
     started: list[tuple[tftpy.TftpServer, _ServerThread]] = []
 
     def start(files: Mapping[str, Content], *, timeout: float = 0.25) -> TftpyServer:
-        base = tmp_path_factory.mktemp("tftpy")
+        base = new_dir()
         root, store = base / "root", base / "store"
         root.mkdir()
         store.mkdir()
@@ -278,13 +264,12 @@ def tftpy_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Callable[
         handle.port = int(server.listenport)
         return handle
 
-    yield start
-
-    errors = []
-    for server, thread in started:
-        server.stop(now=True)
-        thread.join(timeout=10)
-        assert not thread.is_alive(), "tftpy server thread did not stop"
-        if thread.error is not None:
-            errors.append(thread.error)
+    try:
+        yield start
+    finally:
+        for server, thread in started:
+            server.stop(now=True)
+            thread.join(timeout=10)
+    assert not [t for _, t in started if t.is_alive()], "tftpy server thread did not stop"
+    errors = [t.error for _, t in started if t.error is not None]
     assert not errors, f"tftpy server thread crashed: {errors!r}"

@@ -1,6 +1,6 @@
 """A build environment for the tests that is not the host's userland, and signing keys.
 
-    python -m tests.support_buildenv        # build (or find) the cached tarball, print its path
+    python -m tests.support.buildenv        # build (or find) the cached tarball, print its path
 
 No Arch mirror is reachable from the test machines, so the bootstrap build environment the
 tests run tools in is Debian bookworm made with `debootstrap --variant=minbase`, with
@@ -31,8 +31,8 @@ from archkernel.errors import UserError
 from archkernel.host.files import atomic_path, remove_path, temporary_directory, write_text
 from archkernel.host.run import check_tools, minimal_env, run
 from archkernel.log import complete_step
-from tests.offline import cache_dir
-from tests.support_kernel import locked
+from tests.support.apt import apt
+from tests.support.cache import cache_dir, locked
 
 SUITE = "bookworm"
 # What the Azure workflow runs inside the environment (see buildenv.ROUTED_TOOLS), and
@@ -136,10 +136,7 @@ def ensure_debootstrap() -> None:
     """Install Debian's debootstrap if it is missing (as root; .ci/setup does it too)."""
     if shutil.which("debootstrap", path=minimal_env()["PATH"]) is None and os.geteuid() == 0:
         install = ["apt-get", "install", "-y", "-q", "--no-install-recommends", "debootstrap"]
-        noninteractive = {"DEBIAN_FRONTEND": "noninteractive"}
-        if run(install, env=noninteractive, check=False, timeout=900).returncode != 0:
-            run(["apt-get", "update", "-q"], env=noninteractive, timeout=900)
-            run(install, env=noninteractive, timeout=900)
+        apt(install, env={"DEBIAN_FRONTEND": "noninteractive"})
     check_tools(["debootstrap", "bsdtar"], "building the test build environment")
 
 
@@ -215,6 +212,24 @@ def make_tarball(dest: Path, files: dict[str, str], *, top: str | None = TOP) ->
             ]
         )
     return dest
+
+
+# --- processes ------------------------------------------------------------------------------
+
+
+def env_processes(root: Path) -> list[int]:
+    """Processes whose root directory is `root` (chrooted into the environment)."""
+    want = os.stat(root)
+    found = []
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                st = os.stat(f"/proc/{entry}/root")
+            except OSError:
+                continue
+            if (st.st_dev, st.st_ino) == (want.st_dev, want.st_ino):
+                found.append(int(entry))
+    return found
 
 
 # --- signing -----------------------------------------------------------------------------------

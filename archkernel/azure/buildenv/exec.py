@@ -1,13 +1,14 @@
 """Enter a build environment and run one command there (the chroot runtime's helper).
 
     unshare --mount --pid --fork --kill-child --propagation private -- \\
-        python3 -I -S buildenv_exec.py --root ROOT [--bind PATH]... [--ro-bind PATH]... \\
+        python3 -I -S exec.py --root ROOT [--bind PATH]... [--ro-bind PATH]... \\
         [--resolv-conf] [--path PATH] [--cwd DIR] -- COMMAND [ARG]...
 
-`archkernel.azure.buildenv` starts this for every build-environment command. It runs as process
-1 of a new PID namespace in a new, private mount namespace, so everything it mounts exists
-for this one command only: when the command ends (or `unshare` is killed, Ctrl-C
-included) the kernel ends every process left in the namespace and drops every mount in it.
+`archkernel.azure.buildenv` starts this, by path, for every build-environment command. It
+runs as process 1 of a new PID namespace in a new, private mount namespace, so everything
+it mounts exists for this one command only: when the command ends (or `unshare` is
+killed, Ctrl-C included) the kernel ends every process left in the namespace and drops
+every mount in it.
 Nothing is ever mounted in the host's namespace, and nothing needs cleaning up.
 
 Inside the namespace it mounts, under ROOT: a tmpfs on /run, each shared host path (the
@@ -165,7 +166,7 @@ def parse(argv: list[str]) -> Options:
             raise SetupError(f"unknown option {option}")
     opts.command = args
     if not opts.root or not opts.command:
-        raise SetupError("usage: buildenv_exec.py --root ROOT [options] -- COMMAND [ARG]...")
+        raise SetupError("usage: exec.py --root ROOT [options] -- COMMAND [ARG]...")
     return opts
 
 

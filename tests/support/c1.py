@@ -21,7 +21,7 @@ What a C1 looks like to the workflow, built under a temporary directory:
 
 `c1_template()` builds the expensive parts once; `FakeC1.create()` copies them for each
 test, and `serving()` runs in.tftpd over the copy. Plain functions, so `bench/` uses them
-without pytest; the `fake_c1` fixture wraps them for tests.
+without pytest; the `c1_base` and `fake_c1` fixtures (tests/conftest.py) wrap them.
 """
 
 from __future__ import annotations
@@ -41,16 +41,16 @@ from typing import Any
 
 import pytest
 
-from tests.support_kernel import (
+from tests.support.kernel import (
     copy_modules,
     debian_kernel_tree,
     kernel_image,
     kernel_version,
     module_dir,
 )
-from tests.support_tftp import TftpdHpa, running_tftpd_hpa
+from tests.support.tftp import TftpdHpa, running_tftpd_hpa
 
-REPO = Path(__file__).resolve().parent.parent
+REPO = Path(__file__).resolve().parents[2]
 VENV_ARCHKERNEL = REPO / ".venv" / "bin" / "archkernel"
 
 # A C1's kernel command line as the provider's U-Boot sets it. NO_NTPDATE=0 is there so
@@ -477,7 +477,8 @@ class FakeC1:
         return subprocess.run(
             argv,
             cwd=self.base,
-            env=self.env(),
+            # Every step fails if it reads a setting its @reads does not declare.
+            env=self.env(ARCHKERNEL_AUDIT_SETTINGS="1"),
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -517,9 +518,6 @@ def serving(c1: FakeC1) -> Iterator[TftpdHpa]:
         yield server
 
 
-# --- pytest ----------------------------------------------------------------------------------
-
-
 def needs_c1_tools() -> None:
     """Skip unless this machine can stand up a fake C1 (root, the tools)."""
     if os.geteuid() != 0:
@@ -532,18 +530,3 @@ def needs_c1_tools() -> None:
     ]
     if missing or not Path("/bin/busybox").is_file():
         pytest.skip(f"the fake C1 needs {', '.join(missing) or 'busybox-static'}")
-
-
-@pytest.fixture(scope="module")
-def c1_base(tmp_path_factory: pytest.TempPathFactory) -> Template:
-    """The fake C1's expensive parts, built once per test module."""
-    needs_c1_tools()
-    return c1_template(tmp_path_factory.mktemp("c1-template"))
-
-
-@pytest.fixture
-def fake_c1(c1_base: Template, tmp_path: Path) -> Iterator[FakeC1]:
-    """A fresh fake C1 with in.tftpd serving its files, stopped at teardown."""
-    c1 = FakeC1.create(tmp_path / "c1", c1_base)
-    with serving(c1):
-        yield c1

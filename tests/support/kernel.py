@@ -14,29 +14,21 @@ skipped.
 
 from __future__ import annotations
 
-import contextlib
-import fcntl
 import os
 import shutil
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
+from archkernel.errors import UserError
 from archkernel.host.files import remove_path, temporary_directory
 from archkernel.host.run import missing_tools, run
+from tests.support.apt import apt, apt_download
+from tests.support.cache import cache_dir as default_cache_dir
+from tests.support.cache import locked
 
-CACHE_ENV = "ARCHKERNEL_TEST_CACHE"
 META_PACKAGE = "linux-image-amd64"
-_STAMP = ".archkernel-complete"
-
-
-def default_cache_dir() -> Path:
-    """$ARCHKERNEL_TEST_CACHE, else ~/.cache/archkernel-tests."""
-    configured = os.environ.get(CACHE_ENV)
-    if configured:
-        return Path(configured)
-    return Path.home() / ".cache" / "archkernel-tests"
+STAMP = ".archkernel-complete"  # in a finished tree: the package it was unpacked from
 
 
 def module_dir(root: Path) -> Path:
@@ -69,26 +61,22 @@ def debian_kernel_tree(cache_dir: Path | None = None, meta_package: str = META_P
     """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     root = cache / f"debian-{meta_package}"
-    if (root / _STAMP).is_file():
+    if (root / STAMP).is_file():
         return root
     missing = missing_tools(["apt-get", "apt-cache", "dpkg-deb", "depmod"])
     if missing:
         pytest.skip(f"a Debian kernel for tests needs {', '.join(missing)}")
-    cache.mkdir(parents=True, exist_ok=True)
     with locked(cache / ".debian-kernel.lock"):
-        if (root / _STAMP).is_file():  # another process finished while we waited
+        if (root / STAMP).is_file():  # another process finished while we waited
             return root
         package = _versioned_package(meta_package)
         with temporary_directory(prefix=".download-", parent=str(cache)) as work:
-            run(["apt-get", "download", package], cwd=work, timeout=1800)
-            debs = sorted(work.glob("*.deb"))
-            if len(debs) != 1:
-                raise RuntimeError(f"apt-get download {package} left {debs} in {work}")
+            deb = apt_download(package, work)  # not kept: the unpacked tree is
             tree = work / "root"
-            run(["dpkg-deb", "-x", debs[0], tree])
-            debs[0].unlink()
+            run(["dpkg-deb", "-x", deb, tree])
+            deb.unlink()
             _index(tree)
-            (tree / _STAMP).write_text(f"{package}\n")
+            (tree / STAMP).write_text(f"{package}\n")
             remove_path(root)  # a half-built tree from an interrupted run
             os.rename(tree, root)
     return root
@@ -96,17 +84,17 @@ def debian_kernel_tree(cache_dir: Path | None = None, meta_package: str = META_P
 
 def _versioned_package(meta_package: str) -> str:
     """The linux-image-<version>-<flavour> package `meta_package` depends on."""
-    for attempt in range(2):
-        result = run(["apt-cache", "depends", meta_package], check=False, capture=True)
-        for line in result.stdout.splitlines():
-            kind, _, target = line.strip().partition(":")
-            target = target.strip().strip("<>")
-            if kind == "Depends" and target.startswith("linux-image-"):
-                return target
-        if attempt == 0:
-            if os.geteuid() != 0:
-                pytest.skip(f"apt-cache knows no {meta_package}; run `apt-get update` as root")
-            run(["apt-get", "update"], timeout=900)
+    try:
+        result = apt(["apt-cache", "depends", meta_package], capture=True)
+    except UserError as exc:
+        if os.geteuid() != 0:  # no package lists, and we may not fetch them
+            pytest.skip(f"apt-cache knows no {meta_package}: {exc.hint}")
+        raise
+    for line in result.stdout.splitlines():
+        kind, _, target = line.strip().partition(":")
+        target = target.strip().strip("<>")
+        if kind == "Depends" and target.startswith("linux-image-"):
+            return target
     raise RuntimeError(f"apt-cache depends {meta_package} names no linux-image package")
 
 
@@ -116,18 +104,6 @@ def _index(tree: Path) -> None:
         # depmod -b looks in ROOT/lib/modules; a merged-/usr system has lib -> usr/lib.
         (tree / "lib").symlink_to("usr/lib")
     run(["depmod", "-b", tree, kernel_version(tree)])
-
-
-@contextlib.contextmanager
-def locked(path: Path) -> Iterator[None]:
-    """Hold an exclusive lock on `path` (created) so one test process at a time fills a cache."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path, "a") as handle:
-        fcntl.flock(handle, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def copy_modules(src_moddir: Path, dest_moddir: Path, relpaths: list[str]) -> None:

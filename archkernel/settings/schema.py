@@ -1,0 +1,247 @@
+"""The settings file's shape: its sections, their keys, defaults and descriptions.
+
+The sections are frozen standard dataclasses; pydantic validates the raw TOML into them
+(`archkernel.settings.loading.validate`), reading the value types of
+`archkernel.settings.types`.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, dataclass, field, fields
+from pathlib import Path
+from typing import Annotated, Any, ClassVar, Literal
+
+from archkernel.settings.types import (
+    SHA256,
+    Bounds,
+    Cmdline,
+    DiskSize,
+    FileName,
+    HostName,
+    IPv4,
+    Keymap,
+    Locale,
+    MirrorURL,
+    ModuleName,
+    OneLinePath,
+    PackageName,
+    PasswordHash,
+    RelativeName,
+    SSHKey,
+    SystemPath,
+    Tag,
+    Text,
+    TimeZone,
+    UserName,
+)
+from archkernel.units import GiB
+
+
+def setting(default: Any, doc: str) -> Any:
+    """A settings field: its default and the description `settings.toml.example` shows."""
+    if isinstance(default, list):
+        return field(default_factory=default.copy, metadata={"doc": doc})
+    return field(default=default, metadata={"doc": doc})
+
+
+def required(doc: str) -> Any:
+    """A settings field without a default."""
+    return field(metadata={"doc": doc})
+
+
+class Section:
+    """Base of every settings section: unknown keys are errors, defaults are validated too.
+
+    A section built directly (`AzureSettings(generation=2)`) is not validated, only its
+    rules across keys are checked: values from users go through `validate` (or `load`).
+    """
+
+    __pydantic_config__: ClassVar[dict[str, Any]] = {"extra": "forbid", "validate_default": True}
+    __dataclass_fields__: ClassVar[dict[str, Any]]  # every section is a dataclass
+
+
+# --- sections -----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, kw_only=True)
+class ScalewaySettings(Section):
+    """`[scaleway]`: boot the Arch kernel on a Scaleway C1 by kexec."""
+
+    root: OneLinePath = setting(Path("/"), "the system every path below is taken under")
+    tftp_server: IPv4 | None = setting(
+        None, "TFTP server; default: the bootserver line of /proc/net/pnp"
+    )
+    fallback_tftp_server: IPv4 = setting("10.1.31.34", "used when pnp names none")
+    tftp_port: Annotated[int, Bounds(ge=1, le=65535)] = setting(69, "TFTP port")
+    tftp_timeout: Annotated[float, Bounds(gt=0, le=300)] = setting(
+        5.0, "seconds to wait for a packet"
+    )
+    tftp_retries: Annotated[int, Bounds(ge=0, le=20)] = setting(3, "retries after a timeout")
+    tftp_blksize: Annotated[int, Bounds(ge=8, le=65464)] = setting(
+        1468, "TFTP block size (RFC 2348)"
+    )
+    bootscript: RelativeName = setting("uboot.bootscript", "bootscript name on TFTP")
+    kernel: SystemPath = setting("/boot/zImage", "the Arch kernel to kexec")
+    kernel_version: Text | None = setting(None, "default: found from /usr/lib/modules/*/pkgbase")
+    modules: list[ModuleName] = setting(
+        ["mvneta", "nbd"], "modules added to the initrd, with their dependencies"
+    )
+    optional_modules: list[ModuleName] = setting(
+        ["mvneta_bm"], "added when the kernel has them; a warning otherwise"
+    )
+    output_initrd: SystemPath = setting(
+        "/boot/initramfs-archkernel.img", "where the patched initrd is written"
+    )
+    compression: Literal["gzip", "xz", "zstd", "lz4", "none"] = setting(
+        "gzip", "compression of the added archive"
+    )
+    extra_cmdline: Cmdline = setting(
+        "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel",
+        "appended to the current command line",
+    )
+    dtb: SystemPath | None = setting(None, "device tree for kexec --dtb (optional)")
+    disable_tag: Tag = setting("archkernel_disabled", "server tag that disables us")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AzureUser(Section):
+    """`[azure.user]`: an administrator created at build time (root stays locked)."""
+
+    name: UserName = required("login name; member of wheel")
+    ssh_authorized_keys: list[SSHKey] = setting([], "public keys for ~/.ssh")
+    password_hash: PasswordHash | None = setting(None, "crypt(3) hash; omit for key-only login")
+
+
+DEFAULT_PACKAGES = [
+    "base",
+    "linux",
+    "mkinitcpio",
+    "grub",
+    "openssh",
+    "sudo",
+    "cloud-init",
+    "python",
+    "which",
+    "less",
+    "vim",
+]
+DEFAULT_KEYRING = Path("/usr/share/keyrings/archlinux.gpg")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AzureSettings(Section):
+    """`[azure]`: build an Arch Linux image that Azure accepts."""
+
+    disk_size: DiskSize = setting(
+        30 * GiB,
+        "virtual disk size, whole MiB: 30GiB, 512MiB; a bare number counts bytes, so 30 is refused",
+    )
+    partition_table: Literal["gpt", "mbr"] = setting("gpt", "gpt (BIOS boot) or mbr")
+    filesystem: Literal["ext4"] = setting("ext4", "root file system")
+    hostname: HostName = setting("archlinux", "host name of the image")
+    locale: Locale = setting("en_US.UTF-8", "system locale")
+    timezone: TimeZone = setting("UTC", "time zone under /usr/share/zoneinfo")
+    keymap: Keymap = setting("us", "console keymap")
+    mirror: MirrorURL = setting(
+        "https://geo.mirror.pkgbuild.com/$repo/os/$arch",
+        "Arch mirror used when pacman_conf is not given",
+    )
+    pacman_conf: OneLinePath | None = setting(
+        None, "a pacman.conf used as given (local mirror, cache, test repository)"
+    )
+    packages: list[PackageName] = setting(DEFAULT_PACKAGES, "packages installed by pacstrap")
+    extra_packages: list[PackageName] = setting([], "installed in addition")
+    provisioning: Literal["cloud-init", "waagent"] = setting(
+        "cloud-init", "what provisions host name, user and keys"
+    )
+    extensions: bool = setting(False, "also install waagent for VM extensions")
+    agent_package: PackageName = setting(
+        "walinuxagent", "package of the Azure Linux Agent (AUR or your repository)"
+    )
+    cloud_init_package: PackageName = setting("cloud-init", "package of cloud-init")
+    kernel_cmdline: Cmdline = setting(
+        "console=ttyS0,115200 earlyprintk=ttyS0 rootdelay=300 net.ifnames=0",
+        "kernel command line after root=UUID=...",
+    )
+    initramfs_modules: list[ModuleName] = setting(
+        ["hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils"], "modules forced into the initramfs"
+    )
+    output: FileName = setting("archlinux-azure.vhd", "VHD file name under workdir")
+    boottest_marker: Text = setting("login:", "console text azure_boottest waits for")
+    boottest_timeout: Annotated[float, Bounds(gt=0, le=7200)] = setting(
+        600.0, "seconds azure_boottest waits for the marker"
+    )
+    generation: Annotated[int, Bounds(ge=1, le=2)] = setting(
+        1, "Azure VM generation: 1 (BIOS) or 2 (UEFI)"
+    )
+    boot: Literal["bios", "uefi", "hybrid"] | None = setting(
+        None, "firmware the image boots with; default bios (gen 1), uefi (gen 2)"
+    )
+    builder: Literal["host", "container"] = setting(
+        "host", "run build tools on the host, or in an Arch bootstrap environment"
+    )
+    container_runtime: Literal["chroot", "docker", "podman"] = setting(
+        "chroot", "how the bootstrap environment runs (builder = container)"
+    )
+    bootstrap_mirror: MirrorURL = setting(
+        "https://geo.mirror.pkgbuild.com/iso/latest",
+        "where the newest Arch bootstrap tarball and its signature are found",
+    )
+    bootstrap_tarball: Text | None = setting(
+        None, "a bootstrap tarball by path or URL instead (needs bootstrap_sha256)"
+    )
+    bootstrap_sha256: SHA256 | None = setting(None, "SHA-256 of bootstrap_tarball")
+    bootstrap_keyring: Path = setting(
+        DEFAULT_KEYRING, "OpenPGP keys that may sign the bootstrap tarball (Arch's master keys)"
+    )
+    user: AzureUser | None = setting(None, "optional build-time administrator")
+
+    def __post_init__(self) -> None:
+        # Rules across keys; pydantic reports a ValueError here as an error of `azure`.
+        boot = self.firmware
+        if self.generation == 1 and boot == "uefi":
+            raise ValueError("generation 1 VMs boot BIOS: use boot = 'bios' or 'hybrid'")
+        if self.generation == 2 and boot == "bios":
+            raise ValueError("generation 2 VMs boot UEFI: use boot = 'uefi' or 'hybrid'")
+        if boot != "bios" and self.partition_table != "gpt":
+            raise ValueError(f"boot = {boot!r} needs partition_table = 'gpt' (an EFI partition)")
+        if self.bootstrap_tarball is not None and self.bootstrap_sha256 is None:
+            raise ValueError("bootstrap_tarball needs bootstrap_sha256 to check it")
+
+    @property
+    def firmware(self) -> str:
+        """The effective boot mode: `boot`, or the generation's default."""
+        return self.boot or ("bios" if self.generation == 1 else "uefi")
+
+    def all_packages(self) -> list[str]:
+        """Every package pacstrap installs, in order, without duplicates."""
+        names = [*self.packages, *self.extra_packages]
+        if self.provisioning == "cloud-init":
+            names.append(self.cloud_init_package)
+        if self.provisioning == "waagent" or self.extensions:
+            names.append(self.agent_package)
+        return list(dict.fromkeys(names))
+
+
+@dataclass(frozen=True, kw_only=True)
+class Settings(Section):
+    """The whole settings file."""
+
+    workdir: Path = setting(Path("build"), "step outputs and doit's state")
+    scaleway: ScalewaySettings = field(default_factory=ScalewaySettings)
+    azure: AzureSettings = field(default_factory=AzureSettings)
+
+
+SECTIONS: dict[str, type[Section]] = {
+    cls.__name__: cls for cls in (Settings, ScalewaySettings, AzureSettings, AzureUser)
+}
+
+
+def default_of(cls: type[Section], name: str) -> Any:
+    """The default value of `cls`'s field `name` (None for a required field)."""
+    for f in fields(cls):
+        if f.name == name:
+            if f.default_factory is not MISSING:
+                return f.default_factory()
+            return None if f.default is MISSING else f.default
+    raise KeyError(name)
