@@ -9,7 +9,7 @@ Run as root (the build uses pacstrap, loop devices and mounts). Three parts, one
    raw -O vpc -o subformat=fixed,force_size` of the same raw image. Targets: step 8 at most
    0.1 x qemu-img's time, and the VHD's allocated blocks at most the raw's plus 1 MiB.
    (bench.bench_vhd compares `vhd.append_footer` and `vhd.from_raw` the same way.)
-2. The offline build (`python -m tests.offline`, then `archkernel run azure_vhd`) finished,
+2. The offline build (`archkernel.demo.offline`, then `archkernel run azure_vhd`) finished,
    a re-run timed against `doit list` on the same project, `--runs` times each, alternating.
    Targets: the re-run runs no step, costs at most 1.5 x `doit list` (medians), and reads
    none of the image (bytes read, from /proc/self/io at exit, against `archkernel list`;
@@ -167,7 +167,7 @@ class BuildFigures:
 
 def bench_build(work: Path, runs: int) -> BuildFigures:
     """Build the offline image, then time and measure re-runs of it."""
-    from tests import offline
+    from archkernel.demo import offline
 
     start = time.perf_counter()
     repo = offline.build(work / "offline")

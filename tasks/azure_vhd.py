@@ -3,8 +3,9 @@
 Each step is a function of `archkernel.azure` that returns its plan; this module says only
 in which order they run and which files each makes and reads. Steps 3-5 work on a fresh
 copy of the pacstrapped tree, so re-running one after a settings change starts from a
-clean tree. Step 8 turns the raw image into the VHD in place (O(1)); step 9 checks the
-result and fails the build on any error.
+clean tree. Step 8 turns the raw image into the VHD in place (O(1)), replacing the last
+good VHD only then; step 9 checks the result and fails the build on any error, and the
+boot test boots only a VHD step 9 passed.
 
 With `azure.builder = "container"`, step 1 also prepares the bootstrap build environment;
 its record, `workdir/buildenv/buildenv.json`, is an input of every later step (another
@@ -44,21 +45,29 @@ def build(s: Settings) -> list[Step]:
         Step.of(diskimage.disk, targets=[p.disk], file_dep=[p.initramfs]),
         Step.of(diskimage.bootloader, targets=[p.bootloader], file_dep=[p.disk]),
         Step.of(diskimage.vhd, targets=[p.vhd_stamp, p.vhd], file_dep=[p.bootloader]),
-        Step.of(verify.verify, targets=[p.report, p.summary], file_dep=[p.vhd_stamp, p.vhd]),
+        Step.of(
+            verify.verify,
+            targets=[p.report, p.summary, p.manifest, p.vhd_manifest],
+            # The manifest reads pacstrap's package list, the pacman.conf and the IDs too.
+            file_dep=[p.vhd_stamp, p.vhd, p.packages, p.pacman_conf, p.ids],
+        ),
     ]
 
 
 def build_boottest(s: Settings) -> list[Step]:
     """azure_boottest: boot the VHD in QEMU with the firmware of its VM generation (and a
-    hybrid image with the other one too) and wait for the marker on the serial console."""
-    stamp = workspace.paths(s).vhd_stamp
+    hybrid image with the other one too) and wait for the marker on the serial console.
+
+    Only a verified image boots: each boot reads step 9's report (it runs again when a new
+    report comes) and refuses a VHD the report does not pass."""
+    p = workspace.paths(s)
     return [
         Step.of(
             functools.partial(boottest.boot, test=test),
             verb=test.verb,
             doc=f"boot the VHD in QEMU with {test.firmware_name}; wait for the console marker",
             targets=[test.stamp],
-            file_dep=[stamp],
+            file_dep=[p.vhd_stamp, p.report],
         )
         for test in boottest.boot_tests(s)
     ]
@@ -73,6 +82,7 @@ WORKFLOWS = [
         locating=("workdir", *buildenv.ACTIVATION_SETTINGS),
         intermediates=lambda s: [workspace.paths(s).root, workspace.paths(s).image_root],
         outputs=lambda s: [workspace.paths(s).vhd],
+        housekeeping=workspace.undo_killed_runs,
     ),
     Workflow(
         "azure_boottest",

@@ -21,7 +21,7 @@ from archkernel.plan import describe
 from archkernel.settings import Loaded, load, remember
 from archkernel.settings.display import toml_lines, values
 
-from . import doit_config, get_workflow, task_creators, workflows
+from . import demo, doit_config, get_workflow, manifest, task_creators, workflows
 from .clean import clean_workflow, human_size
 from .states import print_steps, step_states
 from .steps import Step, Workflow, parse_step_number
@@ -37,6 +37,7 @@ examples:
   archkernel --settings my.toml settings show   effective settings and where each came from
   archkernel vhd check disk.vhd                 check a VHD against Azure's rules
   archkernel steps azure_vhd --json             for scripts (also settings show, vhd check)
+  archkernel demo azure_vhd                     build and boot an image, no Arch mirror needed
 
 output: archkernel's own lines (steps, reasons, errors) go to stderr and the build tools'
 output to stdout. To keep the whole story in one log, capture both:
@@ -239,6 +240,9 @@ def _parser() -> argparse.ArgumentParser:
     fr.add_argument("vhd", type=Path, help="the VHD file to write")
     fr.add_argument("--force", action="store_true", help="replace VHD if it exists")
 
+    demo.add_parser(sub, common)
+    manifest.add_parser(sub, common)
+
     dt = sub.add_parser("doit", help="run any doit command over archkernel's tasks")
     dt.add_argument("args", nargs=argparse.REMAINDER)
     return p
@@ -397,6 +401,10 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         return 2
     if args.command == "vhd":
         return _vhd(args)
+    if args.command == "demo":
+        return demo.run(args)
+    if args.command == "manifest":
+        return manifest.run(args)
     # A real run keeps its validated settings in the workdir for the next one (the boot
     # path; see `remember` below); nothing else reads or writes that cache.
     run = args.command == "run" and not args.dry_run
@@ -439,6 +447,8 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
         raise UserError(f"--from {first} is after --to {last}", "give a range like --from 3 --to 6")
     if args.dry_run:
         return _dry_run(loaded, args.workflow, first, last)
+    if wf.housekeeping is not None:
+        wf.housekeeping(loaded.settings)
     code = _doit(loaded, ["run", args.workflow], first, last, only=args.workflow)
     remember(loaded)
     if code == 0 and (last is None or last == count):

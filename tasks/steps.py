@@ -117,6 +117,9 @@ class Workflow:
     intermediates: Callable[[Settings], list[Path]] | None = None
     # What the workflow exists to make: named at the end of a run, kept by `clean`.
     outputs: Callable[[Settings], list[Path]] | None = None
+    # Undoes what killed runs left (processes, mounts, temporary trees): `archkernel run`
+    # calls it first, whether or not any step then runs.
+    housekeeping: Callable[[Settings], None] | None = None
 
     def steps(self, loaded: Loaded) -> list[Step]:
         """The steps for these settings, numbered from 1, with the shared inputs."""

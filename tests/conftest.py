@@ -17,16 +17,20 @@ from __future__ import annotations
 
 import contextlib
 import os
+import tempfile
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import configuration as hypothesis_configuration
+from hypothesis import settings as hypothesis_settings
 
 # Before the imports below: failed asserts in the support code explain themselves too.
 pytest.register_assert_rewrite("tests.support")
 
-from tests import offline  # noqa: E402
+from archkernel.demo import offline  # noqa: E402
 from tests.support.c1 import FakeC1, Template, c1_template, needs_c1_tools, serving  # noqa: E402
+from tests.support.evil_tftp import Behaviour, EvilServer, evil_tftp_servers  # noqa: E402
 from tests.support.tftp import (  # noqa: E402
     TftpdHpa,
     TftpdUnavailable,
@@ -34,6 +38,15 @@ from tests.support.tftp import (  # noqa: E402
     running_tftpd_hpa,
     tftpy_servers,
 )
+
+# --- property-based tests (tests/test_properties.py) ----------------------------------------
+# `ci`, the default: a bounded run, no example database. The long run, nightly or by hand:
+#   HYPOTHESIS_PROFILE=nightly pytest tests/test_properties.py
+# hypothesis keeps its files (the nightly database included) in the temporary directory.
+hypothesis_configuration.set_hypothesis_home_dir(Path(tempfile.gettempdir(), "hypothesis"))
+hypothesis_settings.register_profile("ci", max_examples=150, deadline=None, database=None)
+hypothesis_settings.register_profile("nightly", max_examples=20_000, deadline=None)
+hypothesis_settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE", "ci"))
 
 # --- markers ---------------------------------------------------------------------------------
 
@@ -54,7 +67,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 @pytest.fixture(scope="module")
 def repo(tmp_path_factory: pytest.TempPathFactory) -> offline.OfflineRepo:
-    """The offline repository, pacman.conf and settings.toml (python -m tests.offline DIR),
+    """The offline repository, pacman.conf and settings.toml (archkernel.demo.offline),
     built once per test module."""
     return offline.build(tmp_path_factory.mktemp("azure-offline"))
 
@@ -84,6 +97,15 @@ def tftpy_server(
     the listener thread fails the test there.
     """
     with tftpy_servers(lambda: tmp_path_factory.mktemp("tftpy")) as start:
+        yield start
+
+
+@pytest.fixture
+def evil_tftp() -> Iterator[Callable[[Behaviour], EvilServer]]:
+    """Factory: `evil_tftp(Endless())` runs a malicious TFTP server on 127.0.0.1 with one
+    scripted misbehaviour (tests/support/evil_tftp.py); it records what the client sent
+    back. Servers stop at teardown, and a crash of one fails the test there."""
+    with evil_tftp_servers() as start:
         yield start
 
 

@@ -39,11 +39,11 @@ from pathlib import Path
 import pytest
 
 from archkernel.azure import buildenv, preflight
+from archkernel.demo import offline
 from archkernel.host.files import write_text
 from archkernel.settings import AzureSettings, load, validate
 from tasks import azure_vhd
 from tasks.steps import Step
-from tests import offline
 from tests.support import buildenv as support
 from tests.support.azure import (
     STEPS,

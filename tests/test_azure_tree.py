@@ -16,7 +16,7 @@ import pytest
 from archkernel.azure import config as conf
 from archkernel.azure import pacman, preflight, tree, users, workspace
 from archkernel.errors import UserError
-from archkernel.plan import declared_settings, describe
+from archkernel.plan import Plan, Run, declared_settings, describe
 from archkernel.settings import AzureUser, Settings, validate
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk0ZXN0a2V5Zm9yYXJjaGtlcm5lbHRlc3RzMDAwMDAw a@b"
@@ -236,6 +236,67 @@ def test_initramfs_runs_mkinitcpio_in_the_image(tmp_path: Path) -> None:
     plan = tree.initramfs(s)
     assert plan.commands() == [("arch-chroot", str(image_root), "mkinitcpio", "-P")]
     assert "MODULES=(hv_vmbus)" in "\n".join(describe(plan))
+
+
+# --- the epoch: what the tree steps date by it --------------------------------------------------
+
+
+def dated(tmp_path: Path, **azure: Any) -> Settings:
+    return validate(
+        Settings,
+        {
+            "workdir": str(tmp_path / "build"),
+            "build": {"source_date_epoch": 1_700_000_000},
+            "azure": azure,
+        },
+    )
+
+
+def run_envs(plan: Plan) -> dict[str, dict[str, str]]:
+    return {op.argv[0]: dict(op.env or {}) for op in plan.ops if isinstance(op, Run)}
+
+
+def test_the_tree_steps_give_their_tools_the_epoch(tmp_path: Path) -> None:
+    s = dated(tmp_path, user={"name": "arch", "ssh_authorized_keys": [KEY]})
+    pacstrapped(s, "sshd.service")
+    epoch = {"SOURCE_DATE_EPOCH": "1700000000"}
+    assert run_envs(tree.pacstrap(s))["pacstrap"] == epoch  # for pacman's hooks
+    configured = run_envs(tree.configure(s))
+    assert configured["useradd"] == epoch and configured["arch-chroot"] == epoch
+    assert run_envs(tree.initramfs(s))["arch-chroot"] == epoch
+    # Without an epoch, nothing is added.
+    assert run_envs(tree.initramfs(settings(tmp_path)))["arch-chroot"] == {}
+    for step in (tree.pacstrap, tree.configure, tree.initramfs):
+        assert "build.source_date_epoch" in declared_settings(step)
+
+
+def test_install_dates_in_pacmans_database_are_set() -> None:
+    desc = "%NAME%\nbase\n\n%INSTALLDATE%\n1796237189\n\n%SIZE%\n0\n\n"
+    assert pacman.with_install_date(desc, 1_700_000_000) == desc.replace("1796237189", "1700000000")
+    assert pacman.with_install_date("%NAME%\nbase\n", 1) == "%NAME%\nbase\n"
+
+
+def test_configure_leaves_no_pacman_log_and_dates_the_packages(tmp_path: Path) -> None:
+    root = tmp_path / "image-root"
+    (root / "etc/ssh").mkdir(parents=True)
+    (root / "etc/ssh/ssh_host_ed25519_key").write_text("secret")
+    (root / "var/log").mkdir(parents=True)
+    (root / "var/log/pacman.log").write_text(f"[2026-12-02T18:46:00+0000] {tmp_path}/root\n")
+    local = root / "var/lib/pacman/local/base-1.0-1"
+    local.mkdir(parents=True)
+    (local / "desc").write_text("%NAME%\nbase\n\n%INSTALLDATE%\n1796237189\n\n")
+    os.chmod(local / "desc", 0o644)
+    tree._forget_build_host(root / "etc", 1_700_000_000)
+    assert sorted(p.name for p in (root / "var/log").iterdir()) == []
+    assert (local / "desc").read_text() == "%NAME%\nbase\n\n%INSTALLDATE%\n1700000000\n\n"
+    assert (local / "desc").stat().st_mode & 0o777 == 0o644
+    assert not (root / "etc/ssh/ssh_host_ed25519_key").exists()
+    # Without an epoch the install dates stay: they are the build's time, as the image's.
+    (root / "var/log/pacman.log").write_text("again\n")
+    (local / "desc").write_text("%INSTALLDATE%\n1796237189\n")
+    tree._forget_build_host(root / "etc")
+    assert not (root / "var/log/pacman.log").exists()
+    assert (local / "desc").read_text() == "%INSTALLDATE%\n1796237189\n"
 
 
 # --- the user ---------------------------------------------------------------------------------

@@ -26,12 +26,12 @@ from pathlib import Path
 import pytest
 
 from archkernel.azure import boottest, diskimage, workspace
+from archkernel.demo import offline
 from archkernel.errors import UserError
 from archkernel.host import qemu
 from archkernel.image import disk, esp, ext4, grub
 from archkernel.plan import describe
 from archkernel.settings import Settings, load
-from tests import offline
 from tests.support.azure import (
     STEPS,
     WORKFLOW,

@@ -14,8 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from archkernel.demo import offline
 from archkernel.image import disk, ext4
-from tests import offline
 from tests.support.azure import archkernel, outcomes
 
 pytestmark = [pytest.mark.integration, pytest.mark.root]

@@ -2,9 +2,15 @@
 
 from __future__ import annotations
 
+import tempfile
+from pathlib import Path
+
 import pytest
 
 from archkernel.azure import config as conf
+from archkernel.azure import pacman
+from archkernel.azure.buildenv import Bind, shared_paths
+from archkernel.azure.preflight import preflight
 from archkernel.azure.rules import (
     BootFacts,
     Report,
@@ -17,7 +23,8 @@ from archkernel.azure.rules import (
 )
 from archkernel.errors import UserError
 from archkernel.image import disk
-from archkernel.settings import AzureSettings
+from archkernel.plan import Do, declared_settings
+from archkernel.settings import AzureSettings, Settings, load
 
 UUID = "0b6d3c3e-5a8f-4f3e-9d7e-1c2b3a4d5e6f"
 
@@ -133,6 +140,182 @@ def test_pacman_conf_keeps_the_mirror_placeholders() -> None:
     assert "Server = https://mirror.example/$repo/os/$arch" in text.splitlines()
     assert "GPGDir = /w/gnupg" in text.splitlines()
     assert conf.mirror_probe_url("https://m/$repo/os/$arch") == "https://m/core/os/x86_64/core.db"
+
+
+def test_pacman_conf_names_the_package_cache() -> None:
+    text = conf.pacman_conf("https://m/$repo/os/$arch", "/w/gnupg", "/var/tmp/ci/pacman-cache")
+    assert text == (
+        "# Written by archkernel for the Azure image build.\n"
+        "[options]\n"
+        "Architecture = x86_64\n"
+        "SigLevel = Required DatabaseOptional\n"
+        "LocalFileSigLevel = Optional\n"
+        "ParallelDownloads = 5\n"
+        "GPGDir = /w/gnupg\n"
+        "CacheDir = /var/tmp/ci/pacman-cache/\n"
+        "\n"
+        "[core]\n"
+        "Server = https://m/$repo/os/$arch\n"
+        "\n"
+        "[extra]\n"
+        "Server = https://m/$repo/os/$arch\n"
+    )
+    assert "CacheDir = /c/\n" in conf.pacman_conf("https://m", None, "/c/")
+    assert "CacheDir" not in conf.pacman_conf("https://m", "/w/gnupg")  # pacman's default
+    # pacman splits CacheDir at blanks: such a path would silently become two caches.
+    with pytest.raises(UserError, match=r"azure\.package_cache: .* holds a blank"):
+        conf.pacman_conf("https://m", None, "/var/tmp/my cache")
+
+
+def test_pacstrap_takes_the_cache_of_its_pacman_conf() -> None:
+    # -c: the cache named by the pacman.conf (azure.package_cache), not root/var/cache.
+    assert pacman.pacstrap_argv(Path("/w/pacman.conf"), Path("/w/root"), ["base", "linux"]) == [
+        "pacstrap",
+        "-C",
+        "/w/pacman.conf",
+        "-c",
+        "-G",
+        "-M",
+        "/w/root",
+        "base",
+        "linux",
+    ]
+
+
+def test_package_cache_setting(tmp_path: Path) -> None:
+    assert AzureSettings().package_cache is None
+    (tmp_path / "ci").mkdir()
+    settings = tmp_path / "ci" / "settings.toml"
+    settings.write_text('[azure]\npackage_cache = "../cache/pacman"\n')
+    loaded = load(settings, env={}, cwd=tmp_path).settings
+    assert loaded.azure.package_cache is not None
+    assert loaded.azure.package_cache.resolve() == tmp_path / "cache/pacman"  # from the file
+    settings.write_text('[azure]\npackage_cache = "/c"\npacman_conf = "/etc/pacman.conf"\n')
+    with pytest.raises(UserError, match="with pacman_conf, set CacheDir in that file"):
+        load(settings, env={}, cwd=tmp_path)
+
+
+def test_preflight_makes_the_cache_and_names_it_in_pacman_conf(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    cache = tmp_path / "pacman-cache"
+    settings = Settings(
+        workdir=tmp_path / "build",
+        azure=AzureSettings(package_cache=cache, mirror="https://m/$repo/os/$arch"),
+    )
+    plan = preflight(settings)
+    assert "package_cache" in " ".join(declared_settings(preflight))
+    wanted = ("make the package cache", f"write {tmp_path / 'build/azure/pacman.conf'}")
+    for op in plan.ops:
+        if isinstance(op, Do) and op.description.startswith(wanted):
+            op()
+    assert cache.is_dir()
+    written = (tmp_path / "build/azure/pacman.conf").read_text().splitlines()
+    assert f"CacheDir = {cache}/" in written
+    # In the build environment (builder = container) the cache is shared read-write.
+    (tmp_path / "tmp").mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(tmp_path / "tmp"))
+    assert shared_paths(settings.azure, tmp_path / "build") == (
+        Bind(tmp_path / "build"),
+        Bind(cache),
+        Bind(tmp_path / "tmp"),
+    )
+
+
+# --- pinning: an Arch Linux Archive snapshot instead of a live mirror -----------------------
+
+
+def test_pacman_conf_of_an_archive_snapshot() -> None:
+    az = AzureSettings(archive_date="2026-11-30")
+    text = conf.pacman_conf(conf.repository_server(az), "/w/gnupg", "/var/tmp/cache")
+    assert text == (
+        "# Written by archkernel for the Azure image build.\n"
+        "[options]\n"
+        "Architecture = x86_64\n"
+        "SigLevel = Required DatabaseOptional\n"
+        "LocalFileSigLevel = Optional\n"
+        "ParallelDownloads = 5\n"
+        "GPGDir = /w/gnupg\n"
+        "CacheDir = /var/tmp/cache/\n"
+        "\n"
+        "[core]\n"
+        "Server = https://archive.archlinux.org/repos/2026/11/30/$repo/os/$arch\n"
+        "\n"
+        "[extra]\n"
+        "Server = https://archive.archlinux.org/repos/2026/11/30/$repo/os/$arch\n"
+    )
+    # Without a date: the live mirror, as before.
+    assert conf.repository_server(AzureSettings()) == (
+        "https://geo.mirror.pkgbuild.com/$repo/os/$arch"
+    )
+
+
+def test_preflight_writes_the_snapshots_pacman_conf_and_probes_it(tmp_path: Path) -> None:
+    settings = Settings(workdir=tmp_path / "build", azure=AzureSettings(archive_date="2013-08-31"))
+    assert "azure.archive_date" in declared_settings(preflight)
+    plan = preflight(settings)
+    written = tmp_path / "build/azure/pacman.conf"
+    probes = [
+        op.description
+        for op in plan.ops
+        if isinstance(op, Do) and op.description.startswith("check that the mirror answers")
+    ]
+    assert probes == [
+        "check that the mirror answers "
+        "(https://archive.archlinux.org/repos/2013/08/31/core/os/x86_64/core.db)"
+    ]
+    for op in plan.ops:
+        if isinstance(op, Do) and op.description.startswith(f"write {written}"):
+            op()
+    assert written.read_text().splitlines()[-4:] == [
+        "Server = https://archive.archlinux.org/repos/2013/08/31/$repo/os/$arch",
+        "",
+        "[extra]",
+        "Server = https://archive.archlinux.org/repos/2013/08/31/$repo/os/$arch",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        ("archive_date = 2026-11-30", "2026-11-30"),  # TOML's own date
+        ('archive_date = "2026-11-30"', "2026-11-30"),
+        ('archive_date = "2013-08-31"', "2013-08-31"),  # the archive's first snapshot
+    ],
+)
+def test_archive_date_setting(tmp_path: Path, line: str, expected: str) -> None:
+    (tmp_path / "settings.toml").write_text(f"[azure]\n{line}\n")
+    loaded = load(tmp_path / "settings.toml", env={}, cwd=tmp_path).settings
+    assert loaded.azure.archive_date == expected
+    assert AzureSettings().archive_date is None
+
+
+@pytest.mark.parametrize(
+    ("lines", "error"),
+    [
+        ('archive_date = "2026-02-30"', "azure.archive_date: '2026-02-30' is not a day of the"),
+        ('archive_date = "2026-1-5"', "azure.archive_date: '2026-1-5' is not a date; write e.g."),
+        ("archive_date = 20261130", "azure.archive_date: 20261130 is not a day; write e.g."),
+        ("archive_date = 2026-11-30T10:00:00", "is not a day; write e.g. 2026-11-30"),
+        (
+            'archive_date = "2013-08-30"',
+            "azure.archive_date: '2013-08-30' is before the Arch Linux Archive's first snapshot",
+        ),
+        (
+            'archive_date = "2026-11-30"\npacman_conf = "/etc/pacman.conf"',
+            "with pacman_conf, name the snapshot's Server in that file instead",
+        ),
+        (
+            'archive_date = "2026-11-30"\nmirror = "https://m.example/$repo/os/$arch"',
+            "archive_date takes the packages from the Arch Linux Archive instead of mirror",
+        ),
+    ],
+)
+def test_archive_date_is_validated(tmp_path: Path, lines: str, error: str) -> None:
+    (tmp_path / "settings.toml").write_text(f"[azure]\n{lines}\n")
+    with pytest.raises(UserError) as raised:
+        load(tmp_path / "settings.toml", env={}, cwd=tmp_path)
+    assert error in raised.value.message
 
 
 def good_facts(az: AzureSettings) -> TreeFacts:

@@ -31,14 +31,16 @@ import pytest
 
 from archkernel.azure import bootstrap, buildenv
 from archkernel.azure.buildenv import Bind, BuildEnv
+from archkernel.azure.buildenv.prepare import in_tree
+from archkernel.demo import offline
 from archkernel.errors import UserError
 from archkernel.host import mounts
 from archkernel.host.files import remove_path, sha256_file, temporary_directory, write_text
 from archkernel.host.run import Command, minimal_env, missing_tools, run, which, wrapping
 from archkernel.settings import AzureSettings, validate
-from tests import offline
 from tests.support import buildenv as support
 from tests.support.buildenv import env_processes
+from tests.support.safety_net import safety_net
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_STATUS = """\
@@ -63,6 +65,35 @@ def test_sha256sums_are_read_by_name() -> None:
         f"{a}  archlinux-x86_64.iso\n{b} *./archlinux-bootstrap-x86_64.tar.zst\nnoise\n"
     )
     assert sums == {"archlinux-x86_64.iso": a, "archlinux-bootstrap-x86_64.tar.zst": "b" * 64}
+
+
+@pytest.mark.parametrize(
+    ("line", "expected"),
+    [
+        (f"{'c' * 64} *archlinux-bootstrap-x86_64.tar.zst", {"archlinux-bootstrap-x86_64.tar.zst"}),
+        (f"  {'c' * 64}\t\tname with spaces  ", {"name with spaces"}),
+        (f"{'c' * 64} * star then space", {"* star then space"}),
+        (f"{'c' * 64} *", {"*"}),
+        (f"{'c' * 64}name", set()),  # no space after the hash
+        (f"{'c' * 63} name", set()),
+        (f"{'c' * 63}g name", set()),
+        (f"{'c' * 64}   ", set()),
+    ],
+)
+def test_sha256sums_line_forms(line: str, expected: set[str]) -> None:
+    sums = bootstrap.parse_sha256sums(line + "\n")
+    assert set(sums) == expected
+    assert all(digest == "c" * 64 for digest in sums.values())
+
+
+def test_sha256sums_parsing_is_linear_on_long_runs_of_spaces() -> None:
+    # A pattern with `\s+` then `.*?` took 5 s on a 30,000-space line; the list may be 4 MiB.
+    digest = "d" * 64
+    spaces = " " * (bootstrap.LIST_LIMIT - 200)
+    text = f"{digest} x{spaces}y\n{digest}{spaces}\n{digest}  real.tar.zst\n"
+    with safety_net(60):
+        sums = bootstrap.parse_sha256sums(text)
+    assert sums == {f"x{spaces}y": digest, "real.tar.zst": digest}
 
 
 def test_the_newest_dated_tarball_is_picked_zstd_before_gzip() -> None:
@@ -127,6 +158,79 @@ def test_the_top_directory_of_an_arch_tarball_is_the_root(tmp_path: Path) -> Non
 
 
 # --- what the environment shares, and where tools are -----------------------------------------
+
+
+def link_tree(root: Path, links: dict[str, str]) -> Path:
+    """A tree with the directories `usr/bin`, `etc` and `srv/data` and the links `links`."""
+    for name in ("usr/bin", "etc", "srv/data"):
+        (root / name).mkdir(parents=True)
+    for name, target in links.items():
+        (root / name).parent.mkdir(parents=True, exist_ok=True)
+        (root / name).symlink_to(target)
+    return root
+
+
+def test_links_are_followed_from_the_environments_root_and_must_stay_in_it(
+    tmp_path: Path,
+) -> None:
+    root = link_tree(
+        tmp_path / "root",
+        {
+            "bin": "usr/bin",  # relative, inside
+            "var/run": "/run",  # absolute: the environment's /run (Debian has it)
+            "etc/resolv.conf": "/run/systemd/resolve/stub-resolv.conf",  # dangles inside
+            "etc/os-release": "../usr/lib/os-release",
+            "srv/deep": "../../../../../../../../../etc",  # climbs out from srv/
+            "srv/loop": "/srv/loop",
+            "srv/via": "/srv/deep/shadow",  # through a link that climbs out
+            "srv/data/up": "../..",  # the root itself
+            "srv/data/top": "../../..",  # one more: out
+            "etc/ping": "pong",
+            "etc/pong": "ping",
+        },
+    )
+    assert bootstrap.leads_out(root, "bin") is None
+    assert bootstrap.leads_out(root, "var/run") is None
+    assert bootstrap.leads_out(root, "etc/resolv.conf") is None
+    assert bootstrap.leads_out(root, "srv/data/up") is None
+    climbs, loop = "climbs above the environment's root", "is a loop"
+    assert sorted(bootstrap.links_leading_out(root)) == [
+        ("etc/ping", "pong", loop),
+        ("etc/pong", "ping", loop),
+        ("srv/data/top", "../../..", climbs),
+        ("srv/deep", "../../../../../../../../../etc", climbs),
+        ("srv/loop", "/srv/loop", loop),
+        ("srv/via", "/srv/deep/shadow", climbs),
+    ]
+    # The issue's case: usr (or etc) pointing at the host's.
+    other = link_tree(tmp_path / "other", {})
+    (other / "usr").rename(other / "usr-real")
+    (other / "usr").symlink_to("/usr")
+    assert bootstrap.links_leading_out(other) == [("usr", "/usr", loop)]
+
+
+def test_the_host_writes_into_the_environment_only_inside_it(tmp_path: Path) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    root = link_tree(
+        tmp_path / "root",
+        {
+            "etc/pacman.d": str(outside),  # the host would follow it to `outside`
+            "var/lib": "/srv/data",
+            "etc/gone": "/nowhere",
+        },
+    )
+    (root / str(outside).lstrip("/")).mkdir(parents=True)
+    # Links are followed from the root, so the path lies in the tree whatever they say.
+    assert in_tree(root, "etc/pacman.d/mirrorlist") == (
+        root / str(outside).lstrip("/") / "mirrorlist"
+    )
+    assert in_tree(root, "var/lib/pacman/db.lck") == root / "srv/data/pacman/db.lck"
+    assert (root / "srv/data/pacman").is_dir()  # made, in the tree
+    assert in_tree(root, "etc/mtab") == root / "etc/mtab"  # last name not followed
+    with pytest.raises(UserError, match=r"^/etc/gone in the build environment .* is not a dir"):
+        in_tree(root, "etc/gone/file")
+    assert list(outside.iterdir()) == []
 
 
 def test_binds_are_real_existing_paths_each_once_parents_first(tmp_path: Path) -> None:
@@ -903,8 +1007,11 @@ done
 """
 
 
-def arch_like_tarball(tmp_path: Path) -> Path:
-    """A tiny Arch-like root (busybox for a shell) whose pacman is a stand-in."""
+def arch_like_tarball(
+    tmp_path: Path, links: dict[str, str] | None = None, extra: tuple[str, ...] = ()
+) -> Path:
+    """A tiny Arch-like root (busybox for a shell) whose pacman is a stand-in; each of
+    `links` (path -> target) replaces what is at its path; `extra` are more files."""
     busybox = shutil.which("busybox")
     if busybox is None:
         pytest.skip("needs busybox-static (.ci/setup installs it)")
@@ -921,6 +1028,11 @@ def arch_like_tarball(tmp_path: Path) -> Path:
     write_text(tree / "etc/arch-release", "")
     write_text(tree / "etc/pacman.d/mirrorlist", "#Server = https://geo.mirror.pkgbuild.com/\n")
     write_text(tree / "var/lib/pacman/db.lck", "")  # an interrupted pacman's
+    for name in extra:
+        write_text(tree / name, "")
+    for name, target in (links or {}).items():
+        remove_path(tree / name)
+        (tree / name).symlink_to(target)
     tarball = tmp_path / "arch.tar.zst"
     run(["bsdtar", "--numeric-owner", "--zstd", "-cf", tarball, "-C", tree.parent, tree.name])
     return tarball
@@ -952,6 +1064,64 @@ def test_an_arch_environment_gets_the_mirror_and_the_tools_it_lacks(
     (root / "var/log/pacman-args").unlink()
     assert buildenv.prepare(az, workdir, tools=["pacman", "mcopy"]) == env
     assert not (root / "var/log/pacman-args").exists()
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    ("name", "target", "problem"),
+    [
+        ("etc", "{outside}", "holds no root file system (its etc is a symbolic link)"),
+        ("usr", "/usr", "holds no root file system (its usr is a symbolic link)"),
+        (
+            "etc/pacman.d",
+            "../../../../../../../../../../../../..{outside}",
+            "has symbolic links that lead out of the environment: etc/pacman.d -> ",
+        ),
+        (
+            "var/lib/pacman",
+            "/var/lib/pacman",
+            "has symbolic links that lead out of the environment: var/lib/pacman -> "
+            "/var/lib/pacman is a loop",
+        ),
+    ],
+    ids=["etc-to-a-host-directory", "usr-to-the-hosts", "climbing-out", "loop"],
+)
+def test_a_tarball_with_links_out_of_the_tree_is_refused(
+    tmp_path: Path, name: str, target: str, problem: str
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    tarball = arch_like_tarball(tmp_path, {name: target.format(outside=outside)})
+    with pytest.raises(UserError) as info:
+        buildenv.prepare(given(tarball), tmp_path / "work", tools=["pacman", "mcopy"])
+    assert info.value.message.startswith(f"arch.tar.zst {problem}"), info.value.message
+    assert list(outside.iterdir()) == []
+    assert not buildenv.state_file(tmp_path / "work").exists()
+    assert not list((tmp_path / "work/buildenv").glob("*/root"))
+
+
+@pytest.mark.integration
+def test_no_step_writes_through_a_link_of_the_environment(tmp_path: Path) -> None:
+    # Absolute links are the environment's own (Debian's var/run -> /run): accepted, and
+    # everything the host writes into the tree lands where the environment sees it.
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    keep = write_text(outside / "db.lck", "not pacman's: must stay\n")
+    inside = str(outside).lstrip("/")
+    tarball = arch_like_tarball(
+        tmp_path,
+        {"etc/pacman.d": str(outside), "var/lib/pacman": str(outside)},
+        extra=(f"{inside}/mirrorlist",),
+    )
+    mirror = "https://mirror.example.invalid/archlinux/$repo/os/$arch"
+    env = buildenv.prepare(given(tarball, mirror=mirror), tmp_path / "work", tools=["mcopy"])
+    assert env is not None
+    assert sorted(p.name for p in outside.iterdir()) == ["db.lck"]
+    assert keep.read_text() == "not pacman's: must stay\n"
+    assert (env.root / inside / "mirrorlist").read_text().endswith(f"\nServer = {mirror}\n")
+    assert (env.root / "var/log/pacman-args").read_text() == (
+        "--sync --refresh --needed --noconfirm mtools\n"
+    )
 
 
 @pytest.mark.integration

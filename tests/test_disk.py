@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import stat
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import TypeVar
@@ -22,9 +23,11 @@ from archkernel.host import mounts
 from archkernel.host.run import missing_tools, run
 from archkernel.image import disk, ext4
 from archkernel.image.disk import Layout, Partition
+from archkernel.plan import Run
 from archkernel.units import GiB, MiB
 
 UUID = "0b9e2c1a-5a3f-4d7e-9c41-2f6d8e7a1b3c"
+SEED = "4f9990f5-b478-4c74-bfc6-38bfc0c4c293"
 SIZES = {"64MiB": 64 * MiB, "1GiB": GiB, "30GiB": 30 * GiB}
 
 needs_root = pytest.mark.root  # loop devices, mounts, device nodes
@@ -231,6 +234,51 @@ def test_sfdisk_script_for_mbr_marks_root_active() -> None:
     )
 
 
+def test_sfdisk_script_with_the_partitions_guids() -> None:
+    layout = disk.plan_layout(
+        64 * MiB,
+        "gpt",
+        disk_guid="1c2b3a49-5e6d-4f80-9a1b-2c3d4e5f6071",
+        partition_guids={
+            "bios_boot": "0699ce14-1328-4a32-b3f6-25fdc85f73a0",
+            "root": "fb29d6e8-4c0e-4109-920d-b7cccd697739",
+        },
+    )
+    assert [p.guid for p in layout.partitions] == [
+        "0699CE14-1328-4A32-B3F6-25FDC85F73A0",
+        "FB29D6E8-4C0E-4109-920D-B7CCCD697739",
+    ]
+    assert disk.sfdisk_script(layout).splitlines()[-2:] == [
+        'start=2048, size=2048, type=21686148-6449-6E6F-744E-656564454649, name="BIOS boot", '
+        "uuid=0699CE14-1328-4A32-B3F6-25FDC85F73A0",
+        'start=4096, size=124928, type=4F68BCE3-E8CD-4DB1-96E7-FBCAF984B709, name="root", '
+        "uuid=FB29D6E8-4C0E-4109-920D-B7CCCD697739",
+    ]
+
+
+def test_sfdisk_script_with_an_mbr_disk_signature() -> None:
+    layout = disk.plan_layout(GiB, "mbr", disk_signature="0x7e9a0b18")
+    assert disk.sfdisk_script(layout) == (
+        "label: dos\nlabel-id: 0x7e9a0b18\nunit: sectors\nsector-size: 512\n\n"
+        "start=2048, size=2095104, type=83, bootable\n"
+    )
+
+
+@pytest.mark.parametrize(
+    ("table", "given", "words"),
+    [
+        ("mbr", {"partition_guids": {"root": UUID}}, "need a GPT"),
+        ("gpt", {"partition_guids": {"esp": UUID}}, "a bios layout does not have: esp"),
+        ("gpt", {"partition_guids": {"root": "nope"}}, "root partition GUID 'nope' is not"),
+        ("gpt", {"disk_signature": "0x12345678"}, "is for an MBR partition table"),
+        ("mbr", {"disk_signature": "12345678"}, "is not 0x and 8 hex digits"),
+    ],
+)
+def test_identities_a_layout_cannot_take(table: str, given: dict[str, object], words: str) -> None:
+    with pytest.raises(UserError, match=words):
+        disk.plan_layout(GiB, table, **given)  # type: ignore[arg-type]
+
+
 def test_mkfs_argv_pins_the_ext4_geometry_and_places_it_at_the_partition() -> None:
     root = disk.plan_layout(64 * MiB, "gpt").root
     assert ext4.mkfs_argv(Path("/w/d.raw"), root, Path("/w/root"), uuid=UUID, label="r") == [
@@ -238,6 +286,54 @@ def test_mkfs_argv_pins_the_ext4_geometry_and_places_it_at_the_partition() -> No
         "-U", UUID, "-L", "r", "-d", "/w/root", "-E", "offset=2097152",
         "/w/d.raw", "62464k",
     ]  # fmt: skip
+
+
+def test_mkfs_argv_with_a_directory_hash_seed() -> None:
+    root = disk.plan_layout(64 * MiB, "gpt").root
+    argv = ext4.mkfs_argv(
+        Path("/w/d.raw"), root, Path("/w/root"), uuid=UUID, label="r", hash_seed=SEED
+    )
+    assert argv[argv.index("-E") + 1] == f"offset=2097152,hash_seed={SEED}"
+
+
+def test_times_script_dates_the_root_and_every_inode_from_the_first_unreserved() -> None:
+    assert ext4.times_script([1, 2, 7, 8, 11, 12, 40], 1700000000) == (
+        "sif <2> atime @1700000000\nsif <2> ctime @1700000000\n"
+        "sif <11> atime @1700000000\nsif <11> ctime @1700000000\n"
+        "sif <12> atime @1700000000\nsif <12> ctime @1700000000\n"
+        "sif <40> atime @1700000000\nsif <40> ctime @1700000000\n"
+    )
+
+
+def test_clamp_times_moves_only_later_times_back(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "dir").mkdir(parents=True)
+    (tree / "old").write_text("")
+    os.utime(tree / "old", (1_000_000_000, 1_000_000_000))
+    (tree / "dir/new").write_text("")
+    os.symlink("nowhere", tree / "link")
+    assert ext4.clamp_times(tree, 1_600_000_000) == 4  # tree, dir, dir/new, link
+    mtimes = {str(p.relative_to(tmp_path)): p.lstat().st_mtime for p in [tree, *tree.rglob("*")]}
+    assert mtimes == {
+        "tree": 1_600_000_000,
+        "tree/dir": 1_600_000_000,
+        "tree/dir/new": 1_600_000_000,
+        "tree/old": 1_000_000_000,
+        "tree/link": 1_600_000_000,
+    }
+
+
+def test_a_reproducible_ext4_needs_a_place_for_its_debugfs_script(tmp_path: Path) -> None:
+    root = disk.plan_layout(64 * MiB, "gpt").root
+    with pytest.raises(ValueError, match="scratch"):
+        ext4.make_ops(tmp_path / "d.raw", root, tmp_path, uuid=UUID, epoch=1_700_000_000)
+    ops = ext4.make_ops(
+        tmp_path / "d.raw", root, tmp_path, uuid=UUID, epoch=1_700_000_000, scratch=tmp_path / "s"
+    )
+    runs = [op for op in ops if isinstance(op, Run)]
+    assert [r.argv[0] for r in runs] == ["mkfs.ext4", "debugfs"]
+    assert runs[0].env == {"E2FSPROGS_FAKE_TIME": "1700000000", "SOURCE_DATE_EPOCH": "1700000000"}
+    assert runs[1].argv[1:4] == ("-w", "-f", str(tmp_path / "s/inode-times.debugfs"))
 
 
 def test_make_ext4_refuses_a_bad_uuid(tmp_path: Path) -> None:
@@ -484,6 +580,37 @@ def test_make_ext4_carries_the_tree_over_without_mounting(tmp_path: Path) -> Non
     dumped = tmp_path / "tool.out"
     run(["debugfs", "-R", f"dump /usr/bin/tool {dumped}", device])
     assert dumped.read_bytes() == (root / "usr/bin/tool").read_bytes()
+
+
+@pytest.mark.integration
+@needs_root
+@needs_tools("sfdisk", "mkfs.ext4", "e2fsck", "debugfs")
+def test_the_same_tree_makes_the_same_ext4_whenever_it_is_made(tmp_path: Path) -> None:
+    epoch = 1_700_000_000
+    layout = disk.plan_layout(64 * MiB, "gpt")
+    images = []
+    for name in ("one", "two"):
+        # Two copies of one tree, made seconds apart: other change times, other inodes.
+        root = make_tree(tmp_path / name / "root")
+        os.utime(root / "etc/owned", (1_000_000_000, 1_000_000_000))
+        image = tmp_path / name / "disk.raw"
+        disk.create_disk(image, layout)
+        ext4.make_ext4(image, layout.root, root, uuid=UUID, hash_seed=SEED, epoch=epoch)
+        ext4.check_ext4(image, layout.root)
+        images.append(image)
+        time.sleep(1.1)
+    one, two = (i.read_bytes()[layout.root.start : layout.root.end] for i in images)
+    assert one == two
+
+    device = f"{images[0]}?offset={layout.root.start}"
+    stats = run(["debugfs", "-R", "stat /usr/bin/tool", device], capture=True).stdout
+    times = [line.split(" -- ")[0].strip() for line in stats.splitlines() if "time:" in line]
+    assert times == [f"{t}: 0x6553f100:00000000" for t in ("ctime", "atime", "mtime", "crtime")]
+    kept = run(["debugfs", "-R", "stat /etc/owned", device], capture=True).stdout
+    assert " mtime: 0x3b9aca00:" in kept, "an earlier time than the epoch stays"
+    header = run(["dumpe2fs", "-h", device], capture=True, env={"TZ": "UTC"}).stdout
+    assert f"Directory Hash Seed:      {SEED}" in header
+    assert "Filesystem created:       Tue Nov 14 22:13:20 2023" in header
 
 
 @pytest.mark.integration

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import os
 import re
+import time
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from archkernel.errors import UserError
 from archkernel.host.run import missing_tools, run
 from archkernel.image import disk, esp
 from archkernel.image.disk import Layout
+from archkernel.plan import Run
 from archkernel.units import GiB, MiB
 from tests.support.grub import no_leftovers
 
@@ -61,6 +63,30 @@ def test_mkfs_argv_pins_fat32_and_places_it_at_the_partition() -> None:
     # No volume ID: mkfs.fat makes one up; another label.
     argv = esp.mkfs_argv(IMAGE, ESP, label="EFI-SYSTEM")
     assert "-i" not in argv and argv[argv.index("-n") + 1] == "EFI-SYSTEM"
+
+
+def test_an_invariant_fat_keeps_the_volume_id_given() -> None:
+    argv = esp.mkfs_argv(IMAGE, ESP, volume="AC7C-CFA3", invariant=True)
+    # --invariant sets the ID 1234-ABCD: the -i after it overrides that.
+    assert argv[:2] == ["mkfs.fat", "--invariant"]
+    assert argv.index("--invariant") < argv.index("-i") and "AC7CCFA3" in argv
+
+
+def test_with_an_epoch_the_fat_takes_no_time_from_the_clock() -> None:
+    _, mkfs = esp.make_ops(IMAGE, ESP, volume="AC7C-CFA3", epoch=1_700_000_000)
+    assert isinstance(mkfs, Run) and "--invariant" in mkfs.argv
+    assert mkfs.env == {"TZ": "UTC"}
+    _, mkfs = esp.make_ops(IMAGE, ESP, volume="AC7C-CFA3")
+    assert isinstance(mkfs, Run) and "--invariant" not in mkfs.argv
+    assert esp.MTOOLS_ENV["TZ"] == "UTC"
+
+
+def test_date_tree_dates_files_and_directories(tmp_path: Path) -> None:
+    tree = tmp_path / "tree"
+    (tree / "EFI/BOOT").mkdir(parents=True)
+    (tree / "EFI/BOOT/BOOTX64.EFI").write_bytes(b"MZ")
+    esp.date_tree(tree, 1_700_000_000)
+    assert {p.stat().st_mtime for p in [tree, *tree.rglob("*")]} == {1_700_000_000}
 
 
 @pytest.mark.parametrize("label", ["", "esp", "TWELVE-CHARS", " ESP", "A/B", "ÉSP"])
@@ -239,6 +265,31 @@ def test_check_fat_finds_a_damaged_fat(tmp_path: Path) -> None:
         f.write(b"\x77" * 16)
     with pytest.raises(UserError, match=re.escape("fsck.fat found problems in partition 2")):
         esp.check_fat(image, layout.esp)
+
+
+@pytest.mark.integration
+@fat_tools
+def test_with_an_epoch_the_same_files_make_the_same_fat_whenever_it_is_made(
+    tmp_path: Path,
+) -> None:
+    made = []
+    for name in ("one", "two"):
+        (tmp_path / name).mkdir()
+        image, layout = hybrid_disk(tmp_path / name)
+        loader = tmp_path / name / "core.efi"
+        loader.write_bytes(b"MZ" + bytes(range(256)) * 64)
+        esp.make_fat(image, layout.esp, volume="AC7C-CFA3", epoch=1_700_000_000)
+        esp.add_files(image, layout.esp, {"EFI/BOOT/BOOTX64.EFI": loader}, epoch=1_700_000_000)
+        made.append(image.read_bytes()[layout.esp.start : layout.esp.end])
+        time.sleep(2.1)  # FAT counts time in two seconds
+    assert made[0] == made[1]
+    listing = run(
+        ["mdir", "-/", "-i", f"{tmp_path / 'one/disk.raw'}@@{ESP.start}", "::/"],
+        capture=True,
+        env=esp.MTOOLS_ENV,
+    ).stdout
+    dated = [line for line in listing.splitlines() if line.startswith(("EFI", "BOOT", "."))]
+    assert dated and all("2023-11-14  22:13" in line for line in dated), listing
 
 
 @pytest.mark.integration

@@ -9,14 +9,16 @@ them.
 
 from __future__ import annotations
 
+import bz2
 import gzip
 import hashlib
+import lzma
 import os
 import random
 import stat
 import subprocess
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -26,6 +28,7 @@ from archkernel.errors import UserError
 from archkernel.formats import cpio, initramfs
 from archkernel.formats.compression import detect_compression
 from archkernel.formats.cpio import Entry
+from archkernel.units import KiB, MiB
 
 ROOT = os.geteuid() == 0
 needs_root = pytest.mark.root  # device nodes and foreign owners
@@ -874,3 +877,104 @@ def test_patch_refuses_to_append_to_legacy_lz4(provider: tuple[Path, bytes, byte
 def test_patch_refuses_a_corrupt_original(guard: Path) -> None:
     with pytest.raises(UserError, match="corrupt or truncated"):
         initramfs.patch(b"\x1f\x8b\x08\x00broken", ADDITIONS, source="uInitrd")
+
+
+# --- decompression bombs ---------------------------------------------------------------
+
+
+def zeros_archive(size: int) -> Iterator[bytes]:
+    """A newc archive holding one file of `size` zero bytes, in pieces of at most 1 MiB."""
+    name = b"zeros\0"
+    fields = (1, stat.S_IFREG | 0o644, 0, 0, 1, 0, size, 0, 0, 0, 0, len(name), 0)
+    head = b"070701" + b"".join(b"%08X" % f for f in fields) + name
+    yield head + b"\0" * (-len(head) % 4)
+    chunk = bytes(MiB)
+    for start in range(0, size, MiB):
+        yield chunk[: min(MiB, size - start)]
+    yield b"\0" * (-size % 4) + newc([])
+
+
+STREAM_COMPRESSORS: dict[str, Callable[[], Any]] = {
+    "gzip": lambda: zlib.compressobj(9, zlib.DEFLATED, 31),
+    "xz": lambda: lzma.LZMACompressor(lzma.FORMAT_XZ, check=lzma.CHECK_CRC32, preset=0),
+    "lzma": lambda: lzma.LZMACompressor(lzma.FORMAT_ALONE, preset=0),
+    "bzip2": lambda: bz2.BZ2Compressor(9),
+}
+TOOL_COMPRESSORS = {"zstd": ["zstd", "-q", "-c"], "lz4": ["lz4", "-q", "-l", "-c"]}
+
+
+def compressed(pieces: Iterable[bytes], compression: str) -> bytes:
+    """`pieces` as one member of `compression`, never holding them all (for the stdlib's)."""
+    if compression in TOOL_COMPRESSORS:
+        return tool(TOOL_COMPRESSORS[compression], b"".join(pieces))
+    compressor = STREAM_COMPRESSORS[compression]()
+    return b"".join([*(compressor.compress(p) for p in pieces), compressor.flush()])
+
+
+@pytest.fixture(scope="module")
+def bombs() -> dict[str, bytes]:
+    """A few KiB of gzip or bzip2 that unpack to a 36 MiB archive (zeros): over the ratio."""
+    return {c: compressed(zeros_archive(36 * MiB), c) for c in ("gzip", "bzip2")}
+
+
+@pytest.mark.parametrize("compression", ["gzip", "bzip2"])
+def test_a_decompression_bomb_is_refused_within_the_default_limits(
+    bombs: dict[str, bytes], compression: str
+) -> None:
+    payload = bombs[compression]
+    assert len(payload) < 64 * KiB
+    with pytest.raises(UserError) as caught:
+        initramfs.read_entries(payload, source="bomb")
+    assert caught.value.message == (
+        f"payload of bomb ({len(payload)} bytes) unpacks to more than 32 MiB, over 100 times "
+        f"its size ({compression} data at byte 0): a decompression bomb or a damaged initrd"
+    )
+    assert caught.value.hint == (
+        "a real initrd unpacks to a few times its size; if this one is genuine, raise the "
+        "limits (scaleway.max_initrd_unpacked, scaleway.max_initrd_ratio)"
+    )
+
+
+def test_patch_and_read_file_refuse_a_bomb_too(bombs: dict[str, bytes]) -> None:
+    with pytest.raises(UserError, match="unpacks to more than 32 MiB"):
+        initramfs.patch(bombs["gzip"], [Entry.file("x", b"x")], source="bomb")
+    with pytest.raises(UserError, match="unpacks to more than 32 MiB"):
+        initramfs.read_file(bombs["gzip"], "zeros", "bomb")
+
+
+@pytest.mark.parametrize("compression", ["gzip", "xz", "lzma", "bzip2", "zstd", "lz4"])
+def test_every_compression_stops_at_the_size_limit(compression: str) -> None:
+    payload = compressed(zeros_archive(2 * MiB), compression)
+    with pytest.raises(UserError) as caught:
+        initramfs.read_entries(payload, source="p", max_unpacked=1 * MiB)
+    assert caught.value.message == (
+        f"payload of p ({len(payload)} bytes) unpacks to more than 1 MiB, the limit "
+        f"({compression} data at byte 0): a decompression bomb or a damaged initrd"
+    )
+
+
+def test_the_size_limit_counts_every_member() -> None:
+    first = compressed(zeros_archive(700 * KiB), "gzip")
+    second = compressed(zeros_archive(700 * KiB), "xz")
+    with pytest.raises(UserError) as caught:
+        initramfs.read_entries(first + second, source="p", max_unpacked=1 * MiB)
+    assert f"the limit (xz data at byte {len(first)})" in caught.value.message
+
+
+@pytest.mark.parametrize("compression", ["gzip", "xz", "bzip2", "zstd"])
+def test_a_payload_that_unpacks_to_exactly_the_limit_is_read(compression: str) -> None:
+    # 3 MiB exactly (240 bytes of headers and trailer): the end comes with a full chunk.
+    archive = b"".join(zeros_archive(3 * MiB - 240))
+    assert len(archive) == 3 * MiB
+    payload = compressed([archive], compression)
+    (entry,) = initramfs.read_entries(payload, source="p", max_unpacked=3 * MiB)
+    assert (entry.path, entry.size) == ("zeros", 3 * MiB - 240)
+    with pytest.raises(UserError, match="the limit"):
+        initramfs.read_entries(payload, source="p", max_unpacked=3 * MiB - 1)
+
+
+def test_a_small_archive_may_compress_very_well() -> None:
+    # 2 MiB of zeros in a few KiB: far over the ratio, but under RATIO_EXEMPT.
+    payload = compressed(zeros_archive(2 * MiB), "bzip2")
+    assert len(payload) * initramfs.MAX_RATIO < 2 * MiB
+    assert [e.path for e in initramfs.read_entries(payload, source="p")] == ["zeros"]

@@ -268,6 +268,118 @@ def test_malformed_modules_dep_line() -> None:
         ModulesDep.parse("kernel/a.ko:\nkernel/b.ko kernel/a.ko\n")
 
 
+@pytest.mark.parametrize(
+    ("dep", "message"),
+    [
+        (
+            "kernel/a.ko: ../../../etc/shadow.ko\n",
+            "modules.dep line 1 names the module file '../../../etc/shadow.ko', which has a "
+            "'..' component",
+        ),
+        (
+            "kernel/a.ko:\nkernel/../../b.ko.zst:\n",
+            "modules.dep line 2 names the module file 'kernel/../../b.ko.zst', which has a "
+            "'..' component",
+        ),
+        (
+            "/usr/lib/modules/x/kernel/a.ko:\n",
+            "modules.dep line 1 names the module file '/usr/lib/modules/x/kernel/a.ko', which "
+            "is an absolute path",
+        ),
+        # The issue's case: the line splits into 'kernel/$(reboot' and '-f).ko'.
+        (
+            "kernel/a.ko: kernel/$(reboot -f).ko\n",
+            "modules.dep line 1 names the module file 'kernel/$(reboot', which does not end "
+            "in .ko, .ko.gz, .ko.xz, .ko.zst",
+        ),
+        (
+            "kernel/$(reboot).ko:\n",
+            "modules.dep line 1 names the module file 'kernel/$(reboot).ko', which is not a "
+            "module name (letters, digits, '_' and '-' only)",
+        ),
+        (
+            "kernel/a.ko:\nkernel/x;reboot.ko.xz:\n",
+            "modules.dep line 2 names the module file 'kernel/x;reboot.ko.xz', which is not a "
+            "module name (letters, digits, '_' and '-' only)",
+        ),
+        (
+            "kernel/a.ko: kernel/'q'.ko\n",
+            "modules.dep line 1 names the module file \"kernel/'q'.ko\", which is not a module "
+            "name (letters, digits, '_' and '-' only)",
+        ),
+    ],
+)
+def test_modules_dep_paths_outside_the_tree_or_not_module_names_are_refused(
+    dep: str, message: str
+) -> None:
+    with pytest.raises(UserError) as info:
+        ModulesDep.parse(dep, version="")
+    assert info.value.message == message
+    assert info.value.hint == (
+        "modules.dep lists paths below the module directory such as kernel/fs/ext4/ext4.ko.zst; "
+        "regenerate it with `depmod -b ROOT VERSION`"
+    )
+
+
+def test_real_module_names_pass_the_check() -> None:
+    dep = "kernel/drivers/mfd/intel-lpss.ko.xz: kernel/sound/snd-hda-codec.ko.gz\n"
+    dep += "kernel/drivers/tty/serial/8250/8250_dw.ko.zst:\nkernel/sound/snd-hda-codec.ko.gz:\n"
+    deps = ModulesDep.parse(dep)
+    assert deps.names() == ["8250_dw", "intel_lpss", "snd_hda_codec"]
+    assert deps.closure(["intel-lpss"]) == [
+        "kernel/sound/snd-hda-codec.ko.gz",
+        "kernel/drivers/mfd/intel-lpss.ko.xz",
+    ]
+
+
+# --- long and tangled soft dependencies -----------------------------------------------------
+
+
+def chain(count: int, pattern: str) -> tuple[str, str]:
+    """modules.dep of mod_0000 ... and a softdep line per module naming the next one `pre:`;
+    `pattern` makes each line's module pattern from the module's name."""
+    dep = "".join(f"kernel/mod_{i:04d}.ko:\n" for i in range(count))
+    softdep = "".join(
+        f"softdep {pattern.format(f'mod_{i:04d}')} pre: mod_{i + 1:04d}\n" for i in range(count - 1)
+    )
+    return dep, softdep
+
+
+def test_a_long_chain_of_pre_softdeps_loads_the_far_end_first() -> None:
+    # kmod recurses once per link; 491 links were a RecursionError here.
+    deps = ModulesDep.parse(*chain(2000, "{}"))
+    order = deps.closure(["mod_0000"])
+    assert len(order) == 2000
+    assert order[:3] == ["kernel/mod_1999.ko", "kernel/mod_1998.ko", "kernel/mod_1997.ko"]
+    assert order[-2:] == ["kernel/mod_0001.ko", "kernel/mod_0000.ko"]
+
+
+def test_a_long_chain_of_wildcard_softdeps_resolves() -> None:
+    deps = ModulesDep.parse(*chain(1000, "{}*"))
+    order = deps.closure(["mod_0000"])
+    assert (len(order), order[0], order[-1]) == (1000, "kernel/mod_0999.ko", "kernel/mod_0000.ko")
+
+
+def test_resolution_work_is_bounded(monkeypatch: pytest.MonkeyPatch) -> None:
+    # Every module's name is tried against every '*NNNN' pattern: quadratic, so bounded.
+    deps = ModulesDep.parse(*chain(300, "*{}"), version=VERSION)
+    monkeypatch.setattr(kmod, "MAX_PATTERN_TESTS", 5000)
+    with pytest.raises(UserError) as info:
+        deps.closure(["mod_0000"])
+    assert info.value.message.startswith("resolving module 'mod_00")
+    assert info.value.message.endswith(
+        f"takes too much work: {VERSION}'s modules.softdep or modules.dep is tangled beyond "
+        "any real kernel's"
+    )
+    monkeypatch.setattr(kmod, "MAX_PATTERN_TESTS", 10**9)
+    # Three steps a module: probe it, place it between its soft dependencies, emit it.
+    monkeypatch.setattr(kmod, "MAX_PROBE_STEPS", 899)
+    with pytest.raises(UserError, match="takes too much work"):
+        ModulesDep.parse(*chain(300, "{}")).closure(["mod_0000"])
+    monkeypatch.setattr(kmod, "MAX_PROBE_STEPS", 900)
+    assert len(ModulesDep.parse(*chain(300, "{}")).closure(["mod_0000"])) == 300
+
+
 def test_load_reads_files(tmp_path: Path) -> None:
     moddir = tmp_path / "usr" / "lib" / "modules" / VERSION
     moddir.mkdir(parents=True)

@@ -7,15 +7,21 @@ shows. After each one no QEMU process of the test may be left.
 
 from __future__ import annotations
 
+import io
+import logging
 import os
+import sys
 import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from archkernel.errors import UserError
+from archkernel.host import console as screen
 from archkernel.host import qemu
 from archkernel.host.run import missing_tools
+from archkernel.log import log
 from tests.support.grub import TOOLS, build_bios_image
 from tests.support.grub import host_grub as needs_grub_disk
 
@@ -146,14 +152,189 @@ GRUB_CONSOLE = (
 
 
 def test_clean_console_drops_escape_sequences_and_carriage_returns() -> None:
-    assert qemu.clean_console("\x1b[0;30;47mWelcome\r\n\x1b(B\x1b[?25lok\x1b=") == "Welcome\nok"
-    assert "ARCHKERNEL-OK" in qemu.clean_console(GRUB_CONSOLE)
+    assert screen.clean_console("\x1b[0;30;47mWelcome\r\n\x1b(B\x1b[?25lok\x1b=") == "Welcome\nok"
+    assert "ARCHKERNEL-OK" in screen.clean_console(GRUB_CONSOLE)
 
 
 def test_console_tail_is_the_last_twenty_lines() -> None:
-    tail = qemu.console_tail(GRUB_CONSOLE)
+    tail = screen.console_tail(GRUB_CONSOLE)
     assert tail.splitlines() == [f"line {n}" for n in range(10, 30)]
-    assert qemu.console_tail("a\n\n\nb\n", lines=5) == "a\nb"
+    assert screen.console_tail("a\n\n\nb\n", lines=5) == "a\nb"
+
+
+def _frame(row: int) -> bytes:
+    return b"\x1b[%d;2H|\x1b[%d;79H|" % (row, row)
+
+
+# GRUB 2.06's menu on a serial console, written by hand after a real one: drawn with cursor
+# moves, no newline between its rows, each row padded to the frame; a countdown rewritten
+# in place; then a failed boot, and the menu again.
+BORDER = b"+" + b"-" * 76 + b"+"
+GRUB_MENU = (
+    b"\x1b[?25l\x1b[m\x1b[H\x1b[J\x1b[1;1H\x1b[2;24HGNU GRUB  version 2.06\n\r\n\r"
+    b"\x1b[m\x1b[4;2H"
+    + BORDER
+    + _frame(5)
+    + _frame(6)
+    + _frame(7)
+    + b"\x1b[8;2H"
+    + BORDER
+    + b"\x1b[m\x1b[9;2H\x1b[10;2H\x1b[m     Use the ^ and v keys to select which entry is"
+    b" highlighted.          \n\r      Press enter to boot the selected OS.       "
+    b"\x1b[5;80H \x1b[7m\x1b[5;3H*Arch Linux"
+    + b" " * 65
+    + b"\x1b[m\x1b[5;78H\x1b[m\x1b[6;3H Arch Linux (fallback initramfs)"
+    + b" " * 44
+    + b"\x1b[m\x1b[6;78H\x1b[m\x1b[7;3H"
+    + b" " * 76
+    + b"\x1b[m\x1b[7;78H"
+    + b"".join(
+        b"\x1b[5;78H\x1b[13;1H   The highlighted entry will be executed automatically in %ds."
+        b"                 " % n
+        for n in (3, 2, 1, 0)
+    )
+    + b"\x1b[5;78H\x1b[?25h\x1b[H\x1b[J\x1b[1;1H  Booting `Arch Linux'\n\r\n\r"
+    b"error: file `/boot/vmlinuz-linux' not found.\n\r\n\rPress any key to continue...\n\r"
+    b"\x1b[?25l\x1b[m\x1b[H\x1b[J\x1b[1;1H\x1b[2;24HGNU GRUB  version 2.06\n\r\n\r"
+    b"\x1b[m\x1b[4;2H"
+    + BORDER
+    + _frame(5)
+    + _frame(6)
+    + b"\x1b[5;3H*Arch Linux"
+    + b" " * 65
+    + b"\x1b[6;3H Arch Linux (fallback initramfs)"
+    + b"\x1b[13;1H"
+    + b" " * 79
+    + b"\x1b[5;78H"
+)
+
+
+def test_a_grub_menu_is_shown_as_its_lines_not_one_long_line() -> None:
+    text = GRUB_MENU.decode()
+    assert screen.console_tail(text).splitlines() == [
+        "GNU GRUB  version 2.06",
+        "     Use the ^ and v keys to select which entry is highlighted.",
+        "      Press enter to boot the selected OS.",
+        "*Arch Linux",
+        " Arch Linux (fallback initramfs)",
+        "   The highlighted entry will be executed automatically in 0s.",
+        "  Booting `Arch Linux'",
+        "error: file `/boot/vmlinuz-linux' not found.",
+        "Press any key to continue...",
+        "GNU GRUB  version 2.06",
+        "*Arch Linux",
+        " Arch Linux (fallback initramfs)",
+    ]
+    assert screen.console_tail(text, lines=2) == "*Arch Linux\n Arch Linux (fallback initramfs)"
+    assert screen.last_console_line(text) == "Arch Linux (fallback initramfs)"
+    # The marker is still found in text split by escape sequences.
+    assert "GNU GRUB  version 2.06" in screen.clean_console(text)
+
+
+def test_console_lines_keep_the_text_after_a_carriage_return_and_cut_endless_lines() -> None:
+    assert screen.console_lines("fsck 10%\rfsck 60%\rfsck done\r\n") == ["fsck done"]
+    (line,) = screen.console_lines("x" * 1000)
+    assert line == "x" * (screen.TAIL_WIDTH - 3) + "..."
+    # Only the end of a long log is looked at for the progress line.
+    assert screen.last_console_line("\x1b[2;3Hold\n" + "y" * 20000 + "\nlast one\n") == "last one"
+
+
+# --- progress ---------------------------------------------------------------------------------
+
+
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+@pytest.fixture
+def info_log() -> Iterator[None]:
+    level = log.level
+    log.setLevel(logging.INFO)
+    yield
+    log.setLevel(level)
+
+
+def test_progress_on_a_terminal_is_one_line_rewritten_in_place(info_log: None) -> None:
+    out = Terminal()
+    progress = screen.BootProgress("booting with SeaBIOS", stream=out, width=60)
+    progress.update(0.2, "")
+    progress.update(0.4, "")  # the same line: not written again
+    progress.update(3.0, "SeaBIOS (version 1.16.2)\r\nBooting from Hard Disk...\r\n")
+    progress.update(12.4, GRUB_MENU.decode())  # cut to the width, 59 characters
+    progress.close()
+    assert out.getvalue() == (
+        "\r\x1b[Kbooting with SeaBIOS: 0s, nothing on the console yet"
+        "\r\x1b[Kbooting with SeaBIOS: 3s, console: Booting from Hard Disk.."
+        "\r\x1b[Kbooting with SeaBIOS: 12s, console: Arch Linux (fallback in"
+        "\r\x1b[K"
+    )
+
+
+def test_progress_without_a_terminal_size_takes_eighty_columns(info_log: None) -> None:
+    out = Terminal()  # no file descriptor, as a pseudo-terminal of size 0 x 0
+    progress = screen.BootProgress("booting", stream=out)
+    progress.update(61.0, "x" * 200 + "\n")
+    assert out.getvalue() == "\r\x1b[K" + ("booting: 61s, console: " + "x" * 200)[:79]
+
+
+def test_progress_in_a_plain_log_is_a_line_every_ten_seconds(info_log: None) -> None:
+    said: list[str] = []
+    progress = screen.BootProgress(
+        "booting with OVMF (UEFI)", stream=io.StringIO(), say=said.append
+    )
+    for elapsed in (0.2, 5.0, 9.8, 10.0, 12.0, 19.9, 20.1, 35.0, 36.0):
+        progress.update(elapsed, f"line at {elapsed}\r\n")
+    progress.close()
+    assert said == [
+        "booting with OVMF (UEFI): 10s, console: line at 10.0",
+        "booting with OVMF (UEFI): 20s, console: line at 20.1",
+        "booting with OVMF (UEFI): 35s, console: line at 35.0",
+    ]
+
+
+def test_no_progress_when_the_log_is_quiet() -> None:
+    level = log.level
+    log.setLevel(logging.WARNING)
+    try:
+        out, said = Terminal(), []
+        for stream in (out, io.StringIO()):
+            progress = screen.BootProgress("booting", stream=stream, say=said.append)
+            progress.update(30.0, "hello\n")
+            progress.close()
+    finally:
+        log.setLevel(level)
+    assert out.getvalue() == "" and said == []
+
+
+# Stands in for QEMU: writes its pid file (-pidfile PATH is appended), then a console.
+FAKE_QEMU = """\
+import os, sys, time
+console, pidfile = sys.argv[1], sys.argv[sys.argv.index("-pidfile") + 1]
+with open(pidfile, "w") as f:
+    f.write(str(os.getpid()))
+with open(console, "w") as f:
+    f.write("\\x1b[2;24HGNU GRUB\\x1b[5;3H*Arch Linux     ")
+    f.flush()
+    time.sleep(0.5)
+    f.write("\\r\\nLoading Linux linux ...\\r\\narchlinux login: ")
+    f.flush()
+    time.sleep(120)
+"""
+
+
+def test_boot_and_wait_shows_progress_until_the_marker(tmp_path: Path, info_log: None) -> None:
+    log_file = tmp_path / "serial.log"
+    out = Terminal()
+    progress = screen.BootProgress("booting", stream=out, width=100)
+    argv = [sys.executable, "-c", FAKE_QEMU, str(log_file)]
+    result = qemu.boot_and_wait(argv, log_file, "login:", 60, progress=progress)
+    assert result.found
+    shown = out.getvalue()
+    assert shown.startswith("\r\x1b[Kbooting: ")
+    # The look that found the marker showed it; then the line was erased.
+    assert shown.endswith(", console: archlinux login:\r\x1b[K")
+    assert qemu_pids(tmp_path) == []
 
 
 # --- for real ---------------------------------------------------------------------------------

@@ -3,14 +3,22 @@
 from __future__ import annotations
 
 import os
+import signal
+import subprocess
 import sys
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
 from archkernel.errors import UserError
 from archkernel.host.files import atomic_path, write_if_changed, write_text
-from archkernel.host.run import check_tools, run
+from archkernel.host.processes import orphans
+from archkernel.host.run import RUN_VARIABLE, check_tools, process_identity, run
+
+REPO = Path(__file__).resolve().parent.parent
+WAIT = 30.0  # the longest any test here waits for a process to start or end
 
 
 @pytest.mark.integration
@@ -100,3 +108,121 @@ def test_write_if_changed_keeps_mtime(tmp_path: Path) -> None:
     assert target.stat().st_mtime_ns == 1_000_000_000
     assert write_if_changed(target, b"new")
     assert target.read_bytes() == b"new"
+
+
+# --- commands end with the run that started them ---------------------------------------------
+
+# A run of archkernel in a process of its own: `run(ARGV)`, in a worker thread with --thread.
+RUNNER = """
+import sys, threading
+from archkernel.host.run import run
+argv = sys.argv[1:]
+if argv[0] == "--thread":
+    worker = threading.Thread(target=run, args=(argv[1:],))
+    worker.start()
+    worker.join()
+else:
+    run(argv)
+"""
+# A command that starts a process of its own and says both pids: what pacstrap does.
+PARENT_AND_CHILD = "echo $$ > parent.pid; sleep 300 & echo $! > child.pid; wait"
+
+
+def gone(pid: int) -> bool:
+    """The process has ended (a zombie no longer runs)."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return True
+    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
+
+
+def wait_for(condition, what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not condition():
+        assert time.monotonic() < deadline, f"{what}: not within {WAIT}s"
+        time.sleep(0.02)
+
+
+def pid_in(path: Path) -> int:
+    wait_for(lambda: path.exists() and path.read_text().strip(), f"{path.name} written")
+    return int(path.read_text())
+
+
+@pytest.fixture
+def runs(tmp_path: Path) -> Iterator[list[subprocess.Popen[bytes]]]:
+    """Start archkernel runs (`runner(...)`) in `tmp_path`; each is killed at the end."""
+    started: list[subprocess.Popen[bytes]] = []
+    yield started
+    for proc in started:
+        if proc.poll() is None:
+            proc.kill()
+        proc.wait()
+
+
+def runner(runs: list[subprocess.Popen[bytes]], cwd: Path, *argv: str) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(RUN_VARIABLE, None)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", RUNNER, *argv], cwd=cwd, env=env, stderr=subprocess.DEVNULL
+    )
+    runs.append(proc)
+    return proc
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("thread", [False, True], ids=["main-thread", "worker-thread"])
+def test_a_killed_runs_command_dies_with_it_and_the_next_run_ends_the_rest(
+    tmp_path: Path, runs: list[subprocess.Popen[bytes]], thread: bool
+) -> None:
+    first = runner(runs, tmp_path, *(["--thread"] if thread else []), "sh", "-c", PARENT_AND_CHILD)
+    parent, child = pid_in(tmp_path / "parent.pid"), pid_in(tmp_path / "child.pid")
+    first.kill()  # SIGKILL to the run alone, as `kill -9 PID` does
+    first.wait()
+    # The command it ran dies with it (PR_SET_PDEATHSIG), whichever thread started it.
+    wait_for(lambda: gone(parent), "the command of the killed run ended")
+    # What the command started is an orphan now, still carrying the killed run's mark.
+    assert not gone(child)
+    environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
+    assert any(e.startswith(f"{RUN_VARIABLE}={first.pid}:".encode()) for e in environ)
+    # The next run ends it before its first command.
+    second = runner(runs, tmp_path, "true")
+    assert second.wait(WAIT) == 0
+    assert gone(child)
+
+
+@pytest.mark.integration
+def test_a_timeout_ends_the_command_and_what_it_started(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match="did not finish within 1s"):
+        run(["sh", "-c", PARENT_AND_CHILD], cwd=tmp_path, timeout=1)
+    parent, child = pid_in(tmp_path / "parent.pid"), pid_in(tmp_path / "child.pid")
+    wait_for(lambda: gone(parent) and gone(child), "the command and its child ended")
+
+
+@pytest.mark.integration
+def test_ctrl_c_ends_the_command_and_what_it_started_even_if_they_ignore_it(
+    tmp_path: Path, runs: list[subprocess.Popen[bytes]]
+) -> None:
+    # Like pacman, which ignores SIGINT while it unpacks: it gets SIGKILL after a grace time.
+    script = f"trap '' INT; {PARENT_AND_CHILD}"
+    first = runner(runs, tmp_path, "sh", "-c", script)
+    parent, child = pid_in(tmp_path / "parent.pid"), pid_in(tmp_path / "child.pid")
+    first.send_signal(signal.SIGINT)  # to the run only: its commands are in their own group
+    assert first.wait(WAIT) != 0  # KeyboardInterrupt
+    assert gone(parent) and gone(child)
+
+
+@pytest.mark.integration
+def test_commands_carry_the_run_that_started_them_and_read_no_terminal() -> None:
+    env = run(["env"], capture=True).stdout.splitlines()
+    assert f"{RUN_VARIABLE}={process_identity(os.getpid())}" in env
+    assert run(["readlink", "/proc/self/fd/0"], capture=True).stdout == "/dev/null\n"
+    # Its own process group, of which it is the leader.
+    out = run(["sh", "-c", "echo $$; ps -o pgid= -p $$"], capture=True).stdout.split()
+    assert out[0] == out[1]
+
+
+def test_orphans_are_the_processes_whose_run_is_gone() -> None:
+    table = [(10, "1:100"), (11, None), (12, "2:200"), (13, "1:100"), (14, "1:999")]
+    alive = {"1:100": True, "2:200": False, "1:999": False}
+    assert orphans(table, alive.__getitem__) == [(12, "2:200"), (14, "1:999")]

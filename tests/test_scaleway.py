@@ -18,6 +18,7 @@ from archkernel.errors import UserError
 from archkernel.plan import Run, describe, execute
 from archkernel.scaleway import bootscript, cmdline, metadata, modules, scripts, steps
 from archkernel.settings import ScalewaySettings, Settings
+from tests.support.safety_net import safety_net
 
 EXTRA = "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel"
 BUSYBOX = shutil.which("busybox") or "/bin/busybox"
@@ -250,6 +251,65 @@ def test_initrd_from_bootscript_refuses(text: str, problem: str) -> None:
     assert str(info.value).startswith("bootscript uboot.bootscript ")
 
 
+@pytest.mark.parametrize(
+    ("text", "expected"),
+    [
+        # a quoted ';' is part of the word, an unquoted one separates commands
+        ("setenv p 'initrd/a;b'; tftp 0x2000000 ${p}", "initrd/a;b"),
+        ('setenv p "initrd/x y";tftp 0x2000000 "${p}"', "initrd/x y"),
+        # '#' starts a comment at the start of a word only
+        ("tftp 0x2000000 initrd/x#1 # tftp 0x2000000 initrd/other", "initrd/x#1"),
+        # backslashes escape; a quote left open ends with its line
+        ("tftp 0x2000000 initrd/a\\;b\ntftp 0x200000 zImage", "initrd/a;b"),
+        ("tftp 0x2000000 'initrd/open\ntftp 0x200000 zImage", "initrd/open"),
+        (";;; ; tftp 0x2000000 initrd/y ;;", "initrd/y"),
+    ],
+)
+def test_bootscript_words_quotes_and_separators(text: str, expected: str) -> None:
+    assert bootscript.initrd_from_bootscript(text) == expected
+
+
+def test_bootscript_expansion_that_doubles_is_refused() -> None:
+    # `setenv a ${a}${a}` doubles `a` each line: 40 lines were 2**40 bytes; 24 are 16 MiB.
+    text = "setenv a x\n" + "setenv a ${a}${a}\n" * 24 + "tftp 0x2000000 initrd/${a}\n"
+    with pytest.raises(UserError) as info:
+        bootscript.initrd_from_bootscript(text, source="bootscript uboot.bootscript")
+    assert info.value.message == (
+        "bootscript uboot.bootscript expands its variables to more than 1 MiB"
+    )
+    assert info.value.hint == (
+        "a real bootscript is a few hundred bytes; check what the TFTP server hands out as "
+        "the bootscript"
+    )
+
+
+def test_bootscript_expansion_that_grows_line_by_line_is_refused() -> None:
+    # 4,000 lines of `setenv a ${a}x` (60 KB) expand to 8 million bytes in all.
+    text = "setenv a x\n" + "setenv a ${a}x\n" * 4000 + "tftp 0x2000000 initrd/${a}\n"
+    assert len(text) < bootscript.MAX_SCRIPT
+    with pytest.raises(UserError, match="expands its variables to more than 1 MiB"):
+        bootscript.initrd_from_bootscript(text)
+
+
+def test_bootscript_longer_than_the_limit_is_refused() -> None:
+    script = "tftp 0x2000000 initrd/uInitrd\n"
+    at_limit = "#" * (64 * 1024 - len(script) - 1) + "\n" + script
+    assert bootscript.initrd_from_bootscript(at_limit) == "initrd/uInitrd"
+    with pytest.raises(UserError) as info:
+        bootscript.initrd_from_bootscript("#" + at_limit, source="bootscript b")
+    assert info.value.message == "bootscript b is 65537 characters long; at most 64 KiB are read"
+
+
+def test_bootscript_splitting_is_linear_in_separators() -> None:
+    # Splitting at each ';' rescanned the rest of the line: 16 KB took 6 s, this minutes.
+    text = "tftp 0x2000000 initrd/x" + ";" * (64 * 1024 - 30)
+    with safety_net(60):
+        assert bootscript.initrd_from_bootscript(text) == "initrd/x"
+    quoted = "tftp 0x2000000 initrd/x;" + "';'\"" * ((64 * 1024 - 30) // 4)
+    with safety_net(60), pytest.raises(UserError, match="names no initrd"):
+        bootscript.initrd_from_bootscript(quoted.replace("initrd", "kernel"))
+
+
 # --- patch_shutdown -------------------------------------------------------------------------------
 
 OLD_SHUTDOWN = """\
@@ -351,7 +411,7 @@ def test_init_script_loads_the_modules_in_order_then_sources_the_provider_init()
             "intel_lpss",
         )
     ]
-    logged = [line for line in lines if line.startswith('echo "archkernel: loading')]
+    logged = [line for line in lines if line.startswith("echo 'archkernel: loading")]
     assert len(logged) == len(ORDER)
     # applets first (insmod is one), the provider's init last, sourced: it stays PID 1
     install = lines.index("/bin/busybox --install -s")
@@ -369,6 +429,82 @@ def test_init_script_without_modules_still_hands_over() -> None:
     assert "insmod" not in script
     assert script.splitlines()[-1] == ". /init.scw"
     sh_syntax_ok(script)
+
+
+def test_init_script_quotes_every_value() -> None:
+    script = scripts.init_script(
+        ["kernel/drivers/mfd/intel-lpss.ko", "kernel/block/nbd.ko.zst"], "6.9"
+    )
+    assert script.splitlines()[5:] == [
+        "echo 'archkernel: loading intel_lpss'",
+        "insmod /archkernel/modules/intel_lpss.ko || echo 'archkernel: loading intel_lpss failed'",
+        "echo 'archkernel: loading nbd'",
+        "insmod /archkernel/modules/nbd.ko || echo 'archkernel: loading nbd failed'",
+        "echo 'archkernel: starting the provider init'",
+        ". /init.scw",
+    ]
+
+
+@pytest.mark.parametrize(
+    ("relpath", "name"),
+    [
+        ("kernel/$(reboot", "$(reboot"),  # modules.dep's `kernel/$(reboot -f).ko`, split
+        ("kernel/$(reboot -f).ko", "$(reboot _f)"),
+        ("kernel/a;reboot.ko.zst", "a;reboot"),
+        ("kernel/`id`.ko", "`id`"),
+        ("kernel/a\nreboot.ko", "a\nreboot"),
+        ("kernel/.ko", ""),
+    ],
+)
+def test_init_script_refuses_what_is_not_a_module_name(relpath: str, name: str) -> None:
+    with pytest.raises(UserError) as info:
+        scripts.init_script(["kernel/block/nbd.ko", relpath], "6.9")
+    assert info.value.message == (
+        f"module file {relpath!r} does not name a module (its name is {name!r})"
+    )
+    assert info.value.hint == (
+        "module names are letters, digits, '_' and '-'; check the kernel's modules.dep"
+    )
+
+
+def test_init_script_refuses_a_version_with_control_characters() -> None:
+    with pytest.raises(UserError, match=r"kernel version '6\.9\\nreboot -f' has control"):
+        scripts.init_script([], "6.9\nreboot -f")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("shell", ["busybox", "dash"])
+def test_init_script_runs_the_modules_it_names(shell: str, tmp_path: Path) -> None:
+    """The module lines run in a real shell, with stand-ins for insmod (logs its arguments)
+    and the two busybox calls; the provider's init is a file that says it ran."""
+    argv = [BUSYBOX, "sh"] if shell == "busybox" else ["dash"]
+    if not shutil.which(argv[0]):
+        pytest.skip(f"{shell} not installed")
+    script = scripts.init_script(["kernel/mfd/intel-lpss.ko.xz", "kernel/block/nbd.ko"], "6.9")
+    sh_syntax_ok(script)
+    (tmp_path / "init.scw").write_text('echo "provider init as $0"\n')
+    stand_ins = (
+        'insmod() { printf "insmod %s|" "$@"; echo; [ "$1" != /archkernel/modules/nbd.ko ]; }\n'
+        "busybox() { :; }\n"
+    )
+    body = script.replace("/bin/busybox ", "busybox ").replace(". /init.scw", ". ./init.scw")
+    result = subprocess.run(
+        [*argv, "-c", stand_ins + body, "init"],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+        timeout=30,
+    )
+    assert result.stdout.splitlines() == [
+        "archkernel: loading intel_lpss",
+        "insmod /archkernel/modules/intel_lpss.ko|",
+        "archkernel: loading nbd",
+        "insmod /archkernel/modules/nbd.ko|",
+        "archkernel: loading nbd failed",
+        "archkernel: starting the provider init",
+        "provider init as init",
+    ]
 
 
 # --- find_kernel_version --------------------------------------------------------------------------

@@ -26,6 +26,7 @@ from pathlib import Path
 import pytest
 
 from archkernel.errors import UserError
+from archkernel.host import console as screen
 from archkernel.host import qemu
 from tests.support.c1 import FakeC1, Template, serving, tool, write_executable
 
@@ -137,7 +138,7 @@ def test_patched_initrd_boots_after_a_real_kexec(c1_base: Template, tmp_path: Pa
         boot = qemu.boot_and_wait(argv, serial, DONE, BOOT_LIMIT)
     except UserError as exc:
         pytest.fail(f"the kexec'd system did not come up: {exc}")
-    console = qemu.clean_console(serial.read_bytes().decode("utf-8", "replace"))
+    console = screen.clean_console(serial.read_bytes().decode("utf-8", "replace"))
     print(f"both boots: {boot.elapsed:.1f}s; serial console: {serial}")
 
     where = f"(serial console: {serial})"

@@ -119,6 +119,69 @@ def test_toml_syntax_error_names_file_line_and_column(tmp_path: Path) -> None:
     assert re.search(r"line 3, column \d+", message), message
 
 
+@pytest.mark.parametrize(
+    ("toml", "env", "expected"),
+    [
+        # Deeper than the TOML parser can recurse: it cannot say where, only what.
+        (
+            "[azure]\nextra_packages = " + "[" * 500 + "]" * 500,
+            {},
+            "invalid settings ({file}):\n  lists or tables nested more than 32 levels deep",
+        ),
+        (
+            "[azure]\nextra_packages = " + "[" * 40 + "]" * 40,
+            {},
+            "invalid settings ({file}):\n"
+            "  azure.extra_packages: lists or tables nested more than 32 levels deep",
+        ),
+        # Dotted keys nest tables without any bracket, as deep as the line is long.
+        (
+            "[azure]\n" + ".".join(["user"] * 3000) + " = 1",
+            {},
+            "invalid settings ({file}):\n"
+            "  azure.user.user: lists or tables nested more than 32 levels deep",
+        ),
+        (
+            "",
+            {"ARCHKERNEL_AZURE__EXTRA_PACKAGES": "[" * 500 + "]" * 500},
+            "invalid settings (the environment):\n  azure.extra_packages: lists or tables "
+            "nested more than 32 levels deep (set by ARCHKERNEL_AZURE__EXTRA_PACKAGES)",
+        ),
+        (
+            "",
+            {"ARCHKERNEL_AZURE__EXTRA_PACKAGES": "[" + "{a=" * 40 + "1" + "}" * 40 + "]"},
+            "invalid settings (the environment):\n  azure.extra_packages: lists or tables "
+            "nested more than 32 levels deep (set by ARCHKERNEL_AZURE__EXTRA_PACKAGES)",
+        ),
+    ],
+    ids=["file-500", "file-40", "dotted-keys", "env-500", "env-tables"],
+)
+def test_deeply_nested_values_are_a_settings_error(
+    tmp_path: Path, toml: str, env: dict[str, str], expected: str
+) -> None:
+    message = error_of(tmp_path, toml, env)
+    assert message == expected.format(file=tmp_path / "settings.toml")
+
+
+@pytest.mark.parametrize(
+    ("toml", "env", "shown"),
+    [
+        ('workdir = "out\\u0000put"', {}, "'out\\x00put'"),
+        ('workdir = "out\\nput"', {}, "'out\\nput'"),
+        ("", {"ARCHKERNEL_WORKDIR": "out\nput"}, "'out\\nput'"),
+    ],
+    ids=["nul", "newline", "newline-from-env"],
+)
+def test_workdir_must_be_one_line_without_nul(
+    tmp_path: Path, toml: str, env: dict[str, str], shown: str
+) -> None:
+    message = error_of(tmp_path, toml, env)
+    credit = " (set by ARCHKERNEL_WORKDIR)" if env else ""
+    assert message.splitlines()[1:] == [
+        f"  workdir: {shown} must be a single line without NUL characters{credit}"
+    ]
+
+
 def test_missing_file_is_a_user_error(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="does not exist"):
         s.load(tmp_path / "nope.toml", env={}, cwd=tmp_path)
@@ -155,6 +218,14 @@ def test_environment_overrides_and_origins(tmp_path: Path) -> None:
     assert rows["azure.disk_size"] == ("8GiB", "env ARCHKERNEL_AZURE__DISK_SIZE")
     assert rows["azure.hostname"][1].startswith("file ")
     assert rows["azure.locale"][1] == "default"
+
+
+def test_the_mark_of_the_run_that_started_us_is_not_a_setting(tmp_path: Path) -> None:
+    # archkernel started by a command of another archkernel run inherits the run's mark.
+    from archkernel.host.run import RUN_VARIABLE
+
+    loaded = load_text(tmp_path, "", {RUN_VARIABLE: "1234:5678"})
+    assert loaded.origins == {}
 
 
 def test_environment_typo_is_an_error(tmp_path: Path) -> None:
@@ -473,3 +544,50 @@ def test_shown_settings_paste_back_into_a_settings_file(tmp_path: Path) -> None:
     pasted = tmp_path / "pasted.toml"
     pasted.write_text(shown + f'\nazure.user.password_hash = "{PASSWORD}"\n')
     assert s.load(pasted, env={}, cwd=tmp_path).settings == loaded.settings
+
+
+# --- build.source_date_epoch and SOURCE_DATE_EPOCH ---------------------------------------------
+
+
+def test_source_date_epoch_is_the_default_of_the_build_epoch(tmp_path: Path) -> None:
+    loaded = load_text(tmp_path, "", {"SOURCE_DATE_EPOCH": "1700000000"})
+    assert loaded.settings.build.source_date_epoch == 1_700_000_000
+    assert loaded.origins["build.source_date_epoch"] == "env SOURCE_DATE_EPOCH"
+    assert load_text(tmp_path, "").settings.build.source_date_epoch is None
+    # Set but empty is not set.
+    empty = load_text(tmp_path, "", {"SOURCE_DATE_EPOCH": ""})
+    assert empty.settings.build.source_date_epoch is None
+
+
+def test_the_file_and_archkernels_own_variable_win_over_source_date_epoch(tmp_path: Path) -> None:
+    env = {"SOURCE_DATE_EPOCH": "1700000000"}
+    in_file = load_text(tmp_path, "[build]\nsource_date_epoch = 1600000000\n", env)
+    assert in_file.settings.build.source_date_epoch == 1_600_000_000
+    env["ARCHKERNEL_BUILD__SOURCE_DATE_EPOCH"] = "1500000000"
+    overridden = load_text(tmp_path, "", env)
+    assert overridden.settings.build.source_date_epoch == 1_500_000_000
+    assert (
+        overridden.origins["build.source_date_epoch"] == "env ARCHKERNEL_BUILD__SOURCE_DATE_EPOCH"
+    )
+
+
+def test_a_bad_source_date_epoch_names_the_variable(tmp_path: Path) -> None:
+    message = error_of(tmp_path, "", {"SOURCE_DATE_EPOCH": "yesterday"})
+    assert message.startswith("invalid settings (the environment):\n  build.source_date_epoch: ")
+    assert message.endswith("(set by SOURCE_DATE_EPOCH)")
+    # FAT cannot date anything before 1980.
+    early = error_of(tmp_path, "[build]\nsource_date_epoch = 1\n")
+    assert (
+        "build.source_date_epoch: 1 is not valid: input should be greater than or equal to "
+        "315532800" in early
+    )
+
+
+def test_a_changed_source_date_epoch_is_validated_again(tmp_path: Path) -> None:
+    (tmp_path / "settings.toml").write_text(CACHED)
+    (tmp_path / "work").mkdir()
+    s.remember(cached_load(tmp_path, {"SOURCE_DATE_EPOCH": "1700000000"}))
+    assert cached_load(tmp_path, {"SOURCE_DATE_EPOCH": "1700000000"}).from_cache
+    again = cached_load(tmp_path, {"SOURCE_DATE_EPOCH": "1700000002"})
+    assert not again.from_cache
+    assert again.settings.build.source_date_epoch == 1_700_000_002

@@ -23,6 +23,7 @@ import pytest
 
 from archkernel.errors import UserError
 from archkernel.formats.vhd_file import append_footer
+from archkernel.host import console as screen
 from archkernel.host import qemu
 from archkernel.host.run import missing_tools, run
 from archkernel.image import disk, esp, ext4, grub, grub_install
@@ -336,7 +337,7 @@ def test_the_real_grub_cfg_starts_linux(tmp_path: Path, boot_mode: str, firmware
     )
     result = qemu.boot_and_wait(argv, log, marker, 120)
     assert result.found
-    console = qemu.clean_console(log.read_text(errors="replace"))
+    console = screen.clean_console(log.read_text(errors="replace"))
     assert "Linux version" in console
     assert f"root=UUID={UUID} rw console=ttyS0,115200 panic=-1 {marker}" in console
     if firmware == "ovmf":

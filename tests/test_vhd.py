@@ -14,7 +14,10 @@ import json
 import os
 import random
 import shutil
+import socket
 import struct
+import subprocess
+import sys
 import uuid
 from pathlib import Path
 
@@ -410,6 +413,90 @@ def test_check_of_a_directory_is_a_user_error(tmp_path: Path) -> None:
         vhd_file.check(tmp_path)
 
 
+# --- only files and block devices are opened ------------------------------------------------
+
+
+def never_opening(monkeypatch: pytest.MonkeyPatch, path: Path) -> None:
+    """Fail the test if `path` is opened (a FIFO would block the open forever)."""
+    real_open = os.open
+
+    def spy(name: object, *args: object, **kwargs: object) -> int:
+        if os.fspath(name) == os.fspath(path):  # type: ignore[arg-type]
+            pytest.fail(f"{path} was opened")
+        return real_open(name, *args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(os, "open", spy)
+
+
+@pytest.mark.parametrize(
+    "operation",
+    [
+        vhd_file.check,
+        vhd_file.append_footer,
+        lambda path: vhd_file.from_raw(path, path.with_name("disk.vhd")),
+    ],
+    ids=["check", "append_footer", "from_raw"],
+)
+def test_a_fifo_is_refused_before_it_is_opened(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, operation
+) -> None:
+    fifo = tmp_path / "disk.vhd.fifo"
+    os.mkfifo(fifo)
+    never_opening(monkeypatch, fifo)
+    with pytest.raises(UserError) as info:
+        operation(fifo)
+    assert info.value.message == (
+        f"cannot open {fifo}: it is a named pipe (FIFO), not a regular file or a block device"
+    )
+    assert not (tmp_path / "disk.vhd").exists()
+
+
+def test_a_character_device_or_a_socket_is_refused(tmp_path: Path) -> None:
+    with pytest.raises(UserError, match=r"^cannot open /dev/null: it is a character device, not"):
+        vhd_file.check("/dev/null")
+    with socket.socket(socket.AF_UNIX) as listener:
+        listener.bind(os.fspath(tmp_path / "sock"))
+        with pytest.raises(UserError, match=": it is a socket, not a regular file or a block"):
+            vhd_file.check(tmp_path / "sock")
+
+
+def test_a_path_that_became_a_fifo_after_its_check_is_refused(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A file when checked, a FIFO by the time it is opened: what was opened is checked too.
+    path = tmp_path / "disk.vhd"
+    os.mkfifo(path)
+    writer = os.open(path, os.O_RDWR | os.O_NONBLOCK)  # so no open of it can block this test
+    try:
+        real_stat = os.stat
+        regular = os.stat_result((0o100644, *real_stat(path)[1:]))
+        monkeypatch.setattr(os, "stat", lambda p, *a, **k: regular if p == path else real_stat(p))
+        with pytest.raises(UserError, match="it is a named pipe"):
+            vhd_file.check(path)
+    finally:
+        os.close(writer)
+
+
+@pytest.mark.parametrize("action", ["check", "from-raw"])
+def test_the_vhd_command_refuses_a_fifo_at_once(tmp_path: Path, action: str) -> None:
+    fifo = tmp_path / "disk.fifo"
+    os.mkfifo(fifo)
+    args = [str(fifo)] if action == "check" else [str(fifo), str(tmp_path / "disk.vhd")]
+    result = subprocess.run(
+        [sys.executable, "-m", "tasks.cli", "vhd", action, *args],
+        cwd=Path(__file__).resolve().parent.parent,
+        capture_output=True,
+        text=True,
+        timeout=60,  # without the check it waits for a writer forever
+    )
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.splitlines()[0] == (
+        f"error: cannot open {fifo}: it is a named pipe (FIFO), not a regular file or a block "
+        "device"
+    )
+    assert "Traceback" not in result.stderr
+
+
 def gpt_head(disk_size: int) -> bytes:
     """A disk's first 1024 bytes with a GPT header (LBA 1) whose backup header is at the
     last sector of a `disk_size`-byte disk, as the UEFI specification places it."""
@@ -736,6 +823,23 @@ def test_from_raw_refuses_a_vhd_as_input(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="already is a fixed VHD"):
         vhd_file.from_raw(raw, tmp_path / "disk.vhd")
     assert not (tmp_path / "disk.vhd").exists()
+
+
+def test_to_raw_copies_the_disk_out_and_leaves_the_vhd_as_it_was(tmp_path: Path) -> None:
+    # Step 7 installs GRUB into such a copy: the VHD stays whole until step 8 replaces it.
+    raw = sparse_file(tmp_path / "disk.raw", 3 * MiB)
+    write_at(raw, {5: b"payload"})
+    digest = file_sha256(raw)
+    vhd_file.append_footer(raw, timestamp=0, unique_id=UID)
+    made = raw.rename(tmp_path / "disk.vhd")
+    before = file_sha256(made)
+    copy = tmp_path / "copy.raw"
+    assert vhd_file.to_raw(made, copy) == 3 * MiB
+    assert copy.stat().st_size == 3 * MiB
+    assert file_sha256(copy) == digest
+    assert file_sha256(made) == before
+    assert copy.stat().st_blocks * 512 <= SLACK + 4 * KiB  # the holes stayed holes
+    assert sorted(os.listdir(tmp_path)) == ["copy.raw", "disk.vhd"]
 
 
 def test_from_raw_explains_a_missing_raw_image(tmp_path: Path) -> None:

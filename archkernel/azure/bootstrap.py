@@ -15,6 +15,12 @@ release without downloading it again. A tarball given by path or URL
 The functions that decide (`parse_sha256sums`, `parse_listing`, `pick_tarball`,
 `signature_verdict`, `tree_root`) are pure; `newest`, `download`, `verify_signature` and
 `unpack` act.
+
+What is unpacked is checked like the rest: its `usr` and `etc` are directories, and no
+symbolic link in it leads out of it (`links_leading_out`). An absolute link is read as the
+environment's programs read it, from the environment's root (Debian's `var/run -> /run`);
+the host never follows one (`buildenv.prepare` writes into the tree through
+`resolve_in_root`).
 """
 
 from __future__ import annotations
@@ -22,6 +28,7 @@ from __future__ import annotations
 import html
 import os
 import re
+import stat
 import urllib.parse
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -62,13 +69,27 @@ class Release:
 # --- deciding ---------------------------------------------------------------------------------
 
 
+_HEX = frozenset("0123456789abcdefABCDEF")
+
+
 def parse_sha256sums(text: str) -> dict[str, str]:
-    """File name -> SHA-256 from `sha256sum` output (`HASH  NAME` or `HASH *NAME`)."""
+    """File name -> SHA-256 from `sha256sum` output (`HASH  NAME` or `HASH *NAME`).
+
+    Lines that are not a hash and a name are skipped. Linear in the text: the file is
+    unsigned and may be anything up to LIST_LIMIT (a pattern with `\\s+` then `.*?`
+    took seconds on a line of spaces).
+    """
     sums = {}
     for line in text.splitlines():
-        m = re.fullmatch(r"\s*([0-9a-fA-F]{64})\s+\*?(\S.*?)\s*", line)
-        if m:
-            sums[m.group(2).lstrip("./")] = m.group(1).lower()
+        line = line.strip()
+        digest, rest = line[:64], line[64:]
+        if len(digest) < 64 or not _HEX.issuperset(digest) or not rest[:1].isspace():
+            continue
+        name = rest.lstrip()
+        if name[:1] == "*" and name[1:2] and not name[1:2].isspace():
+            name = name[1:]  # binary mode; '* x' is a name, as sha256sum writes it
+        if name:
+            sums[name.lstrip("./")] = digest.lower()
     return sums
 
 
@@ -129,6 +150,94 @@ def tree_root(unpacked: Path) -> Path:
     if single is not None and single.is_dir() and not single.is_symlink() and single.name != "usr":
         return single
     return unpacked
+
+
+# A chain of links longer than this is a loop (the kernel's limit, ELOOP).
+MAX_LINKS = 40
+# What a root file system is: these are directories, never links (the build writes there).
+ROOT_DIRECTORIES = ("usr", "etc")
+
+
+def leads_out(root: Path, link: str) -> str | None:
+    """Why the symbolic link `link` (a path in the tree `root`) leads out of it, or None.
+
+    It is followed as a process chrooted into `root` follows it (an absolute target starts
+    at `root`), through any further links, and leads out when a `..` climbs above `root`
+    (the host, following it from the tree's directory, would leave the tree) or when it
+    never ends (a loop such as `usr -> /usr`, which the host would follow to its own /usr).
+    A link to something missing is fine: it dangles in the tree.
+    """
+    done = [p for p in link.split("/") if p][:-1]  # the directory the link is in
+    target, links = os.readlink(root.joinpath(link)), 1
+    todo: list[str] = []
+    while True:
+        if target.startswith("/"):
+            done = []
+        todo = [p for p in target.split("/") if p not in ("", ".")] + todo
+        while todo:
+            part = todo.pop(0)
+            if part == "..":
+                if not done:
+                    return "climbs above the environment's root"
+                done.pop()
+                continue
+            try:
+                mode = os.lstat(root.joinpath(*done, part)).st_mode
+            except (FileNotFoundError, NotADirectoryError):
+                return None
+            if stat.S_ISLNK(mode):
+                break
+            done.append(part)
+        else:
+            return None
+        links += 1
+        if links > MAX_LINKS:
+            return "is a loop"
+        target = os.readlink(root.joinpath(*done, part))
+
+
+def links_leading_out(root: Path) -> list[tuple[str, str, str]]:
+    """(path in the tree, target, why) of each symbolic link in the tree `root` that leads
+    out of it (see `leads_out`), in the order found."""
+    found = []
+    todo = [root]
+    while todo:
+        directory = todo.pop()
+        with os.scandir(directory) as entries:
+            for entry in entries:
+                if entry.is_symlink():
+                    inside = os.path.relpath(entry.path, root)
+                    why = leads_out(root, inside)
+                    if why is not None:
+                        found.append((inside, os.readlink(entry.path), why))
+                elif entry.is_dir(follow_symlinks=False):
+                    todo.append(Path(entry.path))
+    return found
+
+
+def _check_tree(tarball: Path, root: Path) -> None:
+    """Refuse an unpacked tree whose `usr` or `etc` is not a directory, or with a link
+    that leads out of it."""
+    for name in ROOT_DIRECTORIES:
+        try:
+            mode = os.lstat(root / name).st_mode
+        except FileNotFoundError:
+            mode = 0
+        if not stat.S_ISDIR(mode):
+            what = {0: f"no {name}/ in it", stat.S_IFLNK: f"its {name} is a symbolic link"}
+            raise UserError(
+                f"{tarball.name} holds no root file system "
+                f"({what.get(stat.S_IFMT(mode), f'its {name} is not a directory')})",
+                "give Arch's bootstrap tarball (archlinux-bootstrap-x86_64.tar.zst) or one like it",
+            )
+    out = links_leading_out(root)
+    if out:
+        shown = "; ".join(f"{path} -> {target} {why}" for path, target, why in out[:5])
+        more = f" (and {len(out) - 5} more)" if len(out) > 5 else ""
+        raise UserError(
+            f"{tarball.name} has symbolic links that lead out of the environment: {shown}{more}",
+            "the tarball is damaged or was made to escape; use Arch's bootstrap tarball",
+        )
 
 
 # --- acting -----------------------------------------------------------------------------------
@@ -243,7 +352,8 @@ def unpack(tarball: Path, dest: Path) -> Path:
 
     bsdtar refuses entries with `..`, entries that would be written through a symbolic
     link, and strips a leading `/` (it never writes outside `dest`); any refused entry
-    fails the unpack.
+    fails the unpack. The tree is then refused if its `usr` or `etc` is not a directory or
+    a symbolic link in it leads out of it (`links_leading_out`).
     """
     dest.mkdir(parents=True)
     run(
@@ -252,9 +362,5 @@ def unpack(tarball: Path, dest: Path) -> Path:
         timeout=3600,
     )
     root = tree_root(dest)
-    if not (root / "usr").is_dir():
-        raise UserError(
-            f"{tarball.name} holds no root file system (no usr/ in it)",
-            "give Arch's bootstrap tarball (archlinux-bootstrap-x86_64.tar.zst) or one like it",
-        )
+    _check_tree(tarball, root)
     return root

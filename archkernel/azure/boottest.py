@@ -7,12 +7,14 @@ a dry run as it runs) whose pid file lives in `workdir/azure/tmp/boottest`.
 
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
 from archkernel.azure.diskimage import remove_scratch, scratch
-from archkernel.azure.workspace import _json, paths
+from archkernel.azure.workspace import Paths, _json, paths
+from archkernel.errors import UserError
 from archkernel.host import qemu
 from archkernel.log import log
 from archkernel.plan import Do, Plan, reads
@@ -56,6 +58,25 @@ def boottest_argv(settings: Settings, test: BootTest, firmware: qemu.Firmware | 
     )
 
 
+def require_verified(p: Paths) -> None:
+    """UserError unless step 9's report says the VHD there passed every check: an image
+    that did not pass verify is never booted."""
+    try:
+        report = json.loads(p.report.read_text())
+    except (OSError, ValueError):
+        report = None
+    if not isinstance(report, dict) or report.get("image") != str(p.vhd):
+        raise UserError(
+            f"{p.vhd} has not been verified (no report {p.report} on it)",
+            "run azure_vhd first: its step 9 checks the image",
+        )
+    if report.get("ok") is not True:
+        raise UserError(
+            f"{p.vhd} failed verification: the boot test does not boot it",
+            f"see {p.summary}, fix the cause and run azure_vhd again",
+        )
+
+
 @reads("azure.boottest_marker", "azure.boottest_timeout", "azure.output")
 def boot(settings: Settings, *, test: BootTest) -> Plan:
     """boot the VHD in QEMU as `test` says; wait for the marker on the serial console.
@@ -84,6 +105,10 @@ def boot(settings: Settings, *, test: BootTest) -> Plan:
 
     plan = Plan()
     plan.ops += [
+        Do(
+            f"check that {p.report} says {p.vhd.name} passed every check",
+            lambda: require_verified(p),
+        ),
         qemu.Boot.of_boot(
             boottest_argv(settings, test, firmware),
             serial_log=test.console,
@@ -91,6 +116,7 @@ def boot(settings: Settings, *, test: BootTest) -> Plan:
             wait=wait,
             pidfile=tmp / f"{test.verb}.pid",
             booted=results.append,
+            label=f"booting with {test.firmware_name}",
         ),
         Do(f"write {test.stamp}: the marker, how long it took, the firmware", stamp),
     ]

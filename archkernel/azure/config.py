@@ -49,8 +49,10 @@ class File:
     mode: int = 0o644
 
 
-def pacman_conf(mirror: str, gpgdir: str | None = None) -> str:
-    """A pacman.conf for a build from `mirror` (Arch's `$repo`/`$arch` placeholders kept)."""
+def pacman_conf(mirror: str, gpgdir: str | None = None, cache_dir: str | None = None) -> str:
+    """A pacman.conf for a build from `mirror` (Arch's `$repo`/`$arch` placeholders kept),
+    with the keyring `gpgdir` and the package cache `cache_dir` (azure.package_cache;
+    pacstrap -c makes pacman use it rather than a cache inside the new root)."""
     lines = [
         "# Written by archkernel for the Azure image build.",
         "[options]",
@@ -61,9 +63,36 @@ def pacman_conf(mirror: str, gpgdir: str | None = None) -> str:
     ]
     if gpgdir:
         lines.append(f"GPGDir = {gpgdir}")
+    if cache_dir:
+        if any(c.isspace() for c in cache_dir):
+            # pacman splits CacheDir's value at blanks (it may name several directories).
+            raise UserError(
+                f"azure.package_cache: pacman cannot use {cache_dir!r}: it holds a blank",
+                "choose a directory whose path has no spaces",
+            )
+        lines.append(f"CacheDir = {cache_dir.rstrip('/')}/")
     for repo in ("core", "extra"):
         lines += ["", f"[{repo}]", f"Server = {mirror}"]
     return "\n".join(lines) + "\n"
+
+
+# The Arch Linux Archive: a snapshot of the official repositories for every day, under
+# repos/YYYY/MM/DD/ with a mirror's layout below it.
+ARCHIVE_URL = "https://archive.archlinux.org"
+
+
+def archive_server(date: str) -> str:
+    """The pacman `Server` of the Arch Linux Archive's snapshot of `date` (`YYYY-MM-DD`)."""
+    year, month, day = date.split("-")
+    return f"{ARCHIVE_URL}/repos/{year}/{month}/{day}/$repo/os/$arch"
+
+
+def repository_server(settings: AzureSettings) -> str:
+    """Where the pacman.conf archkernel writes takes the packages from: the archive's
+    snapshot of azure.archive_date when it is set (pinned), else azure.mirror (live)."""
+    if settings.archive_date is not None:
+        return archive_server(settings.archive_date)
+    return settings.mirror
 
 
 def mirror_probe_url(mirror: str) -> str:

@@ -4,8 +4,15 @@ Each step function returns its plan (`archkernel.plan`) without changing anythin
 commands of steps 6 and 7 run in the build environment (`workspace.build_environment`,
 the plan's context). Step 6 makes the disk as `.disk.img.tmp-new` and renames it to
 `disk.img` once it is whole; step 7 installs GRUB into it; step 8 turns it into the VHD in
-place. Scratch files (GRUB's early config, a mount point, copies to check) live in
-`workdir/azure/tmp/STEP`, removed when the step ends.
+place (a footer and a rename, O(1)). Scratch files (GRUB's early config, a mount point,
+copies to check) live in `workdir/azure/tmp/STEP`, removed when the step ends.
+
+The last good VHD stays until a new one replaces it: step 6 drops only the records of the
+disk it makes again (so a run killed meanwhile does it again), step 7 installs GRUB into a
+copy of the disk when step 8 already made it the VHD (`raw_from_vhd`), and step 8's rename
+onto the VHD's name is the one moment the old image goes. However a rebuild is stopped, the
+old VHD with its records, or the new one, is there. The old VHD's verify report goes just
+before that rename: no report ever describes another image than the VHD there.
 """
 
 from __future__ import annotations
@@ -15,8 +22,9 @@ import functools
 import json
 import os
 from pathlib import Path
+from uuid import UUID
 
-from archkernel.azure import buildenv
+from archkernel.azure import buildenv, ids
 from archkernel.azure.workspace import (
     FIRMWARE_SETTINGS,
     INITRD,
@@ -29,11 +37,13 @@ from archkernel.azure.workspace import (
     esp_volume,
     grub_dirs,
     paths,
+    recorded_ids,
     root_uuid,
     staging,
 )
 from archkernel.errors import UserError
 from archkernel.formats import vhd_file
+from archkernel.formats.vhd import vhd_timestamp
 from archkernel.host import mounts
 from archkernel.host.files import remove_path
 from archkernel.image import esp, ext4, grub, grub_install
@@ -134,12 +144,12 @@ def unstage_other_platforms(rootdir: Path, boot: str) -> None:
             remove_path(grub.staged_dir(rootdir, platform))
 
 
-def _drop_old_disk(p: Paths) -> None:
-    """From here on the old disk is destroyed: drop the stamps that describe it first, so
-    a run killed from now on re-runs step 6 rather than finding it done (a re-run after
-    `--from 6` keeps doit's record of the earlier success)."""
-    old = made_vhd(p)  # any earlier VHD holds an older disk, and so does its report
-    for path in (p.disk, p.bootloader, *([old] if old else []), p.vhd_stamp, p.report, p.summary):
+def _drop_disk_records(p: Paths) -> None:
+    """The disk is made again from here on: drop the records of steps 6 and 7 first, so a
+    run killed from now on re-runs them rather than finding them done (a re-run after
+    `--from 6` keeps doit's record of the earlier success). The VHD and its records stay:
+    they are the last good image until step 8 replaces it."""
+    for path in (p.disk, p.bootloader):
         path.unlink(missing_ok=True)
 
 
@@ -158,6 +168,7 @@ def _put_disk_in_place(made: Path, target: Path) -> None:
     "azure.kernel_cmdline",
     *FIRMWARE_SETTINGS,
     *ROUTING_SETTINGS,
+    ids.EPOCH_SETTING,
 )
 def disk(settings: Settings) -> Plan:
     """sparse disk, partition table, ext4 root made from the tree, e2fsck, ESP.
@@ -168,7 +179,9 @@ def disk(settings: Settings) -> Plan:
     """
     az, p = settings.azure, paths(settings)
     uid, volume = planned_ids(p)
-    layout = layout_for(az)
+    recorded, epoch = recorded_ids(p), ids.source_date_epoch(settings)
+    layout = ids.with_ids(layout_for(az), recorded)  # GPT GUIDs or MBR signature
+    hash_seed = recorded.ext4_hash_seed if recorded is not None else None
     size, table, cmdline = az.disk_size, az.partition_table, az.kernel_cmdline
     bios_lib, efi_lib = planned_grub_dirs(settings)
     made, tmp = staging(p.raw), scratch(p, "disk")
@@ -223,16 +236,18 @@ def disk(settings: Settings) -> Plan:
             lambda: ext4.check_disk_size(p.image_root, size, table, boot=layout.boot),
         ),
         Do(
-            f"drop the records of the old disk ({p.disk.name}, {p.bootloader.name}, the VHD "
-            f"and {p.vhd_stamp.name}, {p.report.name} and {p.summary.name})",
-            lambda: _drop_old_disk(p),
+            f"drop the records of the disk made again ({p.disk.name}, {p.bootloader.name}); "
+            "the VHD stays until step 8 replaces it",
+            lambda: _drop_disk_records(p),
         ),
         *create_ops(made, layout),
-        *ext4.make_ops(made, layout.root, p.image_root, uuid=uid, label=ext4.DEFAULT_LABEL),
+        *ext4.make_ops(
+            made, layout.root, p.image_root, uuid=uid, hash_seed=hash_seed, epoch=epoch, scratch=tmp
+        ),
         ext4.check_op(made, layout.root),
     ]
     if layout.boots_uefi:
-        plan.ops += esp.make_ops(made, layout.esp, volume=volume)
+        plan.ops += esp.make_ops(made, layout.esp, volume=volume, epoch=epoch)
     plan.ops += [
         Do(f"rename {made} to {p.raw}", lambda: _put_disk_in_place(made, p.raw)),
         Do(f"write {p.disk}", stamp),
@@ -247,28 +262,30 @@ def disk(settings: Settings) -> Plan:
 # --- step 7 -------------------------------------------------------------------------------
 
 
-def take_back_raw(p: Paths) -> None:
-    """Make disk.img the raw image again if step 8 already turned it into the VHD."""
-    made = made_vhd(p)
-    if p.raw.exists() or made is None or not made.exists():
+def raw_from_vhd(p: Paths) -> None:
+    """If step 8 already made disk.img the VHD, make disk.img again: a copy of the disk in
+    the VHD (reflinked or by data extents), written atomically. The VHD is not touched."""
+    made = made_vhd(p) or p.vhd
+    if p.raw.exists() or not made.exists():
         return
-    size = vhd_file.strip_footer(made)
-    os.rename(made, p.raw)
-    p.vhd_stamp.unlink(missing_ok=True)
-    log.info("took the raw image (%s) back from %s", format_size(size), made.name)
+    size = vhd_file.to_raw(made, p.raw)
+    log.info("copied the raw image (%s) out of %s, which stays", format_size(size), made.name)
 
 
 def _prepare_raw(p: Paths) -> None:
     p.bootloader.unlink(missing_ok=True)  # killed while writing boot code: not done
-    take_back_raw(p)
+    raw_from_vhd(p)
     if not p.raw.exists():
         raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")
-    old = made_vhd(p)
-    if old is not None:
-        old.unlink(missing_ok=True)
 
 
-@reads(*FIRMWARE_SETTINGS, *LAYOUT_SETTINGS, *ROUTING_SETTINGS)
+@reads(
+    *FIRMWARE_SETTINGS,
+    *LAYOUT_SETTINGS,
+    *ROUTING_SETTINGS,
+    ids.EPOCH_SETTING,
+    "azure.output",  # raw_from_vhd: the VHD to copy the disk out of
+)
 def bootloader(settings: Settings) -> Plan:
     """GRUB for the firmware: boot code and core.img, and/or EFI/BOOT/BOOTX64.EFI.
 
@@ -296,13 +313,16 @@ def bootloader(settings: Settings) -> Plan:
     plan.ops += [
         _housekeeping(p),
         Do(
-            f"drop {p.bootloader.name}; take the raw disk {p.raw} back from the VHD if step 8 "
-            "made it",
+            f"drop {p.bootloader.name}; if step 8 made {p.raw} the VHD, copy the disk out of "
+            "the VHD (which stays) to it",
             lambda: _prepare_raw(p),
         ),
         Do(f"make the empty directory {tmp}", lambda: _fresh_directory(tmp)),
     ]
-    install = grub_install.install(p.raw, layout, root_uuid=uid, scratch=tmp, bios_lib=bios_lib)
+    epoch = ids.source_date_epoch(settings)
+    install = grub_install.install(
+        p.raw, layout, root_uuid=uid, scratch=tmp, bios_lib=bios_lib, epoch=epoch
+    )
     plan.ops += install.ops
     plan.cleanup += install.cleanup
     if layout.boots_uefi:
@@ -315,16 +335,26 @@ def bootloader(settings: Settings) -> Plan:
 # --- step 8 -------------------------------------------------------------------------------
 
 
-def _make_vhd(p: Paths) -> None:
+def _replace_vhd(p: Paths) -> None:
+    """Rename disk.img, a whole VHD now, onto the VHD's name: the old VHD goes only here.
+    Its report and manifest go first: the boot test must not take them for the new image's."""
+    for report in (p.report, p.summary, p.manifest, p.vhd_manifest):
+        report.unlink(missing_ok=True)
+    os.replace(p.raw, p.vhd)
+
+
+def _make_vhd(p: Paths, timestamp: int | None = None, unique_id: str | None = None) -> None:
     if not p.raw.exists():
-        if p.vhd.exists():
+        if p.vhd.exists():  # a run killed after the rename, or `--from 8`
             vhd_file.check_or_raise(p.vhd)
             log.info("%s is already the VHD of the current disk", p.vhd)
         else:
             raise UserError(f"the disk image {p.raw} is gone", "run again with --from 6")
     else:
-        footer = vhd_file.append_footer(p.raw)
-        os.replace(p.raw, p.vhd)
+        footer = vhd_file.append_footer(
+            p.raw, timestamp=timestamp, unique_id=None if unique_id is None else UUID(unique_id)
+        )
+        _replace_vhd(p)
         log.info(
             "VHD %s: %s fixed, unique id %s",
             p.vhd,
@@ -332,21 +362,29 @@ def _make_vhd(p: Paths) -> None:
             footer.unique_id,
         )
     footer = vhd_file.check_or_raise(p.vhd)
+    before = made_vhd(p)
     _json(
         p.vhd_stamp, {"vhd": str(p.vhd), "size": footer.current_size, "id": str(footer.unique_id)}
     )
+    if before is not None and before != p.vhd:
+        before.unlink(missing_ok=True)  # the VHD under the name azure.output had before
+        before.with_name(before.name + ".manifest.json").unlink(missing_ok=True)
 
 
-@reads("azure.output", "azure.disk_size")
+@reads("azure.output", "azure.disk_size", ids.EPOCH_SETTING)
 def vhd(settings: Settings) -> Plan:
     """append the fixed-VHD footer (O(1)) and name the image.
 
-    The footer goes after the raw disk and the file is renamed: no data is copied,
-    whatever the disk size. No command runs.
+    The footer goes after the raw disk and the file is renamed onto the VHD's name, which
+    replaces the old VHD at once: no data is copied, whatever the disk size, and there is
+    always a VHD. No command runs.
     """
     az, p = settings.azure, paths(settings)
+    epoch, recorded = ids.source_date_epoch(settings), recorded_ids(p)
+    timestamp = None if epoch is None else vhd_timestamp(epoch)
+    unique_id = None if recorded is None else recorded.vhd_unique_id
     return Plan().do(
         f"append the 512-byte fixed-VHD footer ({format_size(az.disk_size)}) to {p.raw} and "
         f"rename it to {p.vhd}: no data is copied, the file stays sparse",
-        lambda: _make_vhd(p),
+        lambda: _make_vhd(p, timestamp, unique_id),
     )

@@ -12,11 +12,17 @@ from archkernel.host.run import command_error
 
 # Where pacman keeps a root's keyring (a package's hook may make one in the pacstrapped tree).
 KEYRING_DIR = "etc/pacman.d/gnupg"
+# pacman's log of the installation: when, and the build host's path of the root; no image
+# needs it.
+LOG_FILE = "var/log/pacman.log"
+# The local database: a directory per package, whose `desc` records its install time.
+LOCAL_DB = "var/lib/pacman/local"
 
 
 def pacstrap_argv(pacman_conf: Path, root: Path, packages: list[str]) -> list[str]:
-    """The pacstrap command that installs `packages` into `root` (the host's cache, no
-    keyring copied, no mirror list copied)."""
+    """The pacstrap command that installs `packages` into `root`: no keyring copied, no
+    mirror list copied, and `-c`: the packages go to the cache `pacman_conf` names
+    (CacheDir: azure.package_cache, kept between builds), not to one inside `root`."""
     return ["pacstrap", "-C", str(pacman_conf), "-c", "-G", "-M", str(root), *packages]
 
 
@@ -37,6 +43,15 @@ def stop_gpg_agent_argv(gpgdir: Path) -> list[str]:
     """The command that stops the gpg-agent of the keyring `gpgdir` (exits 0 when none runs,
     even when `gpgdir` does not exist)."""
     return ["gpgconf", "--homedir", str(gpgdir), "--kill", "all"]
+
+
+def with_install_date(desc: str, epoch: int) -> str:
+    """A local database `desc` file's text with its %INSTALLDATE% set to `epoch`."""
+    lines = desc.split("\n")
+    for i, line in enumerate(lines[:-1]):
+        if line == "%INSTALLDATE%":
+            lines[i + 1] = str(epoch)
+    return "\n".join(lines)
 
 
 def pacman_errors(output: str) -> list[str]:

@@ -4,10 +4,11 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from archkernel.azure import buildenv, pacman
+from archkernel.azure import buildenv, ids, pacman
 from archkernel.azure import config as conf
 from archkernel.azure.workspace import (
     FIRMWARE_SETTINGS,
@@ -16,11 +17,11 @@ from archkernel.azure.workspace import (
     Paths,
     _json,
     build_environment,
-    choose_ids,
     clear_leftovers,
     grub_dirs,
     paths,
     put_in_place,
+    record_ids,
     root_uuid,
     staging,
 )
@@ -48,7 +49,9 @@ def _probe_mirror(mirror: str, timeout: float = 20.0) -> None:
         raise UserError(
             f"the mirror {mirror} does not answer ({url}: {exc.reason})",
             "check the network, or set azure.mirror to a reachable mirror, or azure.pacman_conf "
-            "to a pacman.conf for a local mirror or cache",
+            "to a pacman.conf for a local mirror or cache; with no Arch mirror at all, "
+            "`archkernel demo azure_vhd` builds from an offline repository of its own "
+            "(README: Offline build)",
         ) from None
 
 
@@ -77,14 +80,21 @@ class _Environment:
         self.env = self.stack.enter_context(build_environment(settings))
 
 
-@reads(*buildenv.SETTINGS, *FIRMWARE_SETTINGS)
+@reads(*buildenv.SETTINGS, *FIRMWARE_SETTINGS, "azure.archive_date", *ids.ID_SETTINGS)
 def preflight(settings: Settings) -> Plan:
-    """prepare the build environment, check tools, prepare pacman.conf, choose IDs."""
+    """prepare the build environment, check tools, prepare pacman.conf, derive the IDs."""
     az, p = settings.azure, paths(settings)
     tools = preflight_tools(az)
     firmware = az.firmware
     environment = _Environment()
     plan = Plan()
+    cache = None if az.package_cache is None else os.path.abspath(az.package_cache)
+    if cache is not None:
+        # Made before the build environment, which shares it only if it exists.
+        plan.do(
+            f"make the package cache {cache} (azure.package_cache) if it does not exist",
+            functools.partial(os.makedirs, cache, exist_ok=True),
+        )
     if az.builder == "container":
         plan.do(
             f"prepare the build environment under {buildenv.directory(settings.workdir)}: "
@@ -119,22 +129,24 @@ def preflight(settings: Settings) -> Plan:
             lambda: _copy_pacman_conf(given, p),
         )
     else:
-        mirror = az.mirror
+        mirror = conf.repository_server(az)  # azure.mirror, or the archive's snapshot
         plan.do(
             f"check that the mirror answers ({conf.mirror_probe_url(mirror)})",
             lambda: _probe_mirror(mirror),
         )
         _keyring(plan, p)
+        text = conf.pacman_conf(mirror, str(p.gnupg), cache)
+        cached = f" and the package cache {cache}" if cache is not None else ""
         plan.do(
-            f"write {p.pacman_conf} for {mirror}, with the keyring {p.gnupg}",
-            lambda: write_if_changed(
-                p.pacman_conf, conf.pacman_conf(mirror, str(p.gnupg)).encode()
-            ),
+            f"write {p.pacman_conf} for {mirror}, with the keyring {p.gnupg}{cached}",
+            lambda: write_if_changed(p.pacman_conf, text.encode()),
         )
+    image_ids = ids.image_ids(settings)
+    source = "azure.seed" if az.seed is not None else "a digest of the image's settings"
     plan.do(
-        f"choose the IDs not chosen yet (root file system UUID"
-        f"{', ESP volume ID' if firmware != 'bios' else ''}) in {p.ids}",
-        lambda: choose_ids(p, az),
+        f"write {p.ids}: every ID of the image ({', '.join(image_ids.identifiers())}), "
+        f"derived from the seed ({source})",
+        lambda: record_ids(p, image_ids),
     )
 
     def record() -> None:

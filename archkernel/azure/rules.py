@@ -2,7 +2,10 @@
 
 Step 9 (archkernel.azure.verify) reads the image and gathers `TreeFacts` (the root file
 system's files) and `BootFacts` (the partition table, the MBR, the EFI system partition);
-the `check_*` functions here add one `Check` per rule to a `Report`.
+the `check_*` functions here add one `Check` per rule to a `Report`. Among the tree rules,
+the hygiene rules (`_check_hygiene`) fail an image that keeps what the build left: the build
+host's identity or secrets, a log written at build time in /var/log, packages in pacman's
+cache, a file naming the work directory; each line says what it looked for.
 
 The boot rules follow the firmware the image is for (`azure.firmware`): a UEFI image
 (generation 2, or hybrid) needs a GPT, an EFI system partition with a FAT, and a boot
@@ -23,6 +26,9 @@ from archkernel.image import disk, esp
 from archkernel.settings import AzureSettings
 from archkernel.units import MiB
 
+# Where pacman keeps downloaded packages; pacstrap -c leaves them in the host's cache.
+PACKAGE_CACHE = "/var/cache/pacman/pkg"
+LOG_DIR = "/var/log"
 SWAP_TYPES = {"0657fd6d-a4ab-43c4-84e5-0933c84b4f4f", "82"}
 # PE32+ machine type x86-64 and subsystem "EFI application".
 PE_MACHINE_X86_64 = 0x8664
@@ -79,6 +85,14 @@ class TreeFacts:
     enabled_units: list[str] = field(default_factory=list)
     modules_load: str = ""
     hostname: str = ""
+    # What the build host may have left (see `_check_hygiene`):
+    log_files: dict[str, int] = field(default_factory=dict)  # /var/log/... -> size in bytes
+    shipped_logs: list[str] = field(default_factory=list)  # those of them a package ships
+    cached_packages: list[str] = field(default_factory=list)  # files in PACKAGE_CACHE
+    workdir: str = ""  # the work directory's path, as looked for ('': not looked for)
+    workdir_files: list[str] = field(default_factory=list)  # the files that name it
+    searched: list[str] = field(default_factory=list)  # the directories looked in
+    files_searched: int = 0
 
 
 def _fstab_root_uuid(fstab: str) -> str | None:
@@ -161,6 +175,18 @@ def check_tree(report: Report, facts: TreeFacts, az: AzureSettings, fs_uuid: str
     )
     report.add("host name", facts.hostname == az.hostname, facts.hostname)
     _check_agent(report, facts, az)
+    _check_hygiene(report, facts)
+
+
+def _listed(items: list[str], most: int = 8) -> str:
+    shown = ", ".join(items[:most])
+    return shown + (f" and {len(items) - most} more" if len(items) > most else "")
+
+
+def _check_hygiene(report: Report, facts: TreeFacts) -> None:
+    """Nothing of the build host or of the build itself stays in the image: its identity and
+    secrets, the logs the build wrote, the packages it downloaded, its work directory's path.
+    Each line says what it looked for, so a pass says what was proven."""
     leftovers = []
     if facts.machine_id:
         leftovers.append("machine-id is set")
@@ -170,7 +196,47 @@ def check_tree(report: Report, facts: TreeFacts, az: AzureSettings, fs_uuid: str
         leftovers.append("a copied /etc/resolv.conf")
     if facts.keyring_private:
         leftovers.append(f"pacman keyring secrets {facts.keyring_private}")
-    report.add("no build-host leftovers", not leftovers, "; ".join(leftovers) or "none")
+    report.add(
+        "no build-host leftovers",
+        not leftovers,
+        "; ".join(leftovers)
+        or "looked for a set machine-id, SSH host keys, a copied /etc/resolv.conf and pacman "
+        "keyring secrets: none",
+    )
+    # Packages ship some log files empty (btmp, wtmp); anything else, or any content, was
+    # written while the image was built (pacman.log: the build's times and host paths).
+    shipped = set(facts.shipped_logs)
+    written = sorted(p for p, size in facts.log_files.items() if size or p not in shipped)
+    if written:
+        detail = "written at build time: " + _listed(
+            [f"{p} ({facts.log_files[p]} bytes)" for p in written]
+        )
+    else:
+        empty = sorted(shipped & set(facts.log_files))
+        detail = f"looked at {len(facts.log_files)} file(s) in {LOG_DIR}" + (
+            f" ({_listed(empty)}: shipped empty by their packages)" if empty else ""
+        )
+        detail += ": none written at build time"
+    report.add(f"no build log in {LOG_DIR}", not written, detail)
+    cached = sorted(facts.cached_packages)
+    report.add(
+        "no pacman package cache",
+        not cached,
+        f"{len(cached)} file(s) in {PACKAGE_CACHE}: {_listed(cached)}"
+        if cached
+        else f"looked in {PACKAGE_CACHE}: no file",
+    )
+    if facts.workdir:
+        found = sorted(facts.workdir_files)
+        where = ", ".join(facts.searched) or "nothing"
+        report.add(
+            "no work directory path",
+            not found,
+            f"{facts.workdir} is named in {_listed(found)}"
+            if found
+            else f"looked for {facts.workdir} in {facts.files_searched} file(s) under {where}: "
+            "in none",
+        )
 
 
 def _check_agent(report: Report, facts: TreeFacts, az: AzureSettings) -> None:

@@ -14,7 +14,7 @@ import uuid
 from pathlib import Path
 
 from archkernel.azure import config as conf
-from archkernel.azure import pacman, users
+from archkernel.azure import ids, pacman, users
 from archkernel.azure.workspace import (
     FIRMWARE_SETTINGS,
     PACKAGE_SETTINGS,
@@ -104,12 +104,17 @@ def _pacstrapped(p: Paths) -> Path:
 # --- step 2 -----------------------------------------------------------------------------------
 
 
-@reads(*PACKAGE_SETTINGS, *ROUTING_SETTINGS)
+@reads(*PACKAGE_SETTINGS, *ROUTING_SETTINGS, ids.EPOCH_SETTING)
 def pacstrap(settings: Settings) -> Plan:
-    """pacstrap the packages into a directory; write the package manifest."""
+    """pacstrap the packages into a directory; write the package manifest.
+
+    With an epoch, pacman's hooks get it as SOURCE_DATE_EPOCH (systemd-sysusers dates
+    /etc/shadow by it).
+    """
     az, p = settings.azure, paths(settings)
     staged = staging(p.root)
     packages = az.all_packages()
+    epoch = ids.source_date_epoch(settings)
     listing: list[str] = []
     plan = _with_environment(settings)
     plan.ops.append(_undo_killed_run(p, p.root))
@@ -118,6 +123,7 @@ def pacstrap(settings: Settings) -> Plan:
         pacman.pacstrap_argv(p.pacman_conf, staged, packages),
         timeout=3 * 3600,
         error=pacman.pacstrap_error,
+        env=ids.epoch_env(epoch),
     )
     plan.run(pacman.stop_gpg_agent_argv(staged / pacman.KEYRING_DIR))
     plan.do(
@@ -167,10 +173,13 @@ def _discard(staged: Path, what: str) -> Do:
     "azure.user",
     *FIRMWARE_SETTINGS,
     *ROUTING_SETTINGS,
+    ids.EPOCH_SETTING,
 )
 def configure(settings: Settings) -> Plan:
     """host name, locale, time, fstab by UUID, network, sshd, users, clean-up."""
     az, p = settings.azure, paths(settings)
+    epoch = ids.source_date_epoch(settings)
+    dated = ids.epoch_env(epoch)
     source = _pacstrapped(p)
     tree = staging(p.image_root)
     etc = tree / "etc"
@@ -193,7 +202,7 @@ def configure(settings: Settings) -> Plan:
         lambda: _write_system_files(tree, az, p),
     )
     if has_locale_gen:
-        plan.run(["arch-chroot", tree, "locale-gen"], timeout=600)
+        plan.run(["arch-chroot", tree, "locale-gen"], timeout=600, env=dated)
         plan.do(f"stop what locale-gen left running in {tree}", lambda: release_tree(tree))
     else:
         plan.do(
@@ -203,7 +212,7 @@ def configure(settings: Settings) -> Plan:
     plan.do("lock root's password in etc/shadow", lambda: _lock_root(etc / "shadow"))
     if az.user is not None:
         user = az.user
-        plan.run(users.useradd_argv(tree, user.name))
+        plan.run(users.useradd_argv(tree, user.name), env=dated)  # dates /etc/shadow
         if user.password_hash is not None:
             plan.do(
                 f"set {user.name}'s password hash in etc/shadow",
@@ -214,10 +223,11 @@ def configure(settings: Settings) -> Plan:
             "key(s)), owned by the user",
             lambda: users.install_keys(tree, user),
         )
+    installed = f"; set each package's install date to {epoch}" if epoch is not None else ""
     plan.do(
         "remove what is the build host's: empty etc/machine-id, no SSH host keys, no "
-        f"{pacman.KEYRING_DIR}",
-        lambda: _forget_build_host(etc),
+        f"{pacman.KEYRING_DIR}, no {pacman.LOG_FILE}{installed}",
+        lambda: _forget_build_host(etc, epoch),
     )
     _enable(plan, tree, units)
     plan.do(f"put {tree} in place of {p.image_root}", lambda: put_in_place(tree, p.image_root))
@@ -251,12 +261,22 @@ def _lock_root(shadow: Path) -> None:
     write_text(shadow, conf.lock_root(shadow.read_text()), 0o600)
 
 
-def _forget_build_host(etc: Path) -> None:
-    """Nothing of the build host may stay: identity, host keys, keyring secrets."""
+def _forget_build_host(etc: Path, epoch: int | None = None) -> None:
+    """Nothing of the build host may stay: identity, host keys, keyring secrets, pacman's
+    log (the build's times and the host's path of the tree). With an epoch, the packages
+    are dated by it rather than by the build."""
+    root = etc.parent
     write_text(etc / "machine-id", "", 0o444)
     for key in etc.glob("ssh/ssh_host_*"):
         key.unlink()
-    remove_path(etc.parent / pacman.KEYRING_DIR)
+    remove_path(root / pacman.KEYRING_DIR)
+    remove_path(root / pacman.LOG_FILE)
+    if epoch is not None:
+        for desc in sorted(root.glob(f"{pacman.LOCAL_DB}/*/desc")):
+            text = desc.read_text()
+            dated = pacman.with_install_date(text, epoch)
+            if dated != text:
+                write_text(desc, dated, desc.stat().st_mode & 0o7777)
 
 
 def _configured(p: Paths, az: AzureSettings, units: list[str]) -> None:
@@ -296,6 +316,8 @@ def agent(settings: Settings) -> Plan:
     found, available = _configured_tree(p)
     wants_agent = az.provisioning == "waagent" or az.extensions
     plan = _with_environment(settings)
+    # It edits the tree in place: a run killed from here on must find step 4 not done.
+    plan.do(f"drop {p.agent.name}", lambda: p.agent.unlink(missing_ok=True))
     if az.provisioning == "cloud-init":
         if not (found / "etc/cloud").is_dir():
             raise UserError(
@@ -366,20 +388,26 @@ def initramfs_modules(image: Path) -> set[str]:
     }
 
 
-@reads("azure.initramfs_modules", *ROUTING_SETTINGS)
+@reads("azure.initramfs_modules", *ROUTING_SETTINGS, ids.EPOCH_SETTING)
 def initramfs(settings: Settings) -> Plan:
-    """mkinitcpio -P in the image with the Hyper-V drivers, checked."""
+    """mkinitcpio -P in the image with the Hyper-V drivers, checked.
+
+    mkinitcpio dates the archive's entries by SOURCE_DATE_EPOCH, given the epoch.
+    """
     az, p = settings.azure, paths(settings)
+    epoch = ids.source_date_epoch(settings)
     tree = p.image_root
     modules = list(az.initramfs_modules)
     plan = _with_environment(settings)
     plan.ops.append(_undo_killed_run(p))
+    # It edits the tree in place: a run killed from here on must find step 5 not done.
+    plan.do(f"drop {p.initramfs.name}", lambda: p.initramfs.unlink(missing_ok=True))
     plan.do(
         f"set MODULES=({' '.join(modules)}) and HOOKS without autodetect in "
         "etc/mkinitcpio.conf; remove the old boot/initramfs-*.img",
         lambda: _prepare_mkinitcpio(tree, modules),
     )
-    plan.run(["arch-chroot", tree, "mkinitcpio", "-P"], timeout=1800)
+    plan.run(["arch-chroot", tree, "mkinitcpio", "-P"], timeout=1800, env=ids.epoch_env(epoch))
     plan.do(
         f"check that each boot/initramfs-*.img holds {' '.join(modules)}; write {p.initramfs}",
         lambda: _check_initramfs(p, modules),

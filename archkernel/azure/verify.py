@@ -3,11 +3,16 @@
 The step's commands read the VHD file itself (a fixed VHD is the raw disk with the footer
 after it) and nothing is mounted: its partition table through `sfdisk --json`, what the
 partitions hold through `blkid -p` at their offsets, the EFI system partition through
-mtools at its offset, and the root file system's /etc and /boot, copied out with debugfs
-(`rdump`) into `workdir/azure/tmp/verify`. They look where step 6 put the partitions for
-these settings; a table that differs fails the check that needed it. The rules are
-archkernel.azure.rules, pure over what was read; the report goes to verify.json and a
-readable verify.txt, and any failed check fails the step.
+mtools at its offset, and the root file system's directories (all but /proc and /sys:
+the hygiene rules look for the work directory's path in every file), copied out with
+debugfs (`rdump`) into `workdir/azure/tmp/verify`. They look where step 6 put the
+partitions for these settings; a table that differs fails the check that needed it. The
+rules are archkernel.azure.rules, pure over what was read (archkernel.azure.hygiene reads
+what the build may have left); the report goes to verify.json and a readable verify.txt.
+
+Then the manifest (archkernel.azure.manifest) goes to manifest.json and beside the VHD,
+from the image's package databases in the copy, the package cache and the tools' versions;
+last, any failed check fails the step.
 """
 
 from __future__ import annotations
@@ -19,7 +24,10 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archkernel.azure import manifest
 from archkernel.azure.diskimage import layout_for, planned_ids, remove_scratch, scratch
+from archkernel.azure.hygiene import WorkdirSearch
+from archkernel.azure.hygiene import inspect as inspect_hygiene
 from archkernel.azure.rules import (
     BootFacts,
     Report,
@@ -51,8 +59,24 @@ LINUX_TYPES = (
     "0fc63daf-8483-4772-8e79-3d69d8477de4",
     "4f68bce3-e8cd-4db1-96e7-fbcaf984b709",
 )
-# The directories of the root file system the tree rules read, copied out of it.
-TREE_DIRECTORIES = ("/etc", "/boot")
+# The directories of the root file system the rules read, copied out of it: every
+# top-level directory of an Arch root but /proc and /sys (API file systems' mount points)
+# and the links into /usr (/bin, /lib, /lib64, /sbin). One missing is skipped.
+TREE_DIRECTORIES = (
+    "/boot",
+    "/dev",
+    "/efi",
+    "/etc",
+    "/home",
+    "/mnt",
+    "/opt",
+    "/root",
+    "/run",
+    "/srv",
+    "/tmp",
+    "/usr",
+    "/var",
+)
 LOADER_COPY = "BOOTX64.EFI"
 
 # --- reading the image --------------------------------------------------------------------
@@ -78,9 +102,9 @@ def _value(proc: subprocess.CompletedProcess[str]) -> str:
 
 def reading_ops(image: Path, layout: disk.Layout, tmp: Path, into: Reading) -> list[Op]:
     """The commands that read what the rules need from `image`, where `layout` puts the
-    partitions, into `into` and `tmp` (made anew: the root file system's /etc and /boot go
-    to `tmp/tree`, the UEFI boot loader to `tmp/BOOTX64.EFI`). None writes to the image; a
-    failure is recorded for the report, not raised."""
+    partitions, into `into` and `tmp` (made anew: the root file system's TREE_DIRECTORIES
+    go to `tmp/tree`, the UEFI boot loader to `tmp/BOOTX64.EFI`). None writes to the image;
+    a failure is recorded for the report, not raised."""
 
     def table(proc: subprocess.CompletedProcess[str]) -> None:
         try:
@@ -161,9 +185,14 @@ def _read(path: Path) -> str:
         return ""
 
 
-def inspect_tree(root: Path) -> TreeFacts:
-    """Read what the checks need from the image's files under `root` (its /etc and /boot
-    as `reading_ops` copy them out, or a mounted image root)."""
+def inspect_tree(
+    root: Path,
+    workdir: WorkdirSearch | None = None,
+    also: dict[str, Path] | None = None,
+) -> TreeFacts:
+    """Read what the checks need from the image's files under `root` (its directories as
+    `reading_ops` copy them out, or a mounted image root), the files `also` (image path ->
+    copy) included; the work directory's path is looked for only with a `workdir` search."""
     facts = TreeFacts()
     etc = root / "etc"
     facts.fstab = _read(etc / "fstab")
@@ -204,6 +233,8 @@ def inspect_tree(root: Path) -> TreeFacts:
         | {p.name for p in (etc / "systemd/system").glob("*.requires/*")}
     )
     facts.modules_load = "\n".join(_read(p) for p in sorted(etc.glob("modules-load.d/*.conf")))
+    copied = [d for d in TREE_DIRECTORIES if (root / d.lstrip("/")).is_dir()]
+    inspect_hygiene(facts, root, workdir, also, copied)
     return facts
 
 
@@ -247,10 +278,17 @@ def _boot_facts(
 
 
 def judge(
-    image: Path, az: AzureSettings, root_uuid: str, layout: disk.Layout, found: Reading, tmp: Path
+    image: Path,
+    az: AzureSettings,
+    root_uuid: str,
+    layout: disk.Layout,
+    found: Reading,
+    tmp: Path,
+    workdir: WorkdirSearch | None = None,
 ) -> Report:
     """The report on `image`, whose root file system must have `root_uuid`: its footer
-    (read here), then the rules over what `reading_ops` found."""
+    (read here), then the rules over what `reading_ops` found (with `workdir`, the search
+    for the work directory's path among its files)."""
     report = Report(str(image))
     footer_report = vhd_file.examine(image)
     for result in footer_report.results:
@@ -277,20 +315,25 @@ def judge(
         return report
     fs = found.root_uuid
     report.add("file system UUID is the chosen one", fs.lower() == root_uuid.lower(), fs)
-    facts = inspect_tree(tmp / "tree")
+    loader = {f"/{esp.REMOVABLE_PATH_X64} on the ESP": tmp / LOADER_COPY}
+    facts = inspect_tree(tmp / "tree", workdir, loader if layout.has("esp") else None)
     check_tree(report, facts, az, fs)
     check_boot(report, boot, az.firmware, fs, facts.fstab)
     return report
 
 
-def check_image(image: Path, az: AzureSettings, root_uuid: str) -> Report:
-    """Check `image` (a fixed VHD made for `az`) and return the report; reads, never
-    writes (its scratch files go to a temporary directory)."""
+def check_image(
+    image: Path, az: AzureSettings, root_uuid: str, workdir: Path | None = None
+) -> Report:
+    """Check `image` (a fixed VHD made for `az`, with `workdir` the work directory it was
+    built in) and return the report; reads, never writes (its scratch files go to a
+    temporary directory)."""
     layout = layout_for(az)
     found = Reading()
+    search = WorkdirSearch.of(workdir) if workdir is not None else None
     with temporary_directory(prefix="archkernel-verify-") as tmp:
         execute(Plan(reading_ops(image, layout, tmp, found)))
-        return judge(image, az, root_uuid, layout, found, tmp)
+        return judge(image, az, root_uuid, layout, found, tmp, search)
 
 
 def write_report(report: Report, json_path: Path, text_path: Path) -> None:
@@ -328,28 +371,53 @@ def raise_on_failure(report: Report, summary: Path) -> None:
     "azure.partition_table",  # with the firmware and disk_size: where the partitions are
     "azure.output",  # the VHD's name
     *ROUTING_SETTINGS,
+    # The manifest records them (with the source: azure.archive_date, mirror, pacman_conf).
+    *manifest.SETTINGS,
 )
 def verify(settings: Settings) -> Plan:
-    """check the image against Azure's rules; write verify.json and .txt.
+    """check the image against Azure's rules; write verify.json and .txt, and the manifest.
 
-    Its commands only read the VHD (see the module's docstring); a failed check fails
-    the step, after the report is written.
+    Its commands only read the VHD (see the module's docstring), pacman's databases in
+    the copy of it, and the tools' versions; a failed check fails the step, after the
+    report and the manifest are written.
     """
     az, p = settings.azure, paths(settings)
     layout = layout_for(az)
     uid, _ = planned_ids(p)
     tmp = scratch(p, "verify")
     found = Reading()
+    gathered = manifest.Gathered()
+    names = manifest.installed_names(p.packages)
+    reports: list[Report] = []
 
     def conclude() -> None:
-        report = judge(p.vhd, az, uid, layout, found, tmp)
-        write_report(report, p.report, p.summary)
-        raise_on_failure(report, p.summary)
+        search = WorkdirSearch.of(settings.workdir)
+        reports.append(judge(p.vhd, az, uid, layout, found, tmp, search))
+        write_report(reports[0], p.report, p.summary)
+
+    def record() -> None:
+        made = manifest.make(
+            settings, p, tmp / "tree", gathered, manifest.package_locator(settings)
+        )
+        manifest.write(made, [p.manifest, p.vhd_manifest])
+        log.info("manifest %s: %d packages", p.manifest, len(made["packages"]))
 
     plan = Plan(context=functools.partial(build_environment, settings))
     plan.ops += reading_ops(p.vhd, layout, tmp, found)
-    plan.ops.append(
-        Do(f"check what was read against the rules; write {p.report} and {p.summary}", conclude)
-    )
+    plan.ops += manifest.gathering_ops(p.pacman_conf, tmp / "tree", names, az.firmware, gathered)
+    plan.ops += [
+        Do(
+            f"check what was read against the rules (the work directory's path: "
+            f"{settings.workdir.resolve()}); write {p.report} and {p.summary}",
+            conclude,
+        ),
+        Do(
+            f"write the manifest {p.manifest} and its copy {p.vhd_manifest}: the packages "
+            "from the copy's pacman databases with the sha256 of their files in the package "
+            f"cache, the tools' versions, {p.ids.name}, the VHD's size and sha256",
+            record,
+        ),
+        Do("fail the step if a check failed", lambda: raise_on_failure(reports[0], p.summary)),
+    ]
     plan.cleanup.append(remove_scratch(p, "verify"))
     return plan

@@ -1,18 +1,19 @@
-"""The Azure build's work tree: where each step writes, and the IDs step 1 chooses."""
+"""The Azure build's work tree: where each step writes, and the IDs step 1 records."""
 
 from __future__ import annotations
 
 import json
 import os
-import uuid
 from contextlib import AbstractContextManager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 from archkernel.azure import buildenv
+from archkernel.azure.ids import ImageIds
+from archkernel.host import mounts
 from archkernel.host.files import remove_path, remove_stale_temporaries, write_if_changed
-from archkernel.host.processes import release_stale_trees, release_tree
+from archkernel.host.processes import release_stale_trees, release_tree, stop_orphans
 from archkernel.image import grub
 from archkernel.settings import AzureSettings, Settings
 
@@ -27,6 +28,7 @@ HOST_TOOLS = [
     "sfdisk",
     "mkfs.ext4",
     "e2fsck",
+    "debugfs",  # step 6 dates the inodes by the epoch (build.source_date_epoch)
     "blkid",
     "losetup",
     "mount",
@@ -134,6 +136,15 @@ class Paths:
         return self.work / "verify.txt"
 
     @property
+    def manifest(self) -> Path:
+        return self.work / "manifest.json"
+
+    @property
+    def vhd_manifest(self) -> Path:
+        """The manifest's copy beside the VHD."""
+        return self.vhd.with_name(self.vhd.name + ".manifest.json")
+
+    @property
     def console(self) -> Path:
         return self.work / "boottest.log"
 
@@ -191,6 +202,20 @@ def clear_leftovers(target: Path) -> None:
     remove_stale_temporaries(target)
 
 
+def undo_killed_runs(settings: Settings) -> None:
+    """What a run of azure_vhd does first, whether or not any step runs: end the processes
+    a killed run left (`stop_orphans`), and under the work directory remove the trees it
+    was making (`clear_leftovers`) and undo its mounts and loop devices. Runs a command
+    (umount, losetup) only when something is left."""
+    stop_orphans()
+    p = paths(settings)
+    if not p.work.is_dir():
+        return
+    for target in (p.gnupg, p.root, p.image_root, p.raw):
+        clear_leftovers(target)
+    mounts.cleanup_stale(p.work)
+
+
 def _json(path: Path, data: Any) -> bool:
     return write_if_changed(path, (json.dumps(data, indent=2, sort_keys=True) + "\n").encode())
 
@@ -210,26 +235,28 @@ def tree_id(stamp: Path) -> str | None:
 
 
 def root_uuid(p: Paths) -> str:
-    """The root file system's UUID, chosen once by step 1 and kept."""
+    """The root file system's UUID, as step 1 derived it from the seed."""
     return str(json.loads(p.ids.read_text())["root_uuid"])
 
 
 def esp_volume(p: Paths) -> str:
-    """The EFI system partition's FAT volume ID (`1234-ABCD`), chosen once by step 1."""
+    """The EFI system partition's FAT volume ID (`1234-ABCD`), as step 1 derived it."""
     return str(json.loads(p.ids.read_text())["esp_volume"])
 
 
-def choose_ids(p: Paths, az: AzureSettings) -> None:
-    """Choose the image's IDs that are not chosen yet: the root file system's UUID, and
-    for a UEFI image the ESP's volume ID. Chosen ones never change (fstab, the file
-    systems and GRUB's core images are made with them)."""
-    chosen = json.loads(p.ids.read_text()) if p.ids.exists() else {}
-    new = {"root_uuid": str(uuid.uuid4())}
-    if az.firmware != "bios":
-        volume = uuid.uuid4().hex[:8].upper()
-        new["esp_volume"] = f"{volume[:4]}-{volume[4:]}"
-    # Unchanged IDs leave the file as it is: the steps that read it stay up to date.
-    _json(p.ids, {**new, **chosen})
+def recorded_ids(p: Paths) -> ImageIds | None:
+    """Every ID step 1 recorded in `ids.json`; None before it ran (or from an older
+    version, whose file step 1 writes again)."""
+    try:
+        return ImageIds.from_json(json.loads(p.ids.read_text()))
+    except (OSError, ValueError, TypeError):
+        return None
+
+
+def record_ids(p: Paths, ids: ImageIds) -> None:
+    """Write `ids.json`. The same IDs leave the file as it is: the steps that read it stay
+    up to date."""
+    _json(p.ids, ids.to_json())
 
 
 def build_environment(settings: Settings) -> AbstractContextManager[buildenv.BuildEnv | None]:

@@ -135,6 +135,17 @@ SUSPICIOUS = (
 )
 
 
+class _Node:
+    """A path of the tree: its entry (None if only its descendants were seen), its children."""
+
+    __slots__ = ("children", "entry", "populated")
+
+    def __init__(self) -> None:
+        self.entry: Entry | None = None
+        self.children: dict[str, _Node] = {}
+        self.populated = False  # a directory that has had children
+
+
 class TreeRules:
     """The kernel's view of a growing tree, to refuse entries that alias or escape.
 
@@ -144,14 +155,16 @@ class TreeRules:
     replace a non-empty directory (the kernel's rmdir fails and keeps the old tree).
     Hard link targets must be earlier entries of the same archive (the kernel forgets
     links at each trailer).
+
+    The tree is kept by path component, so checking an entry costs the length of its
+    name (a table of whole ancestor paths cost its square: seconds for a deep name).
     """
 
     def __init__(self, source: str, *, links_in_order: bool = True, hint: str = SUSPICIOUS) -> None:
         self.source = source
         self.hint = hint
         self.links_in_order = links_in_order
-        self.tree: dict[str, Entry] = {}
-        self.populated: set[str] = set()  # directories that have had children
+        self.root = _Node()  # the path '.'
         self.archive_paths: set[str] = set()
 
     def new_archive(self) -> None:
@@ -160,10 +173,20 @@ class TreeRules:
 
     def add(self, entry: Entry) -> None:
         """Apply `entry` to the tree, or raise UserError if the kernel would misapply it."""
-        for parent in parents(entry.path):
-            above = self.tree.get(parent)
-            if above is None or above.type == DIR:
+        if entry.path == "." and entry.type != DIR:  # the kernel cannot replace its root
+            raise bad_entry(self.source, entry.path, f"is the root but a {entry.type}", self.hint)
+        parts = [] if entry.path == "." else entry.path.split("/")
+        node = parent_node = self.root
+        for depth, part in enumerate(parts):
+            parent_node = node
+            child = node.children.get(part)
+            if child is None:
+                child = node.children[part] = _Node()
+            node = child
+            above = node.entry
+            if depth == len(parts) - 1 or above is None or above.type == DIR:
                 continue
+            parent = "/".join(parts[: depth + 1])
             if above.type == SYMLINK:
                 raise bad_entry(
                     self.source,
@@ -174,13 +197,8 @@ class TreeRules:
             raise bad_entry(
                 self.source, entry.path, f"is below '{parent}', which is a {above.type}", self.hint
             )
-        old = self.tree.get(entry.path)
-        if (
-            old is not None
-            and old.type == DIR
-            and entry.type != DIR
-            and entry.path in self.populated
-        ):
+        old = node.entry
+        if old is not None and old.type == DIR and entry.type != DIR and node.populated:
             raise bad_entry(
                 self.source, entry.path, "replaces a directory that is not empty", self.hint
             )
@@ -191,10 +209,10 @@ class TreeRules:
                 f"is a hard link to '{entry.linkpath}', which is not an earlier entry",
                 self.hint,
             )
-        self.tree[entry.path] = entry
+        node.entry = entry
         self.archive_paths.add(entry.path)
-        if entry.path != ".":
-            self.populated.add(parents(entry.path)[-1] if "/" in entry.path else ".")
+        if parts:
+            parent_node.populated = True
 
 
 def bad_entry(source: str, name: str, problem: str, hint: str = SUSPICIOUS) -> UserError:

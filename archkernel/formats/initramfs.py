@@ -13,6 +13,10 @@ root, alias paths through symlinks or are not what they claim to be. Nothing her
 the file system: archives are read and written in memory, through libarchive (`newc`). The
 rules live in `cpio` (entries and the tree) and `compression` (members and frames). This
 module loads libarchive, so import it only where an initrd is read or written.
+
+Decompression is bounded: members are unpacked as streams and refused once the payload
+has unpacked to more than `max_unpacked` bytes, or to more than `max_ratio` times its own
+size once past `RATIO_EXEMPT` (a few hundred bytes of bzip2 make 512 MiB of zeros).
 """
 
 from __future__ import annotations
@@ -48,6 +52,14 @@ from archkernel.formats.cpio import (
     skip_padding,
 )
 from archkernel.log import log
+from archkernel.units import MiB
+
+# What a payload may unpack to. A real initrd unpacks to 2-5 times its size (a C1's to
+# about 25 MiB); these bound what a hostile or damaged one costs in memory and time.
+MAX_UNPACKED = 1024 * MiB
+MAX_RATIO = 100
+RATIO_EXEMPT = 32 * MiB  # up to this, any ratio: small archives of repetitive files are fine
+_CHUNK = 1 * MiB  # decompressed per step, so a bomb is stopped within a chunk of the limit
 
 # --- reading: split the payload as the kernel does, let libarchive parse each archive ---
 
@@ -67,27 +79,71 @@ class _Payload:
     archives: list[list[Entry]]
 
 
+@dataclass(frozen=True)
+class Limits:
+    """How far a payload may unpack: `max_unpacked` bytes in all, and no more than
+    `max_ratio` times the payload's size beyond RATIO_EXEMPT."""
+
+    max_unpacked: int = MAX_UNPACKED
+    max_ratio: int = MAX_RATIO
+
+    def allowed(self, packed: int) -> int:
+        """The most a payload of `packed` bytes may unpack to."""
+        return min(self.max_unpacked, max(RATIO_EXEMPT, self.max_ratio * packed))
+
+    def refuse(self, source: str, packed: int, compression: str, offset: int) -> UserError:
+        """The error for a payload of `packed` bytes that unpacks past `allowed`."""
+        limit = self.allowed(packed)
+        why = "the limit" if limit == self.max_unpacked else f"over {self.max_ratio} times its size"
+        return UserError(
+            f"payload of {source} ({_size(packed)}) unpacks to more than {_size(limit)}, {why} "
+            f"({compression} data at byte {offset}): a decompression bomb or a damaged initrd",
+            "a real initrd unpacks to a few times its size; if this one is genuine, raise "
+            "the limits (scaleway.max_initrd_unpacked, scaleway.max_initrd_ratio)",
+        )
+
+
+def _size(size: int) -> str:
+    return f"{size // MiB} MiB" if size % MiB == 0 else f"{size} bytes"
+
+
 def read_entries(
-    payload: bytes, *, source: str, with_data: Callable[[str], bool] | None = None
+    payload: bytes,
+    *,
+    source: str,
+    with_data: Callable[[str], bool] | None = None,
+    max_unpacked: int = MAX_UNPACKED,
+    max_ratio: int = MAX_RATIO,
 ) -> list[Entry]:
     """Every entry of every archive in `payload`, in the order the kernel applies them.
 
     `with_data(path)` says for which paths to keep a regular file's contents. Archives
-    that are damaged, or whose entries would escape or alias the tree, raise UserError.
+    that are damaged, or whose entries would escape or alias the tree, raise UserError;
+    so does a payload that unpacks past `max_unpacked` bytes or `max_ratio` times its size.
     """
-    parsed = _read_payload(payload, source, with_data)
+    parsed = _read_payload(payload, source, with_data, Limits(max_unpacked, max_ratio))
     return [entry for archive in parsed.archives for entry in archive]
 
 
-def read_segments(payload: bytes, *, source: str) -> list[Segment]:
+def read_segments(
+    payload: bytes, *, source: str, max_unpacked: int = MAX_UNPACKED, max_ratio: int = MAX_RATIO
+) -> list[Segment]:
     """How `payload` divides into compressed members and plain archives."""
-    return _read_payload(payload, source, None).segments
+    return _read_payload(payload, source, None, Limits(max_unpacked, max_ratio)).segments
 
 
-def read_file(payload: bytes, path: str, source: str) -> bytes:
+def read_file(
+    payload: bytes,
+    path: str,
+    source: str,
+    *,
+    max_unpacked: int = MAX_UNPACKED,
+    max_ratio: int = MAX_RATIO,
+) -> bytes:
     """The contents of the regular file `path` in the tree the payload unpacks to."""
     wanted = normalise_path(path.lstrip("/") or ".", source="the request")  # '/init' is fine
-    parsed = _read_payload(payload, source, lambda p: p == wanted)
+    limits = Limits(max_unpacked, max_ratio)
+    parsed = _read_payload(payload, source, lambda p: p == wanted, limits)
     found = [
         (a, i)
         for a, archive in enumerate(parsed.archives)
@@ -118,15 +174,19 @@ def read_file(payload: bytes, path: str, source: str) -> bytes:
         return b""
     carrier = parsed.archives[a][carriers[-1]]
     if carrier.data is None:
-        again = _read_payload(payload, source, lambda p: p == carrier.path)
+        again = _read_payload(payload, source, lambda p: p == carrier.path, limits)
         carrier = again.archives[a][carriers[-1]]
     return carrier.data or b""
 
 
-def _read_payload(payload: bytes, source: str, with_data: Callable[[str], bool] | None) -> _Payload:
+def _read_payload(
+    payload: bytes, source: str, with_data: Callable[[str], bool] | None, limits: Limits
+) -> _Payload:
     rules = TreeRules(source)
     segments: list[Segment] = []
     archives: list[list[Entry]] = []
+    allowed = limits.allowed(len(payload))
+    unpacked = 0  # by every compressed member so far
     pos = 0
     while (pos := skip_padding(payload, pos)) < len(payload):
         try:
@@ -151,7 +211,10 @@ def _read_payload(payload: bytes, source: str, with_data: Callable[[str], bool] 
             segments.append(Segment(pos, pos + length, compression))
             pos += length
             continue
-        stream, end = _decompress(payload, pos, compression, source)
+        stream, end = _decompress(payload, pos, compression, source, allowed - unpacked)
+        unpacked += len(stream)
+        if unpacked > allowed:
+            raise limits.refuse(source, len(payload), compression, pos)
         log.debug("initramfs: %s: %s member at bytes %d-%d", source, compression, pos, end)
         archives += _read_stream(stream, source, with_data, rules, compression, pos)
         segments.append(Segment(pos, end, compression))
@@ -185,10 +248,14 @@ def _read_stream(
     return archives
 
 
-def _decompress(payload: bytes, pos: int, compression: str, source: str) -> tuple[bytes, int]:
-    """Decompress the one member at `pos`, as the kernel does: (contents, end offset)."""
-    view = memoryview(payload)[pos:]
-    decompressor: zlib._Decompress | lzma.LZMADecompressor | bz2.BZ2Decompressor
+def _decompress(
+    payload: bytes, pos: int, compression: str, source: str, limit: int
+) -> tuple[bytes, int]:
+    """Decompress the one member at `pos`, as the kernel does: (contents, end offset).
+
+    Stops once the contents pass `limit` bytes: longer contents mean "too large", and
+    the member's end is then unknown (the caller refuses the payload).
+    """
     if compression in ("zstd", "lz4"):
         if compression == "zstd":
             end = zstd_frame_end(payload, pos, source=source)
@@ -196,22 +263,63 @@ def _decompress(payload: bytes, pos: int, compression: str, source: str) -> tupl
             end = lz4_frame_blocks(payload, pos, source=source)[1]
         else:
             end = len(payload)  # legacy lz4 has no end mark: the kernel reads to the end
-        return newc.decompress(payload[pos:end], compression, source, pos), end
-    if compression == "gzip":
-        decompressor = zlib.decompressobj(wbits=31)
-    elif compression == "xz":
-        decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
-    elif compression == "lzma":
-        decompressor = lzma.LZMADecompressor(lzma.FORMAT_ALONE)
-    else:
-        decompressor = bz2.BZ2Decompressor()
+        return newc.decompress(payload[pos:end], compression, source, pos, limit=limit), end
     try:
-        stream = decompressor.decompress(view)
+        if compression == "gzip":
+            return _inflate(payload, pos, limit)
+        decompressor: lzma.LZMADecompressor | bz2.BZ2Decompressor
+        if compression == "xz":
+            decompressor = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+        elif compression == "lzma":
+            decompressor = lzma.LZMADecompressor(lzma.FORMAT_ALONE)
+        else:
+            decompressor = bz2.BZ2Decompressor()
+        return _unpack_stream(decompressor, payload, pos, limit)
     except (zlib.error, lzma.LZMAError, OSError, ValueError, EOFError) as exc:
         raise corrupt_payload(source, compression, pos, str(exc)) from exc
-    if not decompressor.eof:
-        raise corrupt_payload(source, compression, pos, "it ends early")
-    return stream, len(payload) - len(decompressor.unused_data)
+    except _EndsEarly:
+        raise corrupt_payload(source, compression, pos, "it ends early") from None
+
+
+class _EndsEarly(Exception):
+    """The compressed data stopped before its end mark."""
+
+
+def _inflate(payload: bytes, pos: int, limit: int) -> tuple[bytes, int]:
+    """One gzip member at `pos`, in steps, at most a chunk past `limit`."""
+    decompressor = zlib.decompressobj(wbits=31)
+    pending: bytes | memoryview = memoryview(payload)[pos:]
+    chunks: list[bytes] = []
+    total = 0
+    while not decompressor.eof and total <= limit:
+        before = len(pending)
+        chunk = decompressor.decompress(pending, _CHUNK)
+        pending = decompressor.unconsumed_tail
+        stuck = not pending or len(pending) == before  # no input left, or none taken
+        if not chunk and not decompressor.eof and stuck:
+            raise _EndsEarly
+        chunks.append(chunk)
+        total += len(chunk)
+    return b"".join(chunks), len(payload) - len(decompressor.unused_data)
+
+
+def _unpack_stream(
+    decompressor: lzma.LZMADecompressor | bz2.BZ2Decompressor,
+    payload: bytes,
+    pos: int,
+    limit: int,
+) -> tuple[bytes, int]:
+    """One xz, lzma or bzip2 member at `pos`, in steps, at most a chunk past `limit`."""
+    chunks = [decompressor.decompress(memoryview(payload)[pos:], _CHUNK)]
+    total = len(chunks[0])
+    while not decompressor.eof and total <= limit:
+        if decompressor.needs_input:
+            raise _EndsEarly
+        chunks.append(decompressor.decompress(b"", _CHUNK))
+        total += len(chunks[-1])
+        if not chunks[-1] and not decompressor.eof and not decompressor.needs_input:
+            raise _EndsEarly  # neither output nor progress: never loop on it
+    return b"".join(chunks), len(payload) - len(decompressor.unused_data)
 
 
 # --- writing: a reproducible newc archive, then the patched payload ----------------------
@@ -268,13 +376,20 @@ def build_archive(
 
 
 def patch(
-    payload: bytes, additions: Sequence[Entry], *, source: str, compression: str = "gzip"
+    payload: bytes,
+    additions: Sequence[Entry],
+    *,
+    source: str,
+    compression: str = "gzip",
+    max_unpacked: int = MAX_UNPACKED,
+    max_ratio: int = MAX_RATIO,
 ) -> bytes:
     """`payload` unchanged, then a separately compressed archive adding `additions`.
 
-    The original is read and checked first; see plan_additions for what is refused.
+    The original is read and checked first (within the limits of `read_entries`); see
+    plan_additions for what is refused.
     """
-    parsed = _read_payload(payload, source, None)
+    parsed = _read_payload(payload, source, None, Limits(max_unpacked, max_ratio))
     if parsed.segments[-1].compression == "lz4" and payload.startswith(
         LZ4_LEGACY_MAGIC, parsed.segments[-1].offset
     ):

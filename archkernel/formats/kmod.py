@@ -18,6 +18,10 @@ does. Its rules, checked against `modprobe --show-depends`:
   `modules.builtin`. Built-in modules need no insmod and produce nothing; names that
   resolve to nothing are skipped, as kmod does.
 
+Every path in modules.dep must name a module file inside the module directory (relative,
+no '..', a module name of letters, digits, '_' and '-'): the names end up in the initrd's
+/init script, the paths are read from the module tree.
+
 The host's `/etc/modprobe.d` is deliberately not consulted: the answer depends only on the
 module directory, so it is the same on any build machine.
 """
@@ -48,6 +52,17 @@ _COMPRESSION = {
     ".ko.zst": ("zstd", ZSTD_MAGIC),
 }
 _GLOB_CHARS = re.compile(r"[*?\[]")
+# What a module's name can be: the kernel's KBUILD_MODNAME is a C identifier made of the
+# file name ('-' and ',' become '_'); the names here end up in shell scripts and paths.
+_MODULE_NAME = re.compile(r"[A-Za-z0-9_-]+")
+# A module path as depmod writes it: relative, no NUL, a module name and suffix at the end.
+_MODULE_PATH = re.compile(r"(?:[^/\0]+/)*[A-Za-z0-9_-]+\.ko(?:\.gz|\.xz|\.zst)?")
+# Work allowed, far above any real kernel's, so that a tangled index ends in bounded time:
+# steps of one name's probe list (a module visited, placed or emitted), and wildcard
+# softdep patterns tried in all (modules.softdep from depmod has no wildcards).
+MAX_PROBE_STEPS = 1_000_000
+MAX_PATTERN_TESTS = 1_000_000
+_PROBE, _WITH_SOFT, _EMIT = range(3)  # the kinds of step of a probe list
 
 
 def normalize(name: str) -> str:
@@ -57,6 +72,8 @@ def normalize(name: str) -> str:
 
 def _normalize_alias(alias: str) -> str:
     """kmod's alias normalisation: '-' becomes '_' except inside [...] groups."""
+    if "[" not in alias:  # most aliases: no group, so every '-'
+        return alias.replace("-", "_")
     out: list[str] = []
     in_group = False
     for char in alias:
@@ -76,6 +93,39 @@ def module_name(relpath: str) -> str:
             base = base[: -len(suffix)]
             break
     return normalize(base)
+
+
+def is_module_name(name: str) -> bool:
+    """True if `name` can be a module's name: letters, digits, '_' and '-' only."""
+    return _MODULE_NAME.fullmatch(name) is not None
+
+
+def check_module_path(relpath: str, *, where: str = "modules.dep") -> str:
+    """`relpath` if it can name a module file inside the module directory, else UserError.
+
+    A module path is relative, has no '..', ends in a module suffix, and its module name
+    is letters, digits, '_' and '-': the name goes into the initrd's /init script.
+    """
+    if _MODULE_PATH.fullmatch(relpath) and ".." not in relpath.split("/"):
+        return relpath  # every real one: one pattern and one split
+    problem = None
+    if relpath.startswith("/"):
+        problem = "is an absolute path"
+    elif ".." in relpath.split("/"):
+        problem = "has a '..' component"
+    elif "\0" in relpath:
+        problem = "has a NUL byte"
+    elif not relpath.endswith(MODULE_SUFFIXES):
+        problem = f"does not end in {', '.join(MODULE_SUFFIXES)}"
+    elif not is_module_name(module_name(relpath)):
+        problem = "is not a module name (letters, digits, '_' and '-' only)"
+    if problem is None:
+        return relpath
+    raise UserError(
+        f"{where} names the module file {relpath[:200]!r}, which {problem}",
+        "modules.dep lists paths below the module directory such as "
+        "kernel/fs/ext4/ext4.ko.zst; regenerate it with `depmod -b ROOT VERSION`",
+    )
 
 
 @dataclass(frozen=True)
@@ -156,6 +206,18 @@ class ModulesDep:
                 self._exact_aliases.setdefault(pattern, []).append((rank, module))
         self._lookups: dict[str, tuple[str, ...]] = {}
         self._softdep_cache: dict[str, tuple[tuple[str, ...], tuple[str, ...]]] = {}
+        # Softdep lines as aliases: the first line of each literal pattern by name, the
+        # patterns with wildcards (few, usually none) tried in order after their prefix.
+        self._exact_softdeps: dict[str, int] = {}
+        self._glob_softdeps: list[tuple[int, str, str]] = []
+        for index, softdep in enumerate(self._softdeps):
+            wildcard = _GLOB_CHARS.search(softdep.pattern)
+            if wildcard:
+                prefix = softdep.pattern[: wildcard.start()]
+                self._glob_softdeps.append((index, prefix, softdep.pattern))
+            else:
+                self._exact_softdeps.setdefault(softdep.pattern, index)
+        self._pattern_tests = 0
 
     @classmethod
     def parse(
@@ -184,11 +246,14 @@ class ModulesDep:
                     f"{where} line {number} is not 'module: dependencies': {line[:80]!r}",
                     "regenerate the index with `depmod -b ROOT VERSION`",
                 )
+            line_deps = tuple(rest.split())
+            for relpath in (path, *line_deps):
+                check_module_path(relpath, where=f"{where} line {number}")
             name = module_name(path)
             if name in paths:  # depmod writes one line per name; keep the first like kmod
                 continue
             paths[name] = path
-            deps[name] = tuple(rest.split())
+            deps[name] = line_deps
         builtin = [module_name(line.strip()) for line in builtin_text.splitlines() if line.strip()]
         return cls(
             paths,
@@ -281,46 +346,78 @@ class ModulesDep:
             return [key]
         return []
 
+    def _softdep_of(self, name: str) -> Softdep | None:
+        """The first softdep line whose pattern matches `name` (kmod uses only that one)."""
+        first = self._exact_softdeps.get(name)
+        for index, prefix, pattern in self._glob_softdeps:
+            if first is not None and index > first:
+                break
+            if name.startswith(prefix):
+                self._pattern_tests += 1
+                if self._pattern_tests > MAX_PATTERN_TESTS:
+                    raise self._tangled_error(name)
+                if fnmatchcase(name, pattern):
+                    first = index
+                    break
+        return None if first is None else self._softdeps[first]
+
     def _soft(self, name: str) -> tuple[tuple[str, ...], tuple[str, ...]]:
         """The (pre, post) soft dependencies of module `name`, resolved to module names."""
         cached = self._softdep_cache.get(name)
         if cached is not None:
             return cached
         result: tuple[tuple[str, ...], tuple[str, ...]] = ((), ())
-        for softdep in self._softdeps:
-            if fnmatchcase(name, softdep.pattern):
-                # kmod uses only the first matching line, as module-init-tools did.
-                pre = tuple(m for n in softdep.pre for m in self.lookup(n))
-                post = tuple(m for n in softdep.post for m in self.lookup(n))
-                result = (pre, post)
-                break
+        softdep = self._softdep_of(name)
+        if softdep is not None:
+            pre = tuple(m for n in softdep.pre for m in self.lookup(n))
+            post = tuple(m for n in softdep.post for m in self.lookup(n))
+            result = (pre, post)
         self._softdep_cache[name] = result
         return result
 
     def _probe_order(self, name: str) -> list[str]:
-        """kmod's probe list for one module, duplicates included, built-ins skipped."""
+        """kmod's probe list for one module, duplicates included, built-ins skipped.
+
+        kmod recurses: probing a module probes its dependencies, each preceded by its
+        `pre:` and followed by its `post:` soft dependencies, each probed the same way.
+        Here that is a loop over a stack of what is left to do (a chain of soft
+        dependencies as long as the module list must not exhaust Python's stack), of at
+        most MAX_PROBE_STEPS steps.
+        """
         order: list[str] = []
         visited: set[str] = set()
-
-        def with_softdeps(module: str) -> None:
-            pre, post = self._soft(module)
-            for soft in pre:
-                probe(soft)
-            if module not in self._builtin:
+        # (what, module): _PROBE a module and its dependencies once; _WITH_SOFT a module
+        # with its soft dependencies around it; _EMIT a module into the order.
+        todo: list[tuple[int, str]] = [(_PROBE, name)]
+        steps = 0
+        while todo:
+            steps += 1
+            if steps > MAX_PROBE_STEPS:
+                raise self._tangled_error(name)
+            what, module = todo.pop()
+            if what == _PROBE:
+                if module in visited:
+                    continue
+                visited.add(module)
+                # Pushed in reverse: the deepest dependency is done first, the module last.
+                todo.append((_WITH_SOFT, module))
+                todo.extend((_WITH_SOFT, module_name(dep)) for dep in self._deps.get(module, ()))
+            elif what == _WITH_SOFT:
+                pre, post = self._soft(module)
+                todo.extend((_PROBE, soft) for soft in reversed(post))
+                todo.append((_EMIT, module))
+                todo.extend((_PROBE, soft) for soft in reversed(pre))
+            elif module not in self._builtin:
                 order.append(module)
-            for soft in post:
-                probe(soft)
-
-        def probe(module: str) -> None:
-            if module in visited:
-                return
-            visited.add(module)
-            for dep in reversed(self._deps.get(module, ())):
-                with_softdeps(module_name(dep))
-            with_softdeps(module)
-
-        probe(name)
         return order
+
+    def _tangled_error(self, name: str) -> UserError:
+        where = f"{self.version}'s modules.softdep" if self.version else "modules.softdep"
+        return UserError(
+            f"resolving module '{name}' takes too much work: "
+            f"{where} or modules.dep is tangled beyond any real kernel's",
+            "regenerate the index with `depmod -b ROOT VERSION`; check the kernel package",
+        )
 
     def resolve(
         self, required: Sequence[str], optional: Sequence[str] = ()
@@ -436,10 +533,13 @@ def decompress_module(data: bytes, relpath: str) -> bytes:
 
 __all__ = [
     "ELF_MAGIC",
+    "MAX_PROBE_STEPS",
     "MODULE_SUFFIXES",
     "ModulesDep",
     "Softdep",
+    "check_module_path",
     "decompress_module",
+    "is_module_name",
     "module_name",
     "normalize",
     "parse_aliases",

@@ -45,8 +45,13 @@ _entry_copy_symlink = ffi.ffi("entry_copy_symlink", [ffi.c_archive_entry_p, ctyp
 # --- reading ----------------------------------------------------------------------------
 
 
-def decompress(data: bytes, compression: str, source: str, pos: int) -> bytes:
-    """The contents of one compressed member `data` (at byte `pos` of `source`)."""
+def decompress(data: bytes, compression: str, source: str, pos: int, *, limit: int) -> bytes:
+    """The contents of one compressed member `data` (at byte `pos` of `source`).
+
+    Stops reading once more than `limit` bytes came out: a result longer than `limit`
+    means the member unpacks to more than that (the caller refuses it), and a
+    decompression bomb costs no more memory than the limit.
+    """
     try:
         with _archive_reader(data, "raw") as archive_p:
             holder = _Entry()
@@ -61,7 +66,7 @@ def decompress(data: bytes, compression: str, source: str, pos: int) -> bytes:
                     f"this libarchive cannot read {compression} (filters found: {filters})",
                     "install a libarchive built with lz4 and zstd support",
                 )
-            return _read_data(archive_p)
+            return _read_data(archive_p, limit)
     except ArchiveError as exc:
         raise corrupt_payload(source, compression, pos, exc.msg or "") from exc
 
@@ -77,17 +82,17 @@ def read_archive(
 
     Every entry must pass `rules`; `with_data(path)` says which files' contents to keep.
     """
-    data = stream if pos == 0 else stream[pos:]
-    if not data.startswith(NEWC_MAGICS):
+    if not stream.startswith(NEWC_MAGICS, pos):
         raise UserError(
             f"payload of {source} holds a cpio archive that is not in newc format "
-            f"(starts with {data[:6]!r})",
+            f"(starts with {stream[pos : pos + 6]!r})",
             "the kernel reads only newc archives (cpio -H newc)",
         )
     rules.new_archive()
     entries: list[Entry] = []
     try:
-        with _archive_reader(data, "cpio") as archive_p:
+        # From `pos` in place: a copy of the rest per archive is quadratic in their number.
+        with _archive_reader(stream, "cpio", pos) as archive_p:
             holder = _Entry()
             while True:
                 status = ffi.read_next_header2(archive_p, holder.pointer)
@@ -105,7 +110,7 @@ def read_archive(
     except ArchiveError as exc:
         raise corrupt_payload(source, "cpio", pos, exc.msg or "") from exc
     # libarchive stops at the trailer; an archive cut between two entries also ends.
-    if data.rfind(TRAILER_NAME, max(0, length - 16), length) < 0:
+    if stream.rfind(TRAILER_NAME, pos + max(0, length - 16), pos + length) < 0:
         raise corrupt_payload(source, "cpio", pos, "the archive has no TRAILER!!! entry")
     return entries, length
 
@@ -150,27 +155,31 @@ class _Entry:
 
 
 @contextmanager
-def _archive_reader(data: bytes, format_name: str) -> Iterator[int]:
-    """libarchive reading `data` from memory: every filter, the one format given."""
+def _archive_reader(data: bytes, format_name: str, offset: int = 0) -> Iterator[int]:
+    """libarchive reading `data` from `offset` in memory: every filter, the one format given."""
     archive_p = ffi.read_new()
     try:
         ffi.read_support_filter_all(archive_p)
         ffi.get_read_format_function(format_name)(archive_p)
-        address = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p)  # no copy of `data`
-        ffi.read_open_memory(archive_p, address, len(data))
+        base = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value or 0  # no copy
+        ffi.read_open_memory(archive_p, ctypes.c_void_p(base + offset), len(data) - offset)
         yield archive_p
     finally:
         ffi.read_free(archive_p)
 
 
-def _read_data(archive_p: int) -> bytes:
+def _read_data(archive_p: int, limit: int | None = None) -> bytes:
+    """The current entry's data; with `limit`, stop once more than `limit` bytes came."""
     buffer = ctypes.create_string_buffer(1 << 20)
     chunks: list[bytes] = []
-    while True:
+    total = 0
+    while limit is None or total <= limit:
         count = ffi.read_data(archive_p, buffer, len(buffer))
         if count <= 0:
-            return b"".join(chunks)
+            break
         chunks.append(ctypes.string_at(buffer, count))
+        total += count
+    return b"".join(chunks)
 
 
 # --- writing ----------------------------------------------------------------------------

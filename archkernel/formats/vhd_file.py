@@ -4,12 +4,15 @@
 footer, to tell a raw image from a truncated disk) and apply `vhd_rules` to them;
 `append_footer` turns a raw image into a fixed VHD in place in O(1) and `strip_footer`
 undoes it; `from_raw` writes a VHD beside a raw image by cloning or copying only its data
-extents (`host.sparse`), so the result stays sparse.
+extents (`host.sparse`), so the result stays sparse, and `to_raw` writes the raw image of a
+VHD beside it the same way. Only regular files and block devices are opened: a FIFO or a
+character device named by mistake is refused first (`_open_image`).
 """
 
 from __future__ import annotations
 
 import errno
+import fcntl
 import os
 import stat
 import time
@@ -38,6 +41,45 @@ def _io_error(action: str, path: str | os.PathLike[str], exc: OSError) -> UserEr
     return UserError(f"cannot {action} {os.fspath(path)}: {reason}", hint)
 
 
+_KINDS = {
+    stat.S_IFIFO: "a named pipe (FIFO)",
+    stat.S_IFCHR: "a character device",
+    stat.S_IFSOCK: "a socket",
+}
+
+
+def _refuse_unless_image(path: str | os.PathLike[str], mode: int) -> None:
+    if stat.S_ISREG(mode) or stat.S_ISBLK(mode):
+        return
+    if stat.S_ISDIR(mode):
+        reason = os.strerror(errno.EISDIR)
+    else:
+        kind = _KINDS.get(stat.S_IFMT(mode), "not a file")
+        reason = f"it is {kind}, not a regular file or a block device"
+    raise UserError(f"cannot open {os.fspath(path)}: {reason}", "name the disk image file")
+
+
+def _open_image(path: str | os.PathLike[str], flags: int = os.O_RDONLY) -> int:
+    """Open the disk image at `path`, a regular file or a block device, and nothing else.
+
+    Its type is checked before it is opened (opening a FIFO waits for a writer, forever;
+    opening some character devices acts on them), and again on what was opened, without
+    waiting, in case the path changed in between. Returns a blocking descriptor.
+    """
+    try:
+        _refuse_unless_image(path, os.stat(path).st_mode)
+        fd = os.open(path, flags | os.O_NONBLOCK | os.O_NOCTTY)
+    except OSError as exc:
+        raise _io_error("open", path, exc) from exc
+    try:
+        _refuse_unless_image(path, os.fstat(fd).st_mode)
+        fcntl.fcntl(fd, fcntl.F_SETFL, fcntl.fcntl(fd, fcntl.F_GETFL) & ~os.O_NONBLOCK)
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
 def _size_and_tail(fd: int) -> tuple[int, bytes]:
     """A file's size (block devices included) and its last 512 bytes (empty if shorter)."""
     size = os.lseek(fd, 0, os.SEEK_END)
@@ -48,11 +90,9 @@ def _size_and_tail(fd: int) -> tuple[int, bytes]:
 
 def examine(path: str | os.PathLike[str]) -> Report:
     """Apply Azure's fixed-VHD rules to the file at `path`; reads only its last 512 bytes,
-    and its first 1024 when it does not end with a footer."""
-    try:
-        fd = os.open(path, os.O_RDONLY)
-    except OSError as exc:
-        raise _io_error("open", path, exc) from exc
+    and its first 1024 when it does not end with a footer. Refuses anything but a regular
+    file or a block device before opening it."""
+    fd = _open_image(path)
     try:
         size, tail = _size_and_tail(fd)
         head = b""
@@ -105,10 +145,7 @@ def append_footer(
     timestamp; by default SOURCE_DATE_EPOCH or now. Returns the footer the file ends with.
     """
     name = os.fspath(raw)
-    try:
-        fd = os.open(raw, os.O_RDWR)
-    except OSError as exc:
-        raise _io_error("open", raw, exc) from exc
+    fd = _open_image(raw, os.O_RDWR)
     try:
         if not stat.S_ISREG(os.fstat(fd).st_mode):
             raise UserError(f"{name} is not a regular file", "pass the raw disk image file")
@@ -162,14 +199,9 @@ def from_raw(
     refused before anything is read. Returns the footer written.
     """
     raw_name, vhd_name = os.fspath(raw), os.fspath(vhd)
-    try:
-        src = os.open(raw, os.O_RDONLY)
-    except OSError as exc:
-        raise _io_error("open", raw, exc) from exc
+    src = _open_image(raw)
     try:
         src_stat = os.fstat(src)
-        if stat.S_ISDIR(src_stat.st_mode):
-            raise UserError(f"{raw_name} is a directory", "pass the raw disk image file")
         try:
             vhd_stat = os.stat(vhd)
         except FileNotFoundError:
@@ -208,3 +240,25 @@ def from_raw(
         raise _io_error("read", raw, exc) from exc
     finally:
         os.close(src)
+
+
+def to_raw(vhd: str | os.PathLike[str], raw: str | os.PathLike[str]) -> int:
+    """Write the raw image inside the fixed VHD `vhd` to `raw` atomically; `vhd` is not
+    changed. Reflinked or copied by data extents as in `from_raw`, so `raw` stays sparse.
+    Returns the raw image's size."""
+    size = raw_size(vhd)
+    src = _open_image(vhd)
+    try:
+        with atomic_path(raw) as tmp:
+            dst = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+            try:
+                how = copy_sparse(src, dst, size)
+                os.ftruncate(dst, size)  # a reflink brought the footer along
+            finally:
+                os.close(dst)
+    except OSError as exc:
+        raise _io_error(f"write the raw image of {os.fspath(vhd)} to", raw, exc) from exc
+    finally:
+        os.close(src)
+    log.debug("wrote %s from %s (%s), %d MiB", os.fspath(raw), os.fspath(vhd), how, size >> 20)
+    return size

@@ -1,4 +1,5 @@
-"""Processes left working in a directory tree (a killed pacstrap's gpg-agent, ...)."""
+"""Processes a killed run left: working in a directory tree (a killed pacstrap's pacman or
+gpg-agent), or carrying the mark of a run that is gone (`stop_orphans`)."""
 
 from __future__ import annotations
 
@@ -6,12 +7,13 @@ import contextlib
 import os
 import signal
 import time
-from collections.abc import Iterable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 from archkernel.errors import UserError
 from archkernel.host import mounts
 from archkernel.host.files import is_under
+from archkernel.host.run import RUN_VARIABLE, process_identity
 from archkernel.log import log
 
 # --- processes left working in a tree ------------------------------------------------------
@@ -50,6 +52,27 @@ def _gone(pid: int) -> bool:
     return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # a zombie no longer runs
 
 
+def _name(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return "?"
+
+
+def _kill_and_wait(pids: list[int], timeout: float, message: str) -> None:
+    for pid in pids:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + timeout
+    while not all(_gone(pid) for pid in pids):
+        if time.monotonic() > deadline:
+            raise UserError(
+                message,
+                "wait for them to end (they may be stuck on a file system), then run again",
+            )
+        time.sleep(0.05)
+
+
 def stop_processes_in(tree: Path, timeout: float = 10.0) -> list[int]:
     """SIGKILL the processes still working in `tree` and wait until they are gone.
 
@@ -59,21 +82,8 @@ def stop_processes_in(tree: Path, timeout: float = 10.0) -> list[int]:
     """
     pids = processes_in(tree, _process_table())
     for pid in pids:
-        try:
-            name = Path(f"/proc/{pid}/comm").read_text().strip()
-        except OSError:
-            name = "?"
-        log.info("stopping process %d (%s), still working in %s", pid, name, tree)
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-    deadline = time.monotonic() + timeout
-    while not all(_gone(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            raise UserError(
-                f"processes {pids} still work in {tree} after SIGKILL",
-                "wait for them to end (they may be stuck on a file system), then run again",
-            )
-        time.sleep(0.05)
+        log.info("stopping process %d (%s), still working in %s", pid, _name(pid), tree)
+    _kill_and_wait(pids, timeout, f"processes {pids} still work in {tree} after SIGKILL")
     return pids
 
 
@@ -89,3 +99,68 @@ def release_stale_trees(target: Path) -> None:
         owner = tmp.name.rsplit("-", 1)[-1]
         if owner.isdigit() and not Path(f"/proc/{owner}").exists():
             release_tree(tmp)
+
+
+# --- processes of runs that are gone -------------------------------------------------------
+
+
+def orphans(
+    table: Iterable[tuple[int, str | None]], alive: Callable[[str], bool]
+) -> list[tuple[int, str]]:
+    """Of the processes (pid, the run they carry in RUN_VARIABLE or None) in `table`, those
+    whose run is not `alive` (killed: they outlived it), with that run."""
+    found = []
+    runs: dict[str, bool] = {}
+    for pid, run in table:
+        if run is None:
+            continue
+        if run not in runs:
+            runs[run] = alive(run)
+        if not runs[run]:
+            found.append((pid, run))
+    return found
+
+
+def _run_of(environ: bytes) -> str | None:
+    prefix = RUN_VARIABLE.encode() + b"="
+    for entry in environ.split(b"\0"):
+        if entry.startswith(prefix):
+            return entry[len(prefix) :].decode("ascii", "replace")
+    return None
+
+
+def _marked_processes() -> Iterator[tuple[int, str | None]]:
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit() or int(entry.name) == os.getpid():
+            continue
+        try:
+            environ = (entry / "environ").read_bytes()
+        except OSError:  # gone meanwhile, a kernel thread, or another user's
+            continue
+        yield int(entry.name), _run_of(environ)
+
+
+def _alive(run: str) -> bool:
+    pid = run.split(":", 1)[0]
+    return pid.isdigit() and process_identity(int(pid)) == run
+
+
+def stop_orphans(timeout: float = 10.0) -> list[int]:
+    """SIGKILL the processes a killed run left running, and wait until they are gone.
+
+    run() marks each command with the run that started it (RUN_VARIABLE), and everything
+    the command starts inherits the mark. The command itself dies with its run
+    (PR_SET_PDEATHSIG); what it started (pacman under pacstrap, a gpg-agent, QEMU under a
+    wrapper) is found here by the mark of a run that no longer exists.
+    """
+    found = orphans(_marked_processes(), _alive)
+    for pid, run in found:
+        log.info(
+            "stopping process %d (%s), left by run %s, which was killed",
+            pid,
+            _name(pid),
+            run.split(":", 1)[0],
+        )
+    pids = [pid for pid, _ in found]
+    _kill_and_wait(pids, timeout, f"processes {pids} left by killed runs still run after SIGKILL")
+    return pids

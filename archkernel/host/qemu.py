@@ -2,8 +2,10 @@
 
 `qemu_argv` decides the command (pure). `qemu_process` runs it in the background and
 stops it (SIGTERM, then SIGKILL) when its block ends, however it ends. `boot_and_wait`
-polls the serial log until a marker appears. `Boot` is that boot as an operation of a plan
-(archkernel.plan): shown, and logged with -v, as the QEMU command it runs.
+polls the serial log until a marker appears, showing how it goes (`BootProgress`), and
+quotes the console's last meaningful lines (`console_lines`) when it does not. `Boot` is
+that boot as an operation of a plan (archkernel.plan): shown, and logged with -v, as the
+QEMU command it runs.
 
 Always TCG: KVM opens on the build machines but its guests hang. QEMU runs through
 `archkernel.host.run.run` in a worker thread, so it gets the same minimal environment, logging
@@ -16,7 +18,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import re
 import signal
 import subprocess
 import threading
@@ -26,6 +27,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from archkernel.errors import UserError
+from archkernel.host.console import BootProgress, clean_console, console_tail
 from archkernel.host.files import temporary_directory
 from archkernel.host.run import render, run
 from archkernel.log import log
@@ -36,10 +38,6 @@ DISK_FORMATS = ("raw", "vpc")
 POLL_INTERVAL = 0.2
 # How long QEMU gets to exit after SIGTERM before SIGKILL.
 STOP_GRACE = 5.0
-TAIL_LINES = 20
-
-# CSI sequences (cursor moves, colours) and charset selections GRUB and consoles emit.
-_ESCAPES = re.compile(r"\x1b\[[0-9;?]*[ -/]*[@-~]|\x1b[()][0-9A-Za-z]|\x1b[=>78]")
 
 
 def _drive_value(path: Path) -> str:
@@ -248,17 +246,6 @@ class BootResult:
     log_tail: str
 
 
-def clean_console(text: str) -> str:
-    """Console output without terminal escape sequences and carriage returns."""
-    return _ESCAPES.sub("", text).replace("\r", "")
-
-
-def console_tail(text: str, lines: int = TAIL_LINES) -> str:
-    """The last `lines` non-empty lines of console output, cleaned."""
-    kept = [line for line in clean_console(text).splitlines() if line.strip()]
-    return "\n".join(kept[-lines:])
-
-
 def _read_log(path: Path) -> str:
     try:
         return path.read_bytes().decode("utf-8", "replace")
@@ -278,22 +265,28 @@ def boot_and_wait(
     *,
     check: bool = True,
     pidfile: Path | None = None,
+    progress: BootProgress | None = None,
 ) -> BootResult:
     """Run QEMU (`argv` from qemu_argv, writing `serial_log`) until `marker` appears.
 
     `marker` is a plain substring of the console output. QEMU is stopped as soon as it
     appears, and on any other exit. With `check` (the default) a timeout or QEMU exiting
     first raises UserError quoting the console's last lines; otherwise the result says
-    found=False.
+    found=False. `progress` is told how the boot goes at every look at the console.
     """
     serial_log = Path(serial_log)
     # A log left from an earlier run could hold the marker already.
     serial_log.unlink(missing_ok=True)
     start = time.monotonic()
     exited = False
-    with qemu_process(argv, limit=timeout + 60, pidfile=pidfile) as vm:
+    with contextlib.ExitStack() as stack:
+        if progress is not None:
+            stack.callback(progress.close)
+        vm = stack.enter_context(qemu_process(argv, limit=timeout + 60, pidfile=pidfile))
         while True:
             text = _read_log(serial_log)
+            if progress is not None:
+                progress.update(time.monotonic() - start, text)
             if _contains(text, marker):
                 return BootResult(True, time.monotonic() - start, console_tail(text))
             if not vm.running:
@@ -342,6 +335,7 @@ class Boot(Run):
     wait: float = 0.0
     pidfile: Path = Path()
     booted: Callable[[BootResult], None] | None = None
+    label: str = "booting"  # how its progress line starts (`BootProgress`)
 
     @classmethod
     def of_boot(
@@ -353,6 +347,7 @@ class Boot(Run):
         wait: float,
         pidfile: Path,
         booted: Callable[[BootResult], None] | None = None,
+        label: str = "booting",
     ) -> Boot:
         """The boot of `argv` (from qemu_argv, writing `serial_log`) until `marker`."""
         return cls(
@@ -363,12 +358,18 @@ class Boot(Run):
             wait=wait,
             pidfile=pidfile,
             booted=booted,
+            label=label,
             note=f"until {marker!r} appears in {serial_log}, at most {wait:g}s",
         )
 
     def __call__(self) -> None:
         result = boot_and_wait(
-            self.qemu, self.serial_log, self.marker, self.wait, pidfile=self.pidfile
+            self.qemu,
+            self.serial_log,
+            self.marker,
+            self.wait,
+            pidfile=self.pidfile,
+            progress=BootProgress(self.label),
         )
         if self.booted is not None:
             self.booted(result)

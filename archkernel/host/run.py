@@ -6,6 +6,20 @@ whole hook; `archkernel.azure.buildenv` uses it to run the Arch tools of the Azu
 bootstrap build environment while the code that calls run() stays as it is. The wrapper
 lives in a context variable, so it applies to the current thread (or task) only and ends
 with its `with` block, whatever ends the block.
+
+A command never outlives the run that started it:
+- It starts as the leader of its own process group, so everything it starts can be ended
+  at once: run() ends the group when the command times out, when anything interrupts the
+  wait (Ctrl-C: SIGINT to the group, then SIGKILL after `INTERRUPT_GRACE`), never
+  leaving a pacman behind its killed pacstrap. Its stdin is /dev/null unless run() feeds
+  it, so a command in the background group never stops to read the terminal.
+- It gets SIGKILL when the thread that started it dies (`PR_SET_PDEATHSIG`): run() waits
+  for the command in the calling thread, so that is when the whole process dies, SIGKILL
+  included.
+- Its environment names the run that started it (`RUN_VARIABLE`: our pid and start
+  time), and so does everything it starts. Before its first command, a process ends the
+  processes whose run is gone (`archkernel.host.processes.stop_orphans`): what a killed
+  run's commands had started and PR_SET_PDEATHSIG does not reach.
 """
 
 from __future__ import annotations
@@ -16,11 +30,13 @@ import shlex
 import shutil
 import signal
 import subprocess
-from collections.abc import Iterable, Iterator, Mapping, Sequence
+import threading
+import time
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from contextvars import ContextVar
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Protocol
+from typing import Any, Protocol
 
 from archkernel.errors import UserError
 from archkernel.log import log
@@ -71,6 +87,7 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "qemu-img": ("qemu-img", "qemu-utils"),
     "qemu-system-x86_64": ("qemu-system-x86", "qemu-system-x86"),
     "in.tftpd": ("tftp-hpa", "tftpd-hpa"),
+    "busybox": ("busybox", "busybox-static"),
     "tftp": ("tftp-hpa", "tftp-hpa"),
     "gpg": ("gnupg", "gpg"),
     "gpgv": ("gnupg", "gpgv"),
@@ -84,6 +101,11 @@ PACKAGES: dict[str, tuple[str, str]] = {
 
 # What a child sees of our environment: enough to run, nothing that changes tools' output.
 _KEEP_ENV = ("PATH", "TERM", "SOURCE_DATE_EPOCH", "TMPDIR", "HOME")
+# Set in every command's environment to `run_identity()`; see the module's docstring.
+RUN_VARIABLE = "ARCHKERNEL_RUN"
+# After Ctrl-C, how long a command gets to end on SIGINT before its group gets SIGKILL.
+INTERRUPT_GRACE = 3.0
+_PR_SET_PDEATHSIG = 1
 
 
 def package_hint(tool: str) -> str:
@@ -147,6 +169,97 @@ def wrapping(wrapper: CommandWrapper) -> Iterator[None]:
         _wrapper.reset(token)
 
 
+def process_identity(pid: int) -> str | None:
+    """`PID:START` (START: when it started, in clock ticks since boot), which no later
+    process with the same pid has; None if there is no such process."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return None
+    # Field 22, counted after the command name in parentheses (which may hold spaces).
+    fields = stat.rsplit(b")", 1)[-1].split()
+    return f"{pid}:{int(fields[19])}" if len(fields) > 19 else None
+
+
+_identity: str | None = None
+
+
+def run_identity() -> str:
+    """This process's `process_identity`: what its commands carry in `RUN_VARIABLE`."""
+    global _identity
+    if _identity is None or not _identity.startswith(f"{os.getpid()}:"):  # forked since
+        _identity = process_identity(os.getpid()) or f"{os.getpid()}:0"
+    return _identity
+
+
+_libc: Any = None  # ctypes' libc, loaded by the first command (ctypes is not cheap to import)
+
+
+def _dies_with(parent: int) -> Callable[[], None]:
+    """What the child runs between fork and exec: SIGKILL when its parent thread dies.
+
+    Only a system call and a pid comparison: in a forked child of a threaded process,
+    taking a lock could block for ever."""
+    global _libc
+    if _libc is None:
+        import ctypes
+
+        _libc = ctypes.CDLL(None, use_errno=True)
+    prctl = _libc.prctl
+
+    def preexec() -> None:
+        prctl(_PR_SET_PDEATHSIG, int(signal.SIGKILL), 0, 0, 0)
+        if os.getppid() != parent:  # the parent died before prctl: no signal would come
+            os.kill(os.getpid(), signal.SIGKILL)
+
+    return preexec
+
+
+_cleaned = threading.Lock()
+_orphans_stopped = False
+
+
+def _stop_what_killed_runs_left() -> None:
+    """Once per process, before its first command: `processes.stop_orphans`."""
+    global _orphans_stopped
+    with _cleaned:
+        if _orphans_stopped:
+            return
+        _orphans_stopped = True
+        # processes (through mounts) imports this module: imported when first used.
+        from archkernel.host.processes import stop_orphans
+
+        stop_orphans()
+
+
+def _exited(proc: subprocess.Popen[bytes]) -> bool:
+    """Whether the command has exited; it stays a zombie (not reaped), so its pid, which is
+    its group's id, cannot be reused while we signal the group."""
+    if proc.returncode is not None:
+        return True
+    try:
+        return os.waitid(os.P_PID, proc.pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True
+
+
+def _end_group(proc: subprocess.Popen[bytes], first: signal.Signals, grace: float) -> None:
+    """End the command and everything in its process group: `first`, up to `grace`
+    seconds for the command to exit, then SIGKILL to what is left; wait for it."""
+    try:
+        if first != signal.SIGKILL:
+            with contextlib.suppress(ProcessLookupError, PermissionError):
+                os.killpg(proc.pid, first)
+            deadline = time.monotonic() + grace
+            while not _exited(proc) and time.monotonic() < deadline:
+                time.sleep(0.02)
+    finally:
+        # Also after a second Ctrl-C during the grace period.
+        with contextlib.suppress(ProcessLookupError, PermissionError):
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+
+
 def _tail(text: str | bytes | None, lines: int = 8) -> str:
     if not text:
         return ""
@@ -188,16 +301,18 @@ def run(
         log.debug("  as %s", render(command.argv))
     if isinstance(stdin, str):
         stdin = stdin.encode()
+    _stop_what_killed_runs_left()
     try:
-        proc = subprocess.run(
+        proc = subprocess.Popen(
             command.argv,
-            input=stdin,
+            stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
             stdout=subprocess.PIPE if capture else stdout_file,
             stderr=subprocess.PIPE,
-            env=command.env,
+            # Not in `command.env`: where a command runs is not changed by it.
+            env={**command.env, RUN_VARIABLE: run_identity()},
             cwd=command.cwd,
-            timeout=timeout,
-            check=False,
+            process_group=0,
+            preexec_fn=_dies_with(os.getpid()),
         )
     except FileNotFoundError as exc:
         tool = Path(command.argv[0]).name
@@ -207,13 +322,23 @@ def run(
             f"cannot execute {command.argv[0]}: permission denied",
             "check the file's mode and owner",
         ) from exc
-    except subprocess.TimeoutExpired as exc:
-        raise UserError(
-            f"{shown} did not finish within {timeout:g}s",
-            "check that the tool is not waiting for input or a network peer",
-        ) from exc
-    out = proc.stdout.decode("utf-8", "replace") if proc.stdout is not None else ""
-    err = proc.stderr.decode("utf-8", "replace") if proc.stderr is not None else ""
+    with proc:  # its pipes closed on any exit
+        try:
+            stdout, stderr = proc.communicate(stdin, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            _end_group(proc, signal.SIGKILL, 0)
+            raise UserError(
+                f"{shown} did not finish within {timeout:g}s",
+                "check that the tool is not waiting for input or a network peer",
+            ) from exc
+        except KeyboardInterrupt:
+            _end_group(proc, signal.SIGINT, INTERRUPT_GRACE)
+            raise
+        except BaseException:
+            _end_group(proc, signal.SIGKILL, 0)
+            raise
+    out = stdout.decode("utf-8", "replace") if stdout is not None else ""
+    err = stderr.decode("utf-8", "replace") if stderr is not None else ""
     result = subprocess.CompletedProcess(args, proc.returncode, out, err)
     if err and not check:
         log.debug("%s", err.rstrip())

@@ -1,28 +1,33 @@
 """TFTP: fetch the bootscript and the initrd from the provider's boot server.
 
-`fetch` downloads one file into memory with tftpy's client and turns every way a
-transfer can fail into a one-line `UserError`; `fetch_to` stores the result without
-touching an identical file. `bootserver_from_pnp` and `choose_server` decide which
-server to ask; they only look at text, so they are tested with plain tables.
+The files come from the network at boot, as root, so the client trusts nothing (see
+`archkernel.host.tftp_transfer`: transfer ID pinning, block size and size limits, an
+overall deadline, cleaned server text). `download` streams a file into a file object,
+`fetch` into memory; `fetch_to` streams into a temporary file beside the destination and
+keeps an identical file untouched. Every failure is a one-line `UserError`.
+`bootserver_from_pnp` and `choose_server` decide which server to ask; they only look at
+text, so they are tested with plain tables.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import ipaddress
-import logging
 import math
+import os
 import socket
-import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Literal
-
-import tftpy
+from typing import BinaryIO, Literal
 
 from archkernel.errors import UserError
-from archkernel.host.files import write_if_changed
+from archkernel.formats.tftp_packets import MAX_BLKSIZE as MAX_BLKSIZE
+from archkernel.formats.tftp_packets import MIN_BLKSIZE as MIN_BLKSIZE
+from archkernel.host.files import atomic_path
+from archkernel.host.tftp_transfer import Sink, Transfer
 from archkernel.log import log
+from archkernel.units import MiB
 
 DEFAULT_PORT = 69
 DEFAULT_TIMEOUT = 5.0
@@ -30,26 +35,15 @@ DEFAULT_RETRIES = 2
 # 1500-byte Ethernet MTU - 20 (IPv4) - 8 (UDP) - 4 (TFTP header): the largest block
 # that crosses a LAN without IP fragmentation, and 3x fewer round trips than 512.
 DEFAULT_BLKSIZE = 1468
-MIN_BLKSIZE = 8
-MAX_BLKSIZE = 65464  # RFC 2348
+# Far above a real initrd (tens of MiB), far below what would fill a disk or memory.
+DEFAULT_MAX_SIZE = 256 * MiB
+# Seconds one transfer may take in all, however steadily the server trickles.
+DEFAULT_DEADLINE = 300.0
 # A read request must fit the 512-byte buffer servers read it into, options included.
 MAX_REMOTE_LENGTH = 460
 PNP_PATH = Path("/proc/net/pnp")
 
 ServerSource = Literal["settings", "/proc/net/pnp", "fallback"]
-
-# RFC 1350 and RFC 2347 error codes, for messages.
-_TFTP_ERRORS = {
-    0: "not defined",
-    1: "file not found",
-    2: "access violation",
-    3: "disk full",
-    4: "illegal TFTP operation",
-    5: "unknown transfer ID",
-    6: "file already exists",
-    7: "no such user",
-    8: "option negotiation failed",
-}
 
 
 @dataclass(frozen=True)
@@ -94,70 +88,29 @@ def check_remote(remote: str) -> str:
     return remote
 
 
-def fetch(server: TftpServer, remote: str, *, timeout: float, retries: int, blksize: int) -> bytes:
-    """Download `remote` from `server` into memory and return its bytes.
-
-    `timeout` is how long to wait for each packet, `retries` how many times to resend
-    before giving up, so a silent server fails after `timeout * (retries + 1)` seconds;
-    a transfer that makes no progress for that long fails too, whatever the server
-    sends meanwhile. `blksize` is requested with the RFC 2348 option (the server may
-    grant less); `tsize` is always requested so that a file that ends early is caught
-    when the server supports the option (tftpd-hpa does). Every failure is a one-line
-    UserError naming the server and the file; nothing is written anywhere.
-    """
-    check_remote(remote)
-    _check_options(timeout, retries, blksize)
-    address = _ipv4_address(server)
-    # tftpy logs every packet and warns about errors it handles; we report them ourselves.
-    logging.getLogger("tftpy").setLevel(logging.CRITICAL)
-
+def fetch(
+    server: TftpServer,
+    remote: str,
+    *,
+    timeout: float,
+    retries: int,
+    blksize: int,
+    max_size: int = DEFAULT_MAX_SIZE,
+    deadline: float = DEFAULT_DEADLINE,
+) -> bytes:
+    """Download `remote` from `server` into memory and return its bytes (see `download`)."""
     out = io.BytesIO()
-    watch = _Watch(out, stall_after=timeout * (retries + 1))
-    options: dict[str, int] = {"tsize": 0}
-    if blksize != 512:
-        options["blksize"] = blksize
-    client = tftpy.TftpClient(address, server.port, options=options)
-    what = f"{remote} from {server}"
-    log.debug(
-        "tftp: fetching %s (blksize %d, timeout %gs, %d retries)", what, blksize, timeout, retries
+    download(
+        server,
+        remote,
+        out,
+        timeout=timeout,
+        retries=retries,
+        blksize=blksize,
+        max_size=max_size,
+        deadline=deadline,
     )
-    try:
-        # tftpy counts attempts, not resends: `retries` resends are `retries + 1` tries.
-        client.download(remote, out, packethook=watch.hook, timeout=timeout, retries=retries + 1)
-    except _Stalled as exc:
-        raise _silence_error(server, remote, watch, timeout, retries, stalled=True) from exc
-    except tftpy.TftpTimeout as exc:
-        raise _silence_error(server, remote, watch, timeout, retries, stalled=False) from exc
-    except OSError as exc:
-        raise UserError(
-            f"cannot reach TFTP server {server} for {remote}: {exc.strerror or exc}",
-            "check that the network is up and the boot server address is right",
-        ) from exc
-    except Exception as exc:
-        # tftpy raises TftpException for protocol errors, and ValueError, struct.error
-        # or AttributeError when a packet is malformed: all mean the server misbehaved.
-        if watch.error is not None:
-            raise _server_error(server, remote, watch) from exc
-        raise UserError(
-            f"TFTP protocol error fetching {what}: {exc}",
-            "the server sent something unexpected; try again, or a smaller blksize",
-        ) from exc
-
-    data = out.getvalue()
-    if watch.tsize is not None and len(data) < watch.tsize:
-        raise UserError(
-            f"transfer of {what} truncated: got {len(data)} of {watch.tsize} bytes "
-            "the server announced",
-            "the server ended the transfer early; try again",
-        )
-    if watch.tsize is not None and len(data) > watch.tsize:
-        raise UserError(
-            f"transfer of {what} is longer than announced: got {len(data)} bytes, "
-            f"the server announced {watch.tsize}",
-            "the file may have changed on the server during the transfer; try again",
-        )
-    log.debug("tftp: got %d bytes of %s", len(data), what)
-    return data
+    return out.getvalue()
 
 
 def fetch_to(
@@ -168,15 +121,99 @@ def fetch_to(
     timeout: float,
     retries: int,
     blksize: int,
+    max_size: int = DEFAULT_MAX_SIZE,
+    deadline: float = DEFAULT_DEADLINE,
     mode: int = 0o644,
 ) -> bool:
-    """Fetch `remote` and store it at `dest` unless `dest` already holds the same bytes.
+    """Fetch `remote` into `dest` unless `dest` already holds the same bytes.
 
-    An identical file keeps its mtime, so the steps that read it stay up to date.
-    Returns True when `dest` was (re)written. On any failure `dest` is left as it was.
+    The download is compared with `dest` as it comes: nothing is written while the two
+    agree, so an unchanged file costs no write at all (not even a temporary file on an
+    NBD root) and keeps its mtime, which keeps the steps that read it up to date. From
+    the first difference on, the new content streams into a temporary file beside
+    `dest`, renamed over it once complete. Returns True when `dest` was (re)written. On
+    any failure, Ctrl-C included, `dest` is left as it was and the temporary file is gone.
     """
-    data = fetch(server, remote, timeout=timeout, retries=retries, blksize=blksize)
-    return write_if_changed(dest, data, mode)
+    _check_request(remote, timeout, retries, blksize, max_size, deadline)
+    try:
+        with atomic_path(dest) as tmp, _Replacement(dest, tmp, mode) as out:
+            download(
+                server,
+                remote,
+                out,
+                timeout=timeout,
+                retries=retries,
+                blksize=blksize,
+                max_size=max_size,
+                deadline=deadline,
+            )
+            if not out.changed():
+                raise _Unchanged
+    except _Unchanged:
+        return False
+    return True
+
+
+def download(
+    server: TftpServer,
+    remote: str,
+    out: Sink,
+    *,
+    timeout: float,
+    retries: int,
+    blksize: int,
+    max_size: int = DEFAULT_MAX_SIZE,
+    deadline: float = DEFAULT_DEADLINE,
+) -> int:
+    """Stream `remote` from `server` into `out`; return the number of bytes written.
+
+    `timeout` is how long to wait for each packet and `retries` how many times to resend
+    before giving up, so a silent server fails after `timeout * (retries + 1)` seconds,
+    and so does a transfer that makes no progress for that long, whatever the server
+    sends meanwhile. `deadline` bounds the whole transfer, so a server that trickles a
+    block just inside `timeout` cannot hold the boot forever. `blksize` is requested
+    with the RFC 2348 option (the server may grant less, never more) and `tsize` always,
+    so a file that ends early or runs long is caught when the server supports the option
+    (tftpd-hpa does). More than `max_size` bytes, announced or received, stop the
+    transfer. Every failure is a one-line UserError naming the server and the file;
+    `out` may then hold part of the file.
+    """
+    _check_request(remote, timeout, retries, blksize, max_size, deadline)
+    address = _ipv4_address(server)
+    log.debug(
+        "tftp: fetching %s from %s (blksize %d, timeout %gs, %d retries)",
+        remote,
+        server,
+        blksize,
+        timeout,
+        retries,
+    )
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        transfer = Transfer(
+            sock,
+            server,
+            address,
+            remote,
+            out,
+            timeout=timeout,
+            retries=retries,
+            blksize=blksize,
+            max_size=max_size,
+            deadline=deadline,
+        )
+        try:
+            size = transfer.run()
+        finally:
+            if transfer.strays:
+                log.warning(
+                    "tftp: ignored %d packet(s) for %s from senders other than %s (they "
+                    "were told 'unknown transfer ID')",
+                    transfer.strays,
+                    remote,
+                    transfer.peer_text,
+                )
+    log.debug("tftp: got %d bytes of %s from %s", size, remote, server)
+    return size
 
 
 def bootserver_from_pnp(text: str) -> str | None:
@@ -231,50 +268,78 @@ def choose_server(
     return fallback, "fallback"
 
 
-class _Stalled(Exception):
-    """Raised from the packet hook: no new data within the stall limit."""
+class _Unchanged(Exception):
+    """Raised inside `atomic_path` to drop a download identical to the file it would replace."""
 
 
-class _Watch:
-    """tftpy packet hook: notes what the server said and stops a stalled transfer.
+class _Replacement:
+    """Where `fetch_to` streams a download: nothing is written while the bytes agree with
+    `dest`; at the first difference, a temporary file `tmp` is started with the common
+    prefix (copied from `dest`) and takes the rest."""
 
-    tftpy calls it with every packet it receives (before handling it) and with every
-    packet it resends after a timeout, so it runs at least once per `timeout`.
-    """
+    def __init__(self, dest: Path, tmp: Path, mode: int) -> None:
+        self.dest = dest
+        self.tmp = tmp
+        self.mode = mode
+        self.same = 0  # bytes so far equal to the start of dest
+        self.new: BinaryIO | None = None
+        self.old: BinaryIO | None = None
+        with contextlib.suppress(OSError):  # missing, or not a readable file: all new
+            self.old = open(dest, "rb")  # noqa: SIM115 (closed in close())
 
-    def __init__(self, out: io.BytesIO, stall_after: float) -> None:
-        self.out = out
-        self.stall_after = stall_after
-        self.answered = False
-        self.tsize: int | None = None
-        self.error: tuple[int, str] | None = None
-        self._size = 0
-        self._progress_at = time.monotonic()
+    def __enter__(self) -> _Replacement:
+        return self
 
-    def hook(self, pkt: Any) -> None:
-        if isinstance(pkt, tftpy.TftpPacketTypes.TftpPacketDAT):
-            self.answered = True
-        elif isinstance(pkt, tftpy.TftpPacketTypes.TftpPacketOACK):
-            self.answered = True
-            tsize = pkt.options.get("tsize")
-            if isinstance(tsize, str) and tsize.isdigit():
-                self.tsize = int(tsize)
-        elif isinstance(pkt, tftpy.TftpPacketTypes.TftpPacketERR):
-            self.answered = True
-            message = pkt.errmsg.decode("ascii", "replace") if pkt.errmsg else ""
-            self.error = (pkt.errorcode, message.strip())
-        now = time.monotonic()
-        size = self.out.tell()
-        if size != self._size:
-            self._size = size
-            self._progress_at = now
-        elif now - self._progress_at > self.stall_after:
-            raise _Stalled
+    def __exit__(self, *_: object) -> None:
+        self.close()
 
-    @property
-    def received(self) -> int:
-        """Bytes of the file received so far."""
-        return self.out.tell()
+    def write(self, data: memoryview, /) -> int:
+        if self.new is None:
+            if self.old is not None and self.old.read(len(data)) == data:
+                self.same += len(data)
+                return len(data)
+            self._diverge()
+        assert self.new is not None
+        return self.new.write(data)
+
+    def changed(self) -> bool:
+        """After the last write: whether `dest` must be replaced (the temporary file then
+        holds the whole new content)."""
+        if self.new is None:
+            if self.old is not None and not self.old.read(1):
+                return False
+            self._diverge()  # dest is missing or longer: the new content is the prefix
+        return True
+
+    def close(self) -> None:
+        for f in (self.new, self.old):
+            if f is not None:
+                f.close()
+
+    def _diverge(self) -> None:
+        fd = os.open(self.tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, self.mode)
+        os.fchmod(fd, self.mode)  # whatever the umask
+        self.new = os.fdopen(fd, "wb", buffering=MiB)
+        if self.old is not None and self.same:
+            self.old.seek(0)
+            left = self.same
+            while left:
+                chunk = self.old.read(min(left, MiB))
+                if not chunk:
+                    raise UserError(f"{self.dest} shrank while a download was compared with it")
+                self.new.write(chunk)
+                left -= len(chunk)
+
+
+def _check_request(
+    remote: str, timeout: float, retries: int, blksize: int, max_size: int, deadline: float
+) -> None:
+    check_remote(remote)
+    _check_options(timeout, retries, blksize)
+    if max_size < 0:
+        raise UserError(f"invalid TFTP size limit {max_size!r}", "use a number of bytes")
+    if not (math.isfinite(deadline) and deadline > 0):
+        raise UserError(f"invalid TFTP deadline {deadline!r}", "use a positive number of seconds")
 
 
 def _check_options(timeout: float, retries: int, blksize: int) -> None:
@@ -290,7 +355,7 @@ def _check_options(timeout: float, retries: int, blksize: int) -> None:
 
 
 def _ipv4_address(server: TftpServer) -> str:
-    """The numeric IPv4 address of `server` (tftpy speaks IPv4 only)."""
+    """The numeric IPv4 address of `server` (the client speaks IPv4 only)."""
     if not 0 < server.port < 65536:
         raise UserError(f"invalid TFTP server port {server.port!r}", "use 1 to 65535 (TFTP: 69)")
     try:
@@ -301,57 +366,3 @@ def _ipv4_address(server: TftpServer) -> str:
             "set the boot server to an IPv4 address such as 10.1.31.34",
         ) from exc
     return str(infos[0][4][0])
-
-
-def _silence_error(
-    server: TftpServer, remote: str, watch: _Watch, timeout: float, retries: int, *, stalled: bool
-) -> UserError:
-    """The error for a server that went quiet: never answered, or stopped mid-transfer."""
-    if not watch.answered:
-        return UserError(
-            f"no answer from {server} for {remote} within {timeout:g}s ({_retries(retries)})",
-            "check the boot server address and that UDP port "
-            f"{server.port} is reachable (no firewall in between)",
-        )
-    why = (
-        f"no new data for {watch.stall_after:g}s"
-        if stalled
-        else (f"no data within {timeout:g}s ({_retries(retries)})")
-    )
-    hint = "the server stopped sending; try again"
-    if watch.received == 0:
-        hint += ", or lower blksize if large packets are dropped on the way"
-    return UserError(
-        f"transfer of {remote} from {server} interrupted after {watch.received} bytes: {why}",
-        hint,
-    )
-
-
-def _retries(n: int) -> str:
-    return f"{n} retry" if n == 1 else f"{n} retries"
-
-
-def _server_error(server: TftpServer, remote: str, watch: _Watch) -> UserError:
-    """The error for a TFTP ERROR packet the server sent."""
-    assert watch.error is not None
-    code, message = watch.error
-    detail = f"TFTP error {code}"
-    if message:
-        detail += f": {message}"
-    elif code in _TFTP_ERRORS:
-        detail += f": {_TFTP_ERRORS[code]}"
-    if code == 1:
-        return UserError(
-            f"{remote} not found on TFTP server {server} ({detail})",
-            "check the file name; the server picks files per client, so check the "
-            "boot server address too",
-        )
-    if watch.received:
-        return UserError(
-            f"transfer of {remote} from {server} aborted after {watch.received} bytes ({detail})",
-            "the server gave up mid-transfer; try again",
-        )
-    hint = "see the server's message; its logs may say more"
-    if code == 8:
-        hint = "the server refused the requested options; try blksize 512"
-    return UserError(f"TFTP server {server} refused {remote} ({detail})", hint)

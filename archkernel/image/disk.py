@@ -18,10 +18,12 @@ Boot modes (the firmware the disk boots with):
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
+import re
 import subprocess
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Literal
@@ -65,6 +67,7 @@ class Partition:
     type: str
     name: str
     role: Role
+    guid: str | None = None  # GPT's unique partition GUID (None: sfdisk picks one at random)
 
     @property
     def end(self) -> int:
@@ -74,12 +77,14 @@ class Partition:
 
 @dataclass(frozen=True)
 class Layout:
-    """A whole disk: its partition table type, size in bytes, and partitions in order."""
+    """A whole disk: its partition table type, size in bytes, and partitions in order;
+    its GPT disk GUID or MBR disk signature (`0x1234abcd`), None for sfdisk's random one."""
 
     table: Table
     disk_size: int
     partitions: tuple[Partition, ...]
     disk_guid: str | None = None
+    disk_signature: str | None = None
 
     def by_role(self, role: Role) -> Partition:
         """The partition with `role`; a Layout from plan_layout always has a 'root'."""
@@ -147,11 +152,28 @@ def _check_table_and_boot(table: str, boot: str) -> tuple[Table, Boot]:
     raise UserError(f"unknown partition table {table!r}", "use 'gpt' or 'mbr'")
 
 
+def _guid(value: str, what: str) -> str:
+    try:
+        return str(UUID(value)).upper()
+    except ValueError as exc:
+        raise UserError(f"{what} {value!r} is not a GUID", "use uuidgen") from exc
+
+
 def plan_layout(
-    disk_size: int, table: str, *, boot: str = "bios", disk_guid: str | None = None
+    disk_size: int,
+    table: str,
+    *,
+    boot: str = "bios",
+    disk_guid: str | None = None,
+    partition_guids: Mapping[str, str] | None = None,
+    disk_signature: str | None = None,
 ) -> Layout:
     """Decide the partitions of a `disk_size`-byte disk with a `table` ('gpt' or 'mbr')
     for the firmware `boot` ('bios', 'uefi' or 'hybrid').
+
+    The disk's identity is given, or left to sfdisk (random): `disk_guid` and
+    `partition_guids` (by role: 'bios_boot', 'esp', 'root') for GPT, `disk_signature`
+    (`0x` and 8 hex digits) for MBR.
 
     Everything starts and ends on 1 MiB boundaries. GPT from 1 MiB on: a 1 MiB BIOS boot
     partition (bios, hybrid), a 256 MiB EFI system partition (uefi, hybrid), then root to
@@ -167,10 +189,22 @@ def plan_layout(
     if disk_guid is not None:
         if kind != "gpt":
             raise UserError("a disk GUID needs a GPT partition table", "drop disk_guid or use gpt")
-        try:
-            disk_guid = str(UUID(disk_guid)).upper()
-        except ValueError as exc:
-            raise UserError(f"disk GUID {disk_guid!r} is not a GUID", "use uuidgen") from exc
+        disk_guid = _guid(disk_guid, "disk GUID")
+    guids = {r: _guid(g, f"{r} partition GUID") for r, g in (partition_guids or {}).items()}
+    if guids and kind != "gpt":
+        raise UserError(
+            "partition GUIDs need a GPT partition table", "drop partition_guids or use gpt"
+        )
+    if disk_signature is not None:
+        if kind != "mbr":
+            raise UserError(
+                "a disk signature is for an MBR partition table", "use disk_guid for gpt"
+            )
+        if not re.fullmatch(r"0x[0-9a-f]{8}", disk_signature):
+            raise UserError(
+                f"disk signature {disk_signature!r} is not 0x and 8 hex digits",
+                "write it as sfdisk's label-id, e.g. 0x1234abcd",
+            )
 
     parts: list[Partition] = []
     if kind == "gpt":
@@ -204,7 +238,14 @@ def plan_layout(
     parts.append(
         Partition(len(parts) + 1, root_start, root_end - root_start, root_type, "root", "root")
     )
-    return Layout(kind, disk_size, tuple(parts), disk_guid)
+    unknown = sorted(set(guids) - {part.role for part in parts})
+    if unknown:
+        raise UserError(
+            f"partition GUIDs for partitions a {mode} layout does not have: {', '.join(unknown)}",
+            f"give GUIDs for {', '.join(part.role for part in parts)}",
+        )
+    parts = [dataclasses.replace(part, guid=guids.get(part.role)) for part in parts]
+    return Layout(kind, disk_size, tuple(parts), disk_guid, disk_signature)
 
 
 def sfdisk_script(layout: Layout) -> str:
@@ -212,6 +253,8 @@ def sfdisk_script(layout: Layout) -> str:
     lines = [f"label: {'gpt' if layout.table == 'gpt' else 'dos'}"]
     if layout.disk_guid:
         lines.append(f"label-id: {layout.disk_guid}")
+    if layout.disk_signature:
+        lines.append(f"label-id: {layout.disk_signature}")
     lines += ["unit: sectors", f"sector-size: {SECTOR}", ""]
     for part in layout.partitions:
         fields = [
@@ -221,6 +264,8 @@ def sfdisk_script(layout: Layout) -> str:
         ]
         if layout.table == "gpt":
             fields.append(f'name="{part.name}"')
+            if part.guid:
+                fields.append(f"uuid={part.guid}")
         elif part.role == "root":
             # Some BIOSes only boot an MBR disk that has an active partition.
             fields.append("bootable")

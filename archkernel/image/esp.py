@@ -7,6 +7,13 @@ partition): `mcopy -s` fills it (making directories as needed), `mdir` lists it,
 `mcopy ::/PATH DEST` reads a file back.
 `fsck.fat` has no offset option, so `check_ops` check a sparse copy of the partition.
 
+FAT records local times: every command here runs with TZ=UTC, so the bytes do not depend
+on the host's time zone. Given an epoch, the file system is the same bytes whenever it is
+made: `mkfs.fat --invariant` dates the volume label 2015-03-14 rather than now (dosfstools
+4.2 ignores SOURCE_DATE_EPOCH; the volume ID given after it still counts), and mcopy -m
+copies the times of the files and directories it copies (`date_tree` sets them to the
+epoch), so no time comes from the clock.
+
 The `*_argv` functions decide the commands (pure); the `*_ops` functions are the
 operations of a plan (archkernel.plan) that run them, and `make_fat`, `list_files`,
 `check_fat` ... carry those out at once. Only the `Partition` of a layout from
@@ -41,8 +48,9 @@ DEFAULT_LABEL = "ESP"
 REMOVABLE_PATH_X64 = "EFI/BOOT/BOOTX64.EFI"
 
 # mtools refuses a FAT whose sector count is not a multiple of its (made-up) track size;
-# the check protects floppies and means nothing for a partition.
-MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1"}
+# the check protects floppies and means nothing for a partition. FAT holds local times:
+# UTC's, whatever the host's zone.
+MTOOLS_ENV = {"MTOOLS_SKIP_CHECK": "1", "TZ": "UTC"}
 _LABEL = re.compile(r"[A-Z0-9_-][A-Z0-9 _-]{0,10}")
 _VOLUME_ID = re.compile(r"([0-9A-Fa-f]{4})-?([0-9A-Fa-f]{4})")
 
@@ -77,15 +85,23 @@ def mtools_image(image: Path, partition: Partition) -> str:
 
 
 def mkfs_argv(
-    image: Path, partition: Partition, *, label: str = DEFAULT_LABEL, volume: str | None = None
+    image: Path,
+    partition: Partition,
+    *,
+    label: str = DEFAULT_LABEL,
+    volume: str | None = None,
+    invariant: bool = False,
 ) -> list[str]:
     """The mkfs.fat command that makes a FAT32 filling `partition` of `image`.
 
     `-h` records the partition's start as the hidden sectors, as a formatter working on
-    the partition device would; `volume` is the volume ID (random when None).
+    the partition device would; `volume` is the volume ID (random when None);
+    `invariant` takes no time from the clock (`--invariant`, before `-i`, which it would
+    otherwise override with 1234-ABCD).
     """
     first = partition.start // SECTOR
-    argv = ["mkfs.fat", "-F", str(FAT_BITS), "-S", str(SECTOR), "-s", str(CLUSTER_SECTORS)]
+    argv = ["mkfs.fat", *(["--invariant"] if invariant else [])]
+    argv += ["-F", str(FAT_BITS), "-S", str(SECTOR), "-s", str(CLUSTER_SECTORS)]
     argv += ["-h", str(first), f"--offset={first}", "-n", _check_label(label)]
     if volume is not None:
         argv += ["-i", volume_id(volume)]
@@ -160,26 +176,33 @@ def _problems(
 
 
 def make_ops(
-    image: Path, partition: Partition, *, label: str = DEFAULT_LABEL, volume: str | None = None
+    image: Path,
+    partition: Partition,
+    *,
+    label: str = DEFAULT_LABEL,
+    volume: str | None = None,
+    epoch: int | None = None,
 ) -> list[Op]:
     """Make a FAT32 file system filling `partition` of `image`.
 
     The image file must already hold the partition (disk.create_ops); nothing outside the
-    partition is written. `volume` is the volume ID (see `volume_id`).
+    partition is written. `volume` is the volume ID (see `volume_id`); with an `epoch`
+    (seconds since 1970, for the files `copy_op` adds) the FAT itself takes no time from
+    the clock (`mkfs_argv`'s `invariant`).
     """
     if partition.size < MIN_FAT_SIZE:
         raise UserError(
             f"partition {partition.number} ({partition.size // MiB} MiB) is too small for FAT32",
             f"use a partition of at least {-(-MIN_FAT_SIZE // MiB)} MiB (plan_layout's ESP)",
         )
-    argv = mkfs_argv(image, partition, label=label, volume=volume)
+    argv = mkfs_argv(image, partition, label=label, volume=volume, invariant=epoch is not None)
     return [
         Do(
             f"check that partition {partition.number} lies inside {image}",
             lambda: _check_inside(image, partition),
         ),
         # Captured: mkfs.fat prints its version on stdout even when all goes well.
-        Run.of(argv, capture=True),
+        Run.of(argv, capture=True, env={"TZ": "UTC"}),
     ]
 
 
@@ -208,9 +231,22 @@ def _tree_entries(tree: Path) -> list[Path]:
     return sorted(tree.iterdir())
 
 
-def copy_tree(image: Path, partition: Partition, tree: Path, directory: str = "/") -> None:
-    """Copy everything in `tree` into `directory` of the FAT in `partition` of `image`."""
+def date_tree(tree: Path, epoch: int) -> None:
+    """Date `tree` and every file and directory in it `epoch` (what `mcopy -m` copies)."""
+    for directory, dirs, files in os.walk(tree):
+        for name in [*dirs, *files]:
+            os.utime(os.path.join(directory, name), (epoch, epoch), follow_symlinks=False)
+    os.utime(tree, (epoch, epoch))
+
+
+def copy_tree(
+    image: Path, partition: Partition, tree: Path, directory: str = "/", epoch: int | None = None
+) -> None:
+    """Copy everything in `tree` into `directory` of the FAT in `partition` of `image`,
+    dated `epoch` when given (otherwise with the times the files have)."""
     entries = _tree_entries(Path(tree))
+    if epoch is not None:
+        date_tree(Path(tree), epoch)
     if entries:
         execute(Plan([copy_op(image, partition, entries, directory)]))
 
@@ -222,11 +258,12 @@ def make_fat(
     label: str = DEFAULT_LABEL,
     volume: str | None = None,
     tree: Path | None = None,
+    epoch: int | None = None,
 ) -> None:
     """Carry out `make_ops`, then copy the files of `tree` (if any) onto the new FAT."""
-    execute(Plan(make_ops(image, partition, label=label, volume=volume)))
+    execute(Plan(make_ops(image, partition, label=label, volume=volume, epoch=epoch)))
     if tree is not None:
-        copy_tree(image, partition, tree)
+        copy_tree(image, partition, tree, epoch=epoch)
 
 
 def _stage_files(staging: Path, files: Mapping[str, Path]) -> None:
@@ -243,11 +280,14 @@ def _stage_files(staging: Path, files: Mapping[str, Path]) -> None:
         shutil.copy2(source, staged)
 
 
-def add_files(image: Path, partition: Partition, files: Mapping[str, Path]) -> None:
-    """Copy each source file to its path on the FAT (`{"EFI/BOOT/BOOTX64.EFI": src}`)."""
+def add_files(
+    image: Path, partition: Partition, files: Mapping[str, Path], epoch: int | None = None
+) -> None:
+    """Copy each source file to its path on the FAT (`{"EFI/BOOT/BOOTX64.EFI": src}`),
+    dated `epoch` when given."""
     with temporary_directory(prefix="archkernel-esp-") as tmp:
         _stage_files(tmp / "tree", files)
-        copy_tree(image, partition, tmp / "tree")
+        copy_tree(image, partition, tmp / "tree", epoch=epoch)
 
 
 # --- reading it back --------------------------------------------------------------------------

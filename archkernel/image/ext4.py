@@ -3,7 +3,17 @@
 `make_ops` are the operations that build it with `mkfs.ext4 -d DIR -E offset=...`, so
 nothing is mounted and no loop device is needed: mkfs copies files, directories,
 symlinks, device nodes, FIFOs and hard links with their owners, modes, timestamps and
-extended attributes. `check_op` (e2fsck) and the debugfs commands read it back the same
+extended attributes.
+
+Given a UUID, a directory hash seed and an epoch, the file system is the same bytes from the
+same tree whenever it is made (`reproducible_ops`): mkfs takes the superblock's times and
+each inode's creation time from E2FSPROGS_FAKE_TIME, but an inode's access and change
+times from the tree's files, where the change time is the clock's. So the tree's
+modification times are clamped to the epoch first, and afterwards debugfs sets every
+inode's access and change time to it (`times_script`), finding the inodes in use in the
+inode bitmaps (`used_inodes`). The order of the inodes follows the order in which the
+host's file system lists each directory: the same on one file system, not across file
+system types. `check_op` (e2fsck) and the debugfs commands read it back the same
 way: e2fsprogs tools accept `IMAGE?offset=BYTES` as a device name (the `offset` I/O option
 of libext2fs). Block size, inode size and inode ratio are pinned, so `required_disk_size`
 can count how big a disk a tree needs whatever the host's /etc/mke2fs.conf says.
@@ -14,12 +24,14 @@ from __future__ import annotations
 import os
 import stat
 import subprocess
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from uuid import UUID
 
 from archkernel.errors import UserError
-from archkernel.host.files import temporary_directory
+from archkernel.formats.ext4_inodes import used_inodes
+from archkernel.host.files import temporary_directory, write_text
 from archkernel.host.run import command_error
 from archkernel.image.disk import Partition, disk_size_for, size_text
 from archkernel.plan import Do, Op, Plan, Run, execute
@@ -49,28 +61,42 @@ def device(image: Path, partition: Partition) -> str:
 
 
 def mkfs_argv(
-    image: Path, partition: Partition, rootdir: Path, *, uuid: str, label: str
+    image: Path,
+    partition: Partition,
+    rootdir: Path,
+    *,
+    uuid: str,
+    label: str,
+    hash_seed: str | None = None,
 ) -> list[str]:
-    """The mkfs.ext4 command that fills `partition` of `image` with the tree `rootdir`."""
+    """The mkfs.ext4 command that fills `partition` of `image` with the tree `rootdir`;
+    `hash_seed` is the directory hash seed (a UUID; random when None)."""
+    extended = f"offset={partition.start}"
+    if hash_seed is not None:
+        extended += f",hash_seed={hash_seed}"
     argv = ["mkfs.ext4", "-F", "-q"]
     argv += ["-b", str(EXT4_BLOCK), "-I", str(EXT4_INODE_SIZE), "-i", str(EXT4_INODE_RATIO)]
     argv += ["-m", str(EXT4_RESERVED_PERCENT), "-U", uuid, "-L", label]
-    argv += ["-d", os.fspath(rootdir), "-E", f"offset={partition.start}"]
+    argv += ["-d", os.fspath(rootdir), "-E", extended]
     # Without a suffix mke2fs would read the size in blocks or KiB depending on -b.
     argv += [os.fspath(image), f"{partition.size // KiB}k"]
     return argv
 
 
-def _check_inputs(partition: Partition, rootdir: Path, uuid: str) -> None:
+def _check_inputs(
+    partition: Partition, rootdir: Path, uuid: str, hash_seed: str | None = None
+) -> None:
     if not rootdir.is_dir():
         raise UserError(
             f"the root tree {rootdir} is not a directory",
             "run the step that builds the root tree first",
         )
-    try:
-        UUID(uuid)
-    except ValueError as exc:
-        raise UserError(f"file system UUID {uuid!r} is not a UUID", "use uuidgen") from exc
+    for what, value in (("file system UUID", uuid), ("directory hash seed", hash_seed)):
+        try:
+            if value is not None:
+                UUID(value)
+        except ValueError as exc:
+            raise UserError(f"{what} {value!r} is not a UUID", "use uuidgen") from exc
     if partition.size % KiB:
         raise UserError(
             f"partition {partition.number} is not a whole number of KiB",
@@ -79,10 +105,23 @@ def _check_inputs(partition: Partition, rootdir: Path, uuid: str) -> None:
 
 
 def make_ops(
-    image: Path, partition: Partition, rootdir: Path, *, uuid: str, label: str = DEFAULT_LABEL
+    image: Path,
+    partition: Partition,
+    rootdir: Path,
+    *,
+    uuid: str,
+    label: str = DEFAULT_LABEL,
+    hash_seed: str | None = None,
+    epoch: int | None = None,
+    scratch: Path | None = None,
 ) -> list[Op]:
     """Make an ext4 file system filling `partition` of `image` from the tree at `rootdir`
-    (the root directory itself becomes root:root 0755)."""
+    (the root directory itself becomes root:root 0755).
+
+    With an `epoch` (seconds since 1970) the file system carries no time after it, and with
+    a `hash_seed` too it is the same bytes from the same tree whenever it is made: see
+    `reproducible_ops`, which keeps its debugfs script in the directory `scratch`.
+    """
     rootdir = Path(rootdir)
 
     def explain(argv: list[str], code: int, stderr: str) -> UserError:
@@ -97,20 +136,150 @@ def make_ops(
             "make the disk larger (disk_size)",
         )
 
-    return [
-        Do(
-            f"check that {rootdir} is a directory and {uuid} a UUID",
-            lambda: _check_inputs(partition, rootdir, uuid),
-        ),
-        Run.of(mkfs_argv(image, partition, rootdir, uuid=uuid, label=label), error=explain),
-    ]
+    argv = mkfs_argv(image, partition, rootdir, uuid=uuid, label=label, hash_seed=hash_seed)
+    check = Do(
+        f"check that {rootdir} is a directory and {uuid} a UUID",
+        lambda: _check_inputs(partition, rootdir, uuid, hash_seed),
+    )
+    if epoch is None:
+        return [check, Run.of(argv, error=explain)]
+    if scratch is None:
+        raise ValueError("make_ops with an epoch needs a scratch directory for its debugfs script")
+    clamp, times = reproducible_ops(image, partition, rootdir, epoch, Path(scratch))
+    return [check, clamp, Run.of(argv, error=explain, env=fake_time_env(epoch)), *times]
 
 
 def make_ext4(
-    image: Path, partition: Partition, rootdir: Path, *, uuid: str, label: str = DEFAULT_LABEL
+    image: Path,
+    partition: Partition,
+    rootdir: Path,
+    *,
+    uuid: str,
+    label: str = DEFAULT_LABEL,
+    hash_seed: str | None = None,
+    epoch: int | None = None,
 ) -> None:
     """Carry out `make_ops`: an ext4 filling `partition` of `image` from `rootdir`."""
-    execute(Plan(make_ops(image, partition, rootdir, uuid=uuid, label=label)))
+    with temporary_directory(prefix="archkernel-ext4-") as tmp:
+        ops = make_ops(
+            image,
+            partition,
+            rootdir,
+            uuid=uuid,
+            label=label,
+            hash_seed=hash_seed,
+            epoch=epoch,
+            scratch=tmp,
+        )
+        execute(Plan(ops))
+
+
+# --- the same bytes every time ----------------------------------------------------------------
+
+# ext4's reserved inodes end at s_first_ino (11, lost+found); the root directory is 2.
+ROOT_INODE = 2
+
+
+def fake_time_env(epoch: int) -> dict[str, str]:
+    """The environment in which e2fsprogs takes `epoch` for the clock's time."""
+    return {"E2FSPROGS_FAKE_TIME": str(epoch), "SOURCE_DATE_EPOCH": str(epoch)}
+
+
+def clamp_times(rootdir: Path, epoch: int) -> int:
+    """Set the modification time of every entry of the tree `rootdir` (itself included,
+    symlinks not followed) that is later than `epoch` to `epoch`. Returns how many."""
+    limit = epoch * 1_000_000_000
+    changed = 0
+    todo = [os.fspath(rootdir)]
+    try:
+        st = os.lstat(todo[0])
+        if st.st_mtime_ns > limit:
+            os.utime(todo[0], ns=(st.st_atime_ns, limit), follow_symlinks=False)
+            changed += 1
+        while todo:
+            with os.scandir(todo.pop()) as entries:
+                for entry in entries:
+                    st = entry.stat(follow_symlinks=False)
+                    if stat.S_ISDIR(st.st_mode):
+                        todo.append(entry.path)
+                    if st.st_mtime_ns > limit:
+                        os.utime(entry.path, ns=(st.st_atime_ns, limit), follow_symlinks=False)
+                        changed += 1
+    except OSError as exc:
+        raise UserError(
+            f"cannot set the times of the tree {rootdir}: {exc}",
+            "run as root, on a file system that keeps modification times",
+        ) from exc
+    return changed
+
+
+def read_partition(image: Path, partition: Partition) -> Callable[[int, int], bytes]:
+    """A `read(offset, size)` of `partition` of `image` (for `used_inodes`)."""
+
+    def read(offset: int, size: int) -> bytes:
+        with open(image, "rb") as f:
+            return os.pread(f.fileno(), size, partition.start + offset)
+
+    return read
+
+
+def times_script(inodes: list[int], epoch: int, first_ino: int = 11) -> str:
+    """The debugfs commands that set the access and change times of `inodes` to `epoch`:
+    the root directory and every inode from `first_ino` on (mkfs copied those times from
+    the tree); the other reserved inodes are left as mkfs made them."""
+    lines = []
+    for ino in inodes:
+        if ino == ROOT_INODE or ino >= first_ino:
+            lines += [f"sif <{ino}> atime @{epoch}", f"sif <{ino}> ctime @{epoch}"]
+    return "".join(line + "\n" for line in lines)
+
+
+def debugfs_script_argv(image: Path, partition: Partition, script: Path) -> list[str]:
+    """The debugfs command that runs the commands in the file `script` on the file system
+    in `partition`, writing."""
+    return ["debugfs", "-w", "-f", os.fspath(script), device(image, partition)]
+
+
+def _debugfs_failed(proc: subprocess.CompletedProcess[str]) -> None:
+    # debugfs exits 0 when a command fails; it says so on stderr, after its version line.
+    lines = proc.stderr.splitlines()
+    problems = [ln for ln in lines if ln.strip() and not ln.startswith("debugfs ")]
+    if problems:
+        shown = "\n".join(f"    {line}" for line in problems[:12])
+        raise UserError(f"debugfs could not set the inodes' times:\n{shown}", "report this")
+
+
+def reproducible_ops(
+    image: Path, partition: Partition, rootdir: Path, epoch: int, scratch: Path
+) -> tuple[Op, list[Op]]:
+    """What makes mkfs's file system the same bytes from the same tree: the op that clamps
+    the tree's times before mkfs (run mkfs itself with `fake_time_env`), and the ops that
+    set every inode's access and change time after it."""
+    script = scratch / "inode-times.debugfs"
+
+    def write_script() -> None:
+        scratch.mkdir(parents=True, exist_ok=True)
+        inodes = used_inodes(read_partition(image, partition))
+        write_text(script, times_script(inodes, epoch))
+
+    clamp = Do(
+        f"set every modification time in {rootdir} later than {epoch} to {epoch}",
+        lambda: clamp_times(rootdir, epoch),
+    )
+    times: list[Op] = [
+        Do(
+            f"write {script}: set the access and change time of every inode in use (read "
+            f"from the inode bitmaps of partition {partition.number}) to {epoch}",
+            write_script,
+        ),
+        Run.of(
+            debugfs_script_argv(image, partition, script),
+            capture=True,
+            env=fake_time_env(epoch),
+            then=_debugfs_failed,
+        ),
+    ]
+    return clamp, times
 
 
 # --- reading it back --------------------------------------------------------------------------

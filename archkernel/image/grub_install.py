@@ -193,14 +193,17 @@ def _check_copied(image: Path, staged: Path, copied: Path) -> None:
         )
 
 
-def efi_install(image: Path, layout: Layout, *, root_uuid: str, scratch: Path) -> Plan:
+def efi_install(
+    image: Path, layout: Layout, *, root_uuid: str, scratch: Path, epoch: int | None = None
+) -> Plan:
     """Copy the core.efi staged by `stage_ops` to the ESP of `image` as
     EFI/BOOT/BOOTX64.EFI.
 
     core.efi is read back from the root file system (debugfs, no mount) into
     `scratch/esp/EFI/BOOT/BOOTX64.EFI`, so the ESP gets exactly the build of the modules
     beside it. The ESP must already hold a FAT (`esp.make_ops`); other files on it are
-    kept, an earlier BOOTX64.EFI is replaced.
+    kept, an earlier BOOTX64.EFI is replaced. With an `epoch`, the file and the
+    directories made for it are dated by it, not by the time of the copy.
     """
     if not layout.boots_uefi:
         raise UserError(
@@ -223,6 +226,7 @@ def efi_install(image: Path, layout: Layout, *, root_uuid: str, scratch: Path) -
                 f"make the empty directory {loader.parent}", lambda: _fresh_directory(loader.parent)
             ),
             ext4.dump_op(image, layout.root, staged, loader, missing=missing),
+            *_dated(tree, epoch),
             esp.copy_op(image, layout.esp, [tree / "EFI"]),
             esp.read_op(image, layout.esp, esp.REMOVABLE_PATH_X64, copied),
             Do(
@@ -234,16 +238,34 @@ def efi_install(image: Path, layout: Layout, *, root_uuid: str, scratch: Path) -
     )
 
 
+def _dated(tree: Path, epoch: int | None) -> list[Do]:
+    if epoch is None:
+        return []
+    return [
+        Do(
+            f"date {tree} and everything in it {epoch} (mcopy -m copies the times)",
+            lambda: esp.date_tree(tree, epoch),
+        )
+    ]
+
+
 def installed_platforms(layout: Layout) -> list[str]:
     """The GRUB platforms `install` puts on a disk of `layout`."""
     return platforms(layout.boot)
 
 
 def install(
-    image: Path, layout: Layout, *, root_uuid: str, scratch: Path, bios_lib: Path = GRUB_I386_PC
+    image: Path,
+    layout: Layout,
+    *,
+    root_uuid: str,
+    scratch: Path,
+    bios_lib: Path = GRUB_I386_PC,
+    epoch: int | None = None,
 ) -> Plan:
     """What the firmware of `layout` boots: `bios_install` for bios, `efi_install` for
-    uefi, both for hybrid (in `scratch/bios` and `scratch/efi`)."""
+    uefi, both for hybrid (in `scratch/bios` and `scratch/efi`); `epoch` dates the ESP's
+    files."""
     plan = Plan()
     parts = []
     if layout.boots_bios:
@@ -253,7 +275,9 @@ def install(
             )
         )
     if layout.boots_uefi:
-        parts.append(efi_install(image, layout, root_uuid=root_uuid, scratch=scratch / "efi"))
+        parts.append(
+            efi_install(image, layout, root_uuid=root_uuid, scratch=scratch / "efi", epoch=epoch)
+        )
     for part in parts:
         plan.ops += part.ops
         plan.cleanup += part.cleanup

@@ -10,38 +10,101 @@ import re
 from pathlib import Path
 
 from archkernel.errors import UserError
+from archkernel.units import KiB, MiB
+
+# A real bootscript is a few hundred bytes (U-Boot's own command buffer holds 1-2 KiB).
+# These bound what a hostile or damaged one costs: its length, and the bytes its
+# variables expand to in all (`setenv a ${a}${a}` doubles `a` on every line).
+MAX_SCRIPT = 64 * KiB
+MAX_EXPANDED = 1 * MiB
+
+_VARIABLE = r"\$\{(\w+)\}|\$(\w+)"  # compiled on first use (re caches it)
 
 
 def _script_commands(text: str) -> list[list[str]]:
-    """U-Boot script commands as word lists: lines, `;` separators, comments dropped."""
-    import shlex  # only when a bootscript is parsed, not on every boot
+    """U-Boot script commands as word lists: lines, `;` separators, comments dropped.
 
-    commands = []
-    for line in text.replace("\r", "\n").splitlines():
-        if line.lstrip().startswith("#"):
-            continue
-        for part in re.split(r";(?=(?:[^'\"]|'[^']*'|\"[^\"]*\")*$)", line):
-            try:
-                words = shlex.split(part, comments=False)
-            except ValueError:
-                words = part.split()
-            if words:
-                commands.append(words)
+    One pass over the text, as U-Boot's hush reads it: quotes ('...' and "...") group
+    words and are removed, a backslash escapes the next character (in double quotes
+    only `"` and itself), `;` outside quotes ends a command, `#` at the start of a word
+    starts a comment. A quote left open ends with its line.
+    """
+    commands: list[list[str]] = []
+    for line in text.replace("\r", "\n").split("\n"):
+        words: list[str] = []
+        word: list[str] = []
+        in_word = False  # '' is a word too
+        quote = ""
+        i, end = 0, len(line)
+        while i < end:
+            char = line[i]
+            i += 1
+            if quote == "'":
+                if char == "'":
+                    quote = ""
+                else:
+                    word.append(char)
+            elif quote == '"':
+                if char == '"':
+                    quote = ""
+                elif char == "\\" and i < end and line[i] in '"\\':
+                    word.append(line[i])
+                    i += 1
+                else:
+                    word.append(char)
+            elif char in " \t\f\v;":
+                if in_word:
+                    words.append("".join(word))
+                    word, in_word = [], False
+                if char == ";" and words:
+                    commands.append(words)
+                    words = []
+            elif char == "#" and not in_word:
+                break
+            else:
+                in_word = True
+                if char in "'\"":
+                    quote = char
+                elif char == "\\":
+                    if i < end:
+                        word.append(line[i])
+                        i += 1
+                else:
+                    word.append(char)
+        if in_word:
+            words.append("".join(word))
+        if words:
+            commands.append(words)
     return commands
 
 
-def _expand(word: str, env: dict[str, str]) -> str:
-    """`word` with the script's own variables expanded.
+class _Expander:
+    """Expands the script's own variables, within MAX_EXPANDED bytes for the whole script."""
 
-    Variables the script does not set (U-Boot's `${ramdisk_addr_r}` ...) stay as written:
-    they still tell two load addresses apart, where expanding them to nothing would make
-    every address equal.
-    """
+    def __init__(self, source: str, budget: int = MAX_EXPANDED) -> None:
+        self.env: dict[str, str] = {}
+        self.source = source
+        self.budget = budget
 
-    def value(m: re.Match[str]) -> str:
-        return env.get(m.group(1) or m.group(2), m.group(0))
+    def expand(self, word: str) -> str:
+        """`word` with the script's own variables expanded.
 
-    return re.sub(r"\$\{(\w+)\}|\$(\w+)", value, word)
+        Variables the script does not set (U-Boot's `${ramdisk_addr_r}` ...) stay as
+        written: they still tell two load addresses apart, where expanding them to
+        nothing would make every address equal.
+        """
+        return re.sub(_VARIABLE, self._value, word) if "$" in word else word
+
+    def _value(self, m: re.Match[str]) -> str:
+        value = self.env.get(m.group(1) or m.group(2), m.group(0))
+        self.budget -= len(value)
+        if self.budget < 0:  # before the caller joins it into anything larger
+            raise UserError(
+                f"{self.source} expands its variables to more than {MAX_EXPANDED // MiB} MiB",
+                "a real bootscript is a few hundred bytes; check what the TFTP server "
+                "hands out as the bootscript",
+            )
+        return value
 
 
 def _same_address(a: str, b: str) -> bool:
@@ -56,13 +119,21 @@ def initrd_from_bootscript(text: str, *, source: str = "the bootscript") -> str:
 
     Picks the `tftp`/`tftpboot` whose load address `bootm`/`bootz` uses as the initrd; if
     the script boots differently, the one load whose file name says initrd. Variables set
-    with `setenv` are expanded; whitespace and tabs may vary.
+    with `setenv` are expanded; whitespace and tabs may vary. A script longer than
+    MAX_SCRIPT, or whose variables expand to more than MAX_EXPANDED, is refused.
     """
-    env: dict[str, str] = {}
+    if len(text) > MAX_SCRIPT:
+        raise UserError(
+            f"{source} is {len(text)} characters long; at most {MAX_SCRIPT // KiB} KiB are read",
+            "a real bootscript is a few hundred bytes; check what the TFTP server hands out "
+            "as the bootscript",
+        )
+    expander = _Expander(source)
+    env = expander.env
     loads: list[tuple[str | None, str]] = []
     initrd_addr: str | None = None
     for words in _script_commands(text):
-        cmd, args = words[0], [_expand(w, env) for w in words[1:]]
+        cmd, args = words[0], [expander.expand(w) for w in words[1:]]
         if cmd == "setenv" and args:
             env[args[0]] = " ".join(args[1:])
         elif cmd == "env" and len(args) >= 2 and args[0] == "set":

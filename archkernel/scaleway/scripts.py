@@ -23,10 +23,26 @@ SHELL_ENDINGS = re.compile(
 def init_script(modules: Sequence[str], version: str) -> str:
     """The new /init: busybox applets, the modules in order, then the provider's init.
 
-    It sources /init.scw so the provider's script keeps running as PID 1.
+    It sources /init.scw so the provider's script keeps running as PID 1. `modules` are
+    module file paths; a name that is not a module name (letters, digits, '_', '-') or a
+    version with control characters is refused, and every value is shell-quoted.
     """
+    import shlex  # only when the initrd is rebuilt, not on every boot
+
     from archkernel.formats import kmod
 
+    if not version.isprintable():
+        raise UserError(
+            f"kernel version {version!r} has control characters",
+            "set scaleway.kernel_version to the name of a directory in /usr/lib/modules",
+        )
+    names = [kmod.module_name(relpath) for relpath in modules]
+    for relpath, name in zip(modules, names, strict=True):
+        if not kmod.is_module_name(name):
+            raise UserError(
+                f"module file {relpath!r} does not name a module (its name is {name!r})",
+                "module names are letters, digits, '_' and '-'; check the kernel's modules.dep",
+            )
     lines = [
         "#!/bin/sh",
         f"# archkernel: load the modules of the Arch kernel {version} the root needs,",
@@ -34,11 +50,13 @@ def init_script(modules: Sequence[str], version: str) -> str:
         "/bin/busybox mkdir -p /bin /sbin /usr/bin /usr/sbin /proc /sys",
         "/bin/busybox --install -s",
     ]
-    for relpath in modules:
-        name = kmod.module_name(relpath)
-        lines.append(f'echo "archkernel: loading {name}"')
-        lines.append(f'insmod /{MODULE_DIR}/{name}.ko || echo "archkernel: loading {name} failed"')
-    lines += ['echo "archkernel: starting the provider init"', ". /init.scw", ""]
+    for name in names:
+        module = shlex.quote(f"/{MODULE_DIR}/{name}.ko")
+        loading = shlex.quote(f"archkernel: loading {name}")
+        failed = shlex.quote(f"archkernel: loading {name} failed")
+        lines.append(f"echo {loading}")
+        lines.append(f"insmod {module} || echo {failed}")
+    lines += ["echo 'archkernel: starting the provider init'", ". /init.scw", ""]
     return "\n".join(lines)
 
 

@@ -42,6 +42,8 @@ TFTP_SETTINGS = (
     "scaleway.tftp_timeout",
     "scaleway.tftp_retries",
     "scaleway.tftp_blksize",
+    "scaleway.tftp_max_size",
+    "scaleway.tftp_deadline",
 )
 SHUTDOWN_SCRIPT = "/run/initramfs/shutdown"
 SHUTDOWN_KEXEC = "/run/initramfs/sbin/kexec"
@@ -172,7 +174,8 @@ def _fetching(settings: Settings, server: tftp.TftpServer | None, remote: str, d
 
 
 def _fetch(settings: Settings, server: tftp.TftpServer | None, remote: str, dest: Path) -> bool:
-    """Fetch `remote` into `dest` (in-process, tftpy); True when `dest` changed."""
+    """Fetch `remote` into `dest` (in-process, streamed to a temporary file beside it);
+    True when `dest` changed."""
     cfg = settings.scaleway
     return tftp.fetch_to(
         server or _checked_server(settings),
@@ -181,6 +184,8 @@ def _fetch(settings: Settings, server: tftp.TftpServer | None, remote: str, dest
         timeout=cfg.tftp_timeout,
         retries=cfg.tftp_retries,
         blksize=cfg.tftp_blksize,
+        max_size=cfg.tftp_max_size,
+        deadline=cfg.tftp_deadline,
     )
 
 

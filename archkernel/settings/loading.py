@@ -32,10 +32,19 @@ RESERVED_ENV = {
     "ARCHKERNEL_EXTRA_WORKFLOWS",
     "ARCHKERNEL_AUDIT_SETTINGS",
     "ARCHKERNEL_TEST_CACHE",
+    "ARCHKERNEL_RUN",  # archkernel.host.run.RUN_VARIABLE: in every command archkernel runs
 }
 DEFAULT_FILE = "settings.toml"
+# The reproducible-builds.org variable: the default of build.source_date_epoch.
+ENV_EPOCH = "SOURCE_DATE_EPOCH"
+EPOCH_KEY = ["build", "source_date_epoch"]
+# Settings nest four levels at most (`azure.user.ssh_authorized_keys` and its items). The TOML
+# parser, pydantic and repr() recurse once per level, so far deeper input (500 `[`) would
+# end in RecursionError: it is refused first, as a settings error.
+MAX_NESTING = 32
 T = TypeVar("T")
 
+_FIX_HINT = "fix the values above; settings.toml.example lists every key with its default"
 _ADAPTERS: dict[type, Any] = {}  # pydantic's validator of each section, built on first use
 
 
@@ -109,15 +118,62 @@ def _parse_toml(path: Path, text: str) -> dict[str, Any]:
             f"{path}: TOML syntax error: {exc}",
             "fix the line and column named above; settings.toml.example shows the syntax",
         ) from None
+    except RecursionError:
+        raise UserError(
+            f"invalid settings ({path}):\n  lists or tables nested more than {MAX_NESTING} "
+            "levels deep",
+            _FIX_HINT,
+        ) from None
 
 
-def _env_value(raw: str) -> Any:
+def _env_value(raw: str, key: str, var: str) -> Any:
     if raw[:1] in "[{":
         try:
             return tomllib.loads(f"v = {raw}")["v"]
         except tomllib.TOMLDecodeError:
             return raw
+        except RecursionError:
+            raise UserError(
+                f"invalid settings (the environment):\n  {key}: lists or tables nested more "
+                f"than {MAX_NESTING} levels deep (set by {var})",
+                "fix or unset the variables named above",
+            ) from None
     return raw
+
+
+def _deepest(data: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """The key path of a value nested more than MAX_NESTING levels deep in `data`, if
+    any (walked without recursion: the input may be as deep as the parser allowed)."""
+    todo: list[tuple[tuple[str, ...], Any]] = [((), data)]
+    while todo:
+        loc, value = todo.pop()
+        if len(loc) > MAX_NESTING:
+            return loc
+        if isinstance(value, Mapping):
+            todo += [((*loc, str(k)), v) for k, v in value.items()]
+        elif isinstance(value, list):
+            todo += [((*loc, str(i)), v) for i, v in enumerate(value)]
+    return None
+
+
+def _check_nesting(data: Mapping[str, Any], path: Path | None, origins: Mapping[str, str]) -> None:
+    loc = _deepest(data)
+    if loc is None:
+        return
+    # Name the setting (its keys before the first list index), not 33 levels of it.
+    keys = loc[: next((i for i, k in enumerate(loc) if k.isdigit()), len(loc))]
+    named = ".".join(keys[:3]) or "the top level"
+    origin = _origin(loc, origins) or ""
+    if origin.startswith("env "):
+        source, credit = "the environment", f" (set by {origin.removeprefix('env ')})"
+        hint = "fix or unset the variables named above"
+    else:
+        source, credit, hint = f"{path}", "", _FIX_HINT
+    raise UserError(
+        f"invalid settings ({source}):\n  {named}: lists or tables nested more than "
+        f"{MAX_NESTING} levels deep{credit}",
+        hint,
+    )
 
 
 def _env_overrides(env: Mapping[str, str]) -> Iterator[tuple[list[str], Any, str]]:
@@ -126,13 +182,26 @@ def _env_overrides(env: Mapping[str, str]) -> Iterator[tuple[list[str], Any, str
             continue
         keys = [k.lower() for k in name[len(ENV_PREFIX) :].split("__")]
         if all(keys):
-            yield keys, _env_value(env[name]), name
+            yield keys, _env_value(env[name], ".".join(keys), name), name
+
+
+def _source_date_epoch(
+    data: Mapping[str, Any], overrides: list[tuple[list[str], Any, str]], env: Mapping[str, str]
+) -> list[tuple[list[str], Any, str]]:
+    """SOURCE_DATE_EPOCH (reproducible-builds.org) as the override of build.source_date_epoch
+    when neither the file nor ARCHKERNEL_BUILD__SOURCE_DATE_EPOCH sets that key."""
+    value = env.get(ENV_EPOCH, "")
+    section = data.get("build")
+    in_file = isinstance(section, Mapping) and "source_date_epoch" in section
+    if not value or in_file or any(keys == EPOCH_KEY for keys, _, _ in overrides):
+        return []
+    return [(list(EPOCH_KEY), value, ENV_EPOCH)]
 
 
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and key in ("scaleway", "azure", "user"):
+        if isinstance(value, Mapping) and key in ("build", "scaleway", "azure", "user"):
             yield from _flatten(value, dotted + ".")
         else:
             yield dotted
@@ -259,6 +328,7 @@ def _resolve_paths(data: dict[str, Any], base: Path) -> None:
     fix(data, "workdir")
     if isinstance(data.get("azure"), dict):
         fix(data["azure"], "pacman_conf")
+        fix(data["azure"], "package_cache")
     if isinstance(data.get("scaleway"), dict):
         fix(data["scaleway"], "root")
 
@@ -286,10 +356,12 @@ def load(
         path = (cwd / path) if not path.is_absolute() else path
         text = _read_text(path)
         data = _parse_toml(path, text)
+        _check_nesting(data, path, {})
         for key in _flatten(data):
             origins[key] = f"file {path}"
     base = path.parent if path is not None else cwd
     overrides = list(_env_overrides(env))
+    overrides += _source_date_epoch(data, overrides, env)
     for keys, value, var in overrides:
         node = data
         for key in keys[:-1]:
@@ -299,6 +371,7 @@ def load(
             node = child
         node[keys[-1]] = value
         origins[".".join(keys)] = f"env {var}"
+    _check_nesting(data, path, origins)  # again, with the environment's values
     _resolve_paths(data, base)
     data.setdefault("workdir", str(base / "build"))
     key = ""
@@ -313,7 +386,7 @@ def load(
         settings = validate(Settings, data)
     except ValidationError as exc:
         message = _format_errors(exc, path, origins)
-        hint = "fix the values above; settings.toml.example lists every key with its default"
+        hint = _FIX_HINT
         if message.startswith("invalid settings (the environment)"):
             hint = "fix or unset the variables named above"
         raise UserError(message, hint) from None

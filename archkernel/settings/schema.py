@@ -13,7 +13,9 @@ from typing import Annotated, Any, ClassVar, Literal
 
 from archkernel.settings.types import (
     SHA256,
+    ArchiveDate,
     Bounds,
+    Check,
     Cmdline,
     DiskSize,
     FileName,
@@ -33,8 +35,9 @@ from archkernel.settings.types import (
     Text,
     TimeZone,
     UserName,
+    _size,
 )
-from archkernel.units import GiB
+from archkernel.units import GiB, MiB
 
 
 def setting(default: Any, doc: str) -> Any:
@@ -80,6 +83,12 @@ class ScalewaySettings(Section):
     tftp_blksize: Annotated[int, Bounds(ge=8, le=65464)] = setting(
         1468, "TFTP block size (RFC 2348)"
     )
+    tftp_max_size: Annotated[int, Bounds(ge=MiB, le=4 * GiB), Check(_size, before=True)] = setting(
+        256 * MiB, "largest file fetched over TFTP (MiB or GiB); a larger one is refused"
+    )
+    tftp_deadline: Annotated[float, Bounds(gt=0, le=86400)] = setting(
+        300.0, "seconds one TFTP transfer may take in all"
+    )
     bootscript: RelativeName = setting("uboot.bootscript", "bootscript name on TFTP")
     kernel: SystemPath = setting("/boot/zImage", "the Arch kernel to kexec")
     kernel_version: Text | None = setting(None, "default: found from /usr/lib/modules/*/pkgbase")
@@ -111,6 +120,15 @@ class AzureUser(Section):
     ssh_authorized_keys: list[SSHKey] = setting([], "public keys for ~/.ssh")
     password_hash: PasswordHash | None = setting(None, "crypt(3) hash; omit for key-only login")
 
+
+def _seed(value: str) -> str:
+    if not value.strip() or len(value) > 256 or any(c in value for c in "\n\r\0"):
+        raise ValueError("must be one line of 1 to 256 characters, not blank")
+    return value
+
+
+# Any text: the IDs are derived from it (archkernel.azure.ids), it is not one of them.
+Seed = Annotated[str, Check(_seed)]
 
 DEFAULT_PACKAGES = [
     "base",
@@ -146,8 +164,18 @@ class AzureSettings(Section):
         "https://geo.mirror.pkgbuild.com/$repo/os/$arch",
         "Arch mirror used when pacman_conf is not given",
     )
+    archive_date: ArchiveDate | None = setting(
+        None,
+        "install from the Arch Linux Archive's snapshot of this day (YYYY-MM-DD) instead of "
+        "mirror: the same packages on every build",
+    )
     pacman_conf: OneLinePath | None = setting(
         None, "a pacman.conf used as given (local mirror, cache, test repository)"
+    )
+    package_cache: OneLinePath | None = setting(
+        None,
+        "pacman's package cache (CacheDir) for the build from mirror, worth keeping between "
+        "builds (CI); default: pacman's own",
     )
     packages: list[PackageName] = setting(DEFAULT_PACKAGES, "packages installed by pacstrap")
     extra_packages: list[PackageName] = setting([], "installed in addition")
@@ -167,6 +195,11 @@ class AzureSettings(Section):
         ["hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils"], "modules forced into the initramfs"
     )
     output: FileName = setting("archlinux-azure.vhd", "VHD file name under workdir")
+    seed: Seed | None = setting(
+        None,
+        "every ID of the image (root UUID, ESP volume ID, GPT GUIDs, ext4 hash seed, VHD "
+        "unique ID) derives from it; default: a digest of the settings that shape the image",
+    )
     boottest_marker: Text = setting("login:", "console text azure_boottest waits for")
     boottest_timeout: Annotated[float, Bounds(gt=0, le=7200)] = setting(
         600.0, "seconds azure_boottest waits for the marker"
@@ -207,6 +240,21 @@ class AzureSettings(Section):
             raise ValueError(f"boot = {boot!r} needs partition_table = 'gpt' (an EFI partition)")
         if self.bootstrap_tarball is not None and self.bootstrap_sha256 is None:
             raise ValueError("bootstrap_tarball needs bootstrap_sha256 to check it")
+        if self.archive_date is not None and self.pacman_conf is not None:
+            raise ValueError(
+                "archive_date is for the pacman.conf archkernel writes: with pacman_conf, "
+                "name the snapshot's Server in that file instead"
+            )
+        if self.archive_date is not None and self.mirror != default_of(AzureSettings, "mirror"):
+            raise ValueError(
+                "archive_date takes the packages from the Arch Linux Archive instead of "
+                "mirror: set one of them, not both"
+            )
+        if self.package_cache is not None and self.pacman_conf is not None:
+            raise ValueError(
+                "package_cache is for the pacman.conf archkernel writes for mirror: with "
+                "pacman_conf, set CacheDir in that file instead"
+            )
 
     @property
     def firmware(self) -> str:
@@ -223,17 +271,36 @@ class AzureSettings(Section):
         return list(dict.fromkeys(names))
 
 
+# 1980-01-01 00:00:00 UTC: FAT cannot date a file earlier.
+FIRST_EPOCH = 315_532_800
+# 2100-01-01 00:00:00 UTC: within what FAT, ext4 and the VHD footer can date.
+LAST_EPOCH = 4_102_444_800
+
+
+@dataclass(frozen=True, kw_only=True)
+class BuildSettings(Section):
+    """`[build]`: how builds are made, whatever they build."""
+
+    source_date_epoch: Annotated[int, Bounds(ge=FIRST_EPOCH, le=LAST_EPOCH)] | None = setting(
+        None,
+        "the time (seconds since 1970, 1980 to 2100) the image's files, file systems and VHD "
+        "carry, for byte-identical rebuilds; default: $SOURCE_DATE_EPOCH, else the build time",
+    )
+
+
 @dataclass(frozen=True, kw_only=True)
 class Settings(Section):
     """The whole settings file."""
 
-    workdir: Path = setting(Path("build"), "step outputs and doit's state")
+    workdir: OneLinePath = setting(Path("build"), "step outputs and doit's state")
+    build: BuildSettings = field(default_factory=BuildSettings)
     scaleway: ScalewaySettings = field(default_factory=ScalewaySettings)
     azure: AzureSettings = field(default_factory=AzureSettings)
 
 
 SECTIONS: dict[str, type[Section]] = {
-    cls.__name__: cls for cls in (Settings, ScalewaySettings, AzureSettings, AzureUser)
+    cls.__name__: cls
+    for cls in (Settings, BuildSettings, ScalewaySettings, AzureSettings, AzureUser)
 }
 
 

@@ -202,6 +202,32 @@ def _azure_disk_size(value: int) -> int:
     return value
 
 
+# The first day of the Arch Linux Archive's daily repository snapshots (repos/2013/08/31).
+FIRST_ARCHIVE_DAY = "2013-08-31"
+
+
+def _archive_date(value: object) -> str:
+    """A day of the Arch Linux Archive as `YYYY-MM-DD`: TOML's bare date (2026-11-30) or
+    that text; a real calendar day, not before the archive's first snapshot."""
+    import datetime
+
+    if isinstance(value, datetime.date) and not isinstance(value, datetime.datetime):
+        value = value.isoformat()
+    if not isinstance(value, str):
+        raise ValueError("is not a day; write e.g. 2026-11-30 (YYYY-MM-DD, no time)")
+    if not re.fullmatch(r"\d{4}-\d{2}-\d{2}", value):
+        raise ValueError(f"{value!r} is not a date; write e.g. 2026-11-30 (YYYY-MM-DD)")
+    try:
+        datetime.date.fromisoformat(value)
+    except ValueError:
+        raise ValueError(f"{value!r} is not a day of the calendar") from None
+    if value < FIRST_ARCHIVE_DAY:
+        raise ValueError(
+            f"{value!r} is before the Arch Linux Archive's first snapshot ({FIRST_ARCHIVE_DAY})"
+        )
+    return value
+
+
 Text = Annotated[str, Check(_text)]
 HostName = Annotated[str, Check(_hostname)]
 IPv4 = Annotated[str, Check(_ipv4)]
@@ -244,5 +270,6 @@ FileName = Annotated[
 ]
 OneLinePath = Annotated[Path, Check(_path_text)]
 DiskSize = Annotated[int, Check(_size, before=True), Check(_azure_disk_size)]
+ArchiveDate = Annotated[str, Check(_archive_date, before=True)]
 # A crypt(3) hash such as `$6$salt$...` or `$y$...`; never a plain password.
 PasswordHash = Annotated[Secret, Check(_password_hash)]

@@ -22,9 +22,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from archkernel.demo import offline
 from archkernel.host.run import minimal_env
 from archkernel.settings import load
-from tests import offline
 
 REPO = Path(__file__).resolve().parents[2]
 WORKFLOW = "azure_vhd"

@@ -27,12 +27,11 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
 
+from archkernel.demo.debian import apt, cache_dir, locked
 from archkernel.errors import UserError
 from archkernel.host.files import atomic_path, remove_path, temporary_directory, write_text
 from archkernel.host.run import check_tools, minimal_env, run
 from archkernel.log import complete_step
-from tests.support.apt import apt
-from tests.support.cache import cache_dir, locked
 
 SUITE = "bookworm"
 # What the Azure workflow runs inside the environment (see buildenv.ROUTED_TOOLS), and

@@ -1,7 +1,8 @@
 """TFTP servers for tests: Debian's in.tftpd, and a tftpy server that injects faults.
 
 `running_tftpd_hpa(root)` runs the real server the provider runs (put files with
-`.put(name, data)`); `tftpy_servers(...)` starts in-process servers whose files may
+`.put(name, data)`; it is `archkernel.demo.tftpd`'s, which the fake C1 of `archkernel
+demo` uses too); `tftpy_servers(...)` starts in-process servers whose files may
 misbehave (`Truncate`, `Short`, `Stall`). Every server listens on 127.0.0.1 on a free port
 and is stopped, and its process or thread waited for, when its block ends. The fixtures
 `tftpd_hpa` and `tftpy_server` (tests/conftest.py) wrap them.
@@ -11,13 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import io
-import os
-import shutil
-import signal
-import socket
-import subprocess
 import threading
-import time
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -25,111 +20,29 @@ from typing import Any
 
 import tftpy
 
-LOOPBACK = "127.0.0.1"
+from archkernel.demo.tftpd import (
+    LOOPBACK,
+    TftpdHpa,
+    TftpdUnavailable,
+    free_udp_port,
+    probe,
+    running_tftpd_hpa,
+)
 
-
-def free_udp_port(host: str = LOOPBACK) -> int:
-    """A UDP port on `host` that nothing listens on right now (the kernel picks it)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
-def probe(host: str, port: int, timeout: float = 0.1) -> bool:
-    """Whether a TFTP server answers on host:port (any reply to a read request counts)."""
-    request = b"\x00\x01" + b"archkernel-probe-no-such-file\x00octet\x00"
-    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
-        sock.settimeout(timeout)
-        try:
-            sock.sendto(request, (host, port))
-            reply, _ = sock.recvfrom(1024)
-        except OSError:  # timeout, or ICMP port unreachable
-            return False
-    return len(reply) >= 4
-
-
-# ---------------------------------------------------------------------------- in.tftpd
-
-
-@dataclass(frozen=True)
-class TftpdHpa:
-    """A running `in.tftpd` serving `root` on host:port."""
-
-    root: Path
-    port: int
-    host: str = LOOPBACK
-
-    def put(self, name: str, data: bytes, mode: int = 0o644) -> Path:
-        """Store `data` as `name` (may contain `/`) under the root, readable by the server."""
-        path = self.root / name
-        for parent in reversed(path.relative_to(self.root).parents):
-            (self.root / parent).mkdir(exist_ok=True)
-            (self.root / parent).chmod(0o755)
-        path.write_bytes(data)
-        path.chmod(mode)
-        return path
-
-
-class TftpdUnavailable(Exception):
-    """in.tftpd cannot run here: not installed, or not root."""
-
-
-@contextlib.contextmanager
-def running_tftpd_hpa(root: Path, host: str = LOOPBACK) -> Iterator[TftpdHpa]:
-    """Run `in.tftpd -L -a HOST:PORT -s ROOT` on a free port until the block ends.
-
-    in.tftpd chroots into ROOT as root and then drops privileges, so ROOT and its files
-    must be world-readable (ROOT is made 0755 here, `put` writes 0644); the directories
-    above ROOT need not be traversable. It forks one child per transfer: the whole
-    process group is ended on exit.
-    """
-    binary = shutil.which("in.tftpd") or shutil.which("in.tftpd", path="/usr/sbin:/sbin")
-    if binary is None:
-        raise TftpdUnavailable("in.tftpd not installed (Debian package tftpd-hpa)")
-    if os.geteuid() != 0:
-        raise TftpdUnavailable("in.tftpd -s must start as root (it chroots into its directory)")
-    root.mkdir(parents=True, exist_ok=True)
-    root.chmod(0o755)
-    for _attempt in range(5):
-        port = free_udp_port(host)
-        proc = subprocess.Popen(
-            [binary, "-L", "-a", f"{host}:{port}", "-s", str(root)],
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.DEVNULL,
-            stderr=subprocess.DEVNULL,
-            start_new_session=True,
-        )
-        try:
-            if _wait_until_answering(proc, host, port):
-                yield TftpdHpa(root=root, port=port, host=host)
-                return
-        finally:
-            _stop_group(proc)
-    raise RuntimeError(f"in.tftpd did not start on {host} after 5 attempts")
-
-
-def _wait_until_answering(proc: subprocess.Popen[bytes], host: str, port: int) -> bool:
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline:
-        if proc.poll() is not None:
-            return False  # lost the port to someone else, most likely
-        if probe(host, port):
-            return True
-    raise RuntimeError(f"in.tftpd on {host}:{port} did not answer within 5s")
-
-
-def _stop_group(proc: subprocess.Popen[bytes]) -> None:
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(timeout=5)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait()
-    # Children still sending an abandoned transfer are in the group we created.
-    with contextlib.suppress(ProcessLookupError):
-        os.killpg(proc.pid, signal.SIGKILL)
-
+__all__ = [
+    "LOOPBACK",
+    "Content",
+    "Short",
+    "Stall",
+    "TftpdHpa",
+    "TftpdUnavailable",
+    "TftpyServer",
+    "Truncate",
+    "free_udp_port",
+    "probe",
+    "running_tftpd_hpa",
+    "tftpy_servers",
+]
 
 # ----------------------------------------------------------------- tftpy with faults
 

@@ -29,6 +29,7 @@ from archkernel.azure.buildenv.routing import (
     find_tool,
     merge_binds,
     pacman_conf_binds,
+    resolve_in_root,
 )
 from archkernel.azure.buildenv.state import (
     ENV_DIR,
@@ -47,7 +48,8 @@ from archkernel.log import complete_step, log
 from archkernel.settings import AzureSettings, default_of
 
 # The settings that make up the environment (for a step's config_changed): the tarball,
-# where it runs, the mirror its pacman uses and the pacman.conf whose paths it shares.
+# where it runs, the mirror its pacman uses, the pacman.conf whose paths it shares and the
+# package cache it shares.
 SETTINGS = (
     "azure.builder",
     "azure.container_runtime",
@@ -57,6 +59,7 @@ SETTINGS = (
     "azure.bootstrap_keyring",
     "azure.mirror",
     "azure.pacman_conf",
+    "azure.package_cache",
 )
 # What every later step reads to enter the environment step 1 prepared (`activate`). They
 # only find it: a change to any of them re-runs step 1, whose new record (a shared input of
@@ -67,6 +70,7 @@ ACTIVATION_SETTINGS = (
     "azure.bootstrap_tarball",
     "azure.bootstrap_sha256",
     "azure.pacman_conf",
+    "azure.package_cache",
 )
 
 
@@ -84,12 +88,14 @@ def required_tools(az: AzureSettings) -> list[str]:
 
 def shared_paths(az: AzureSettings, workdir: Path, extra: Iterable[Bind] = ()) -> tuple[Bind, ...]:
     """What the environment shares with the host: the work directory, the temporary
-    directory, what `azure.pacman_conf` points at (a local repository, its cache), and
-    `extra`."""
+    directory, what `azure.pacman_conf` points at (a local repository, its cache), the
+    package cache `azure.package_cache` (read-write), and `extra`."""
     binds = [Bind(Path(workdir)), Bind(Path(tempfile.gettempdir()))]
     if az.pacman_conf is not None and az.pacman_conf.is_file():
         binds.append(Bind(az.pacman_conf, read_only=True))
         binds += pacman_conf_binds(az.pacman_conf.read_text(errors="replace"))
+    if az.package_cache is not None:
+        binds.append(Bind(Path(os.path.abspath(az.package_cache))))
     return merge_binds([*binds, *extra])
 
 
@@ -219,6 +225,28 @@ def _unpack(base: Path, state: State, tarball: Path) -> None:
             os.rmdir(tmp / "unpacked")
 
 
+def in_tree(root: Path, inside: str) -> Path:
+    """Where the host writes (or removes) `inside`, a path in the environment `root`: its
+    directories taken as the environment's programs take them (links followed from `root`,
+    `resolve_in_root`) and made if missing, its last name not followed (a file there is
+    replaced, not written through). However the tree's links point, it lies in `root`."""
+    *directories, name = [p for p in inside.split("/") if p not in ("", ".")]
+    where = root
+    for index, part in enumerate(directories):
+        found = resolve_in_root(root, "/".join(directories[: index + 1]))
+        if found is None and not (where / part).is_symlink():
+            found = where / part
+            found.mkdir()
+        if found is None or not found.is_dir():
+            raise UserError(
+                f"/{'/'.join(directories[: index + 1])} in the build environment {root} is "
+                "not a directory",
+                "use Arch's bootstrap tarball, or a tarball that is a root file system",
+            )
+        where = found
+    return where / name
+
+
 def _remove_others(base: Path, keep: State, old: State | None) -> None:
     """Remove environments (and their images) other than `keep`'s."""
     for entry in sorted(base.iterdir()):
@@ -243,7 +271,7 @@ def _init_keyring(env: BuildEnv) -> None:
     """`pacman-key --init` and `--populate archlinux`, inside, all or nothing."""
     with (
         complete_step("Initialising the build environment's pacman keyring"),
-        atomic_path(env.root / "etc/pacman.d/gnupg") as tmp,
+        atomic_path(in_tree(env.root, "etc/pacman.d/gnupg")) as tmp,
     ):
         tmp.mkdir(mode=0o700)
         gpgdir = env.inside_path(tmp)
@@ -254,7 +282,7 @@ def _init_keyring(env: BuildEnv) -> None:
 
 def _install_tools(env: BuildEnv, az: AzureSettings, missing: list[str]) -> list[str]:
     packages = sorted({ARCH_PACKAGES.get(t) or PACKAGES.get(t, (t, ""))[0] for t in missing})
-    lock = env.root / "var/lib/pacman/db.lck"
+    lock = in_tree(env.root, "var/lib/pacman/db.lck")
     if lock.exists():
         # No pacman can still run: each command's processes end with its namespace.
         log.warning("removing %s left by an interrupted pacman", lock)
@@ -262,6 +290,9 @@ def _install_tools(env: BuildEnv, az: AzureSettings, missing: list[str]) -> list
     argv = ["pacman", "--sync", "--refresh", "--needed", "--noconfirm"]
     if az.pacman_conf is not None:
         argv += ["--config", os.fspath(Path(az.pacman_conf).resolve())]
+    if az.package_cache is not None:
+        # Its tools come from the same mirror as the image's packages: one cache for both.
+        argv += ["--cachedir", os.path.abspath(az.package_cache)]
     with complete_step(f"Installing {' '.join(packages)} into the build environment"):
         env.run([*argv, *packages], timeout=3600)
     return packages
@@ -269,20 +300,20 @@ def _install_tools(env: BuildEnv, az: AzureSettings, missing: list[str]) -> list
 
 def _set_up(env: BuildEnv, az: AzureSettings, state: State, tools: Sequence[str]) -> State:
     """Mirror, keyring and tools of the environment (each done once, or when it changed)."""
+    # Everything written from here goes through `in_tree`: never through a link out of it.
     root = env.root
-    resolv = root / "etc/resolv.conf"
+    resolv = in_tree(root, "etc/resolv.conf")
     if not resolv.exists() and not resolv.is_symlink():
         # Something for the host's resolv.conf to be bind-mounted onto.
         write_if_changed(resolv, b"")
-    mtab = root / "etc/mtab"
+    mtab = in_tree(root, "etc/mtab")
     if not mtab.exists() and not mtab.is_symlink():
         # pacman's CheckSpace reads the mounts there (Arch's filesystem package has it).
         mtab.symlink_to("../proc/self/mounts")
     arch = (root / "etc/arch-release").exists()
-    mirrorlist = root / "etc/pacman.d/mirrorlist"
     if arch and state.mirror != az.mirror:
         text = f"# Written by archkernel from azure.mirror.\nServer = {az.mirror}\n"
-        write_if_changed(mirrorlist, text.encode())
+        write_if_changed(in_tree(root, "etc/pacman.d/mirrorlist"), text.encode())
         state.mirror = az.mirror
     if not state.keyring and find_tool(root, "pacman-key") and _keyring_source(root):
         _init_keyring(env)
