@@ -29,28 +29,17 @@ module directory, so it is the same on any build machine.
 from __future__ import annotations
 
 import difflib
-import gzip
-import lzma
 import re
-import zlib
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from fnmatch import fnmatchcase
 from pathlib import Path
 
 from archkernel.errors import UserError
-from archkernel.formats.compression import GZIP_MAGIC, XZ_MAGIC, ZSTD_MAGIC
-from archkernel.host.decompress import CorruptData, zstd_decompress
 
 ELF_MAGIC = b"\x7fELF"
 MODULE_SUFFIXES = (".ko", ".ko.gz", ".ko.xz", ".ko.zst")
 
-# suffix -> (format name, magic bytes)
-_COMPRESSION = {
-    ".ko.gz": ("gzip", GZIP_MAGIC),
-    ".ko.xz": ("xz", XZ_MAGIC),
-    ".ko.zst": ("zstd", ZSTD_MAGIC),
-}
 _GLOB_CHARS = re.compile(r"[*?\[]")
 # What a module's name can be: the kernel's KBUILD_MODNAME is a C identifier made of the
 # file name ('-' and ',' become '_'); the names here end up in shell scripts and paths.
@@ -489,48 +478,6 @@ def _root_of(moddir: Path) -> str:
     return "ROOT"
 
 
-def decompress_module(data: bytes, relpath: str) -> bytes:
-    """The uncompressed ELF object of module file `relpath` whose content is `data`.
-
-    The compression is chosen by suffix (.ko, .ko.gz, .ko.xz, .ko.zst) and must match
-    the data's magic bytes; the result must be an ELF object. busybox insmod needs this
-    as it may not read compressed modules.
-    """
-    suffix = next((s for s in _COMPRESSION if relpath.endswith(s)), None)
-    if suffix is None:
-        if not relpath.endswith(".ko"):
-            raise UserError(
-                f"{relpath} is not a kernel module file name",
-                f"module files end in {', '.join(MODULE_SUFFIXES)}",
-            )
-        result = data
-    else:
-        kind, magic = _COMPRESSION[suffix]
-        if not data.startswith(magic):
-            raise UserError(
-                f"{relpath} is not {kind}-compressed (it starts with {data[:6].hex(' ')})",
-                "the module file is corrupt or misnamed: reinstall the kernel package",
-            )
-        try:
-            if kind == "gzip":
-                result = gzip.decompress(data)
-            elif kind == "xz":
-                result = lzma.decompress(data, format=lzma.FORMAT_XZ)
-            else:
-                result = zstd_decompress(data)
-        except (OSError, EOFError, zlib.error, lzma.LZMAError, CorruptData) as exc:
-            raise UserError(
-                f"cannot decompress {relpath} ({kind}): {exc or 'corrupt data'}",
-                "the module file is corrupt: reinstall the kernel package",
-            ) from exc
-    if not result.startswith(ELF_MAGIC):
-        raise UserError(
-            f"{relpath} is not an ELF kernel module (it starts with {result[:4].hex(' ')})",
-            "the module file is corrupt: reinstall the kernel package",
-        )
-    return result
-
-
 __all__ = [
     "ELF_MAGIC",
     "MAX_PROBE_STEPS",
@@ -538,7 +485,6 @@ __all__ = [
     "ModulesDep",
     "Softdep",
     "check_module_path",
-    "decompress_module",
     "is_module_name",
     "module_name",
     "normalize",

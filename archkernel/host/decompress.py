@@ -1,13 +1,20 @@
-"""zstd data decompressed in memory: libarchive's raw reader, else the `zstd` command.
+"""Compressed data decompressed in memory: kernel modules, and zstd data in general.
 
 Python's standard library reads gzip and xz but not zstd. libarchive usually can; where
-it is missing or built without zstd, the `zstd` command (through `run()`) does it.
+it is missing or built without zstd, the `zstd` command (through `run()`) does it: that
+is why this lives with the host helpers and not in `formats`.
 """
 
 from __future__ import annotations
 
+import gzip
+import lzma
 import tempfile
+import zlib
 
+from archkernel.errors import UserError
+from archkernel.formats.compression import GZIP_MAGIC, XZ_MAGIC, ZSTD_MAGIC
+from archkernel.formats.kmod import ELF_MAGIC, MODULE_SUFFIXES
 from archkernel.host.run import run
 
 
@@ -44,3 +51,53 @@ def _zstd_command(data: bytes) -> bytes:
             raise CorruptData(proc.stderr.strip().splitlines()[-1] if proc.stderr else "")
         out.seek(0)
         return out.read()
+
+
+# suffix -> (format name, magic bytes)
+_MODULE_COMPRESSION = {
+    ".ko.gz": ("gzip", GZIP_MAGIC),
+    ".ko.xz": ("xz", XZ_MAGIC),
+    ".ko.zst": ("zstd", ZSTD_MAGIC),
+}
+
+
+def decompress_module(data: bytes, relpath: str) -> bytes:
+    """The uncompressed ELF object of module file `relpath` whose content is `data`.
+
+    The compression is chosen by suffix (.ko, .ko.gz, .ko.xz, .ko.zst) and must match
+    the data's magic bytes; the result must be an ELF object. busybox insmod needs this
+    as it may not read compressed modules.
+    """
+    suffix = next((s for s in _MODULE_COMPRESSION if relpath.endswith(s)), None)
+    if suffix is None:
+        if not relpath.endswith(".ko"):
+            raise UserError(
+                f"{relpath} is not a kernel module file name",
+                f"module files end in {', '.join(MODULE_SUFFIXES)}",
+            )
+        result = data
+    else:
+        kind, magic = _MODULE_COMPRESSION[suffix]
+        if not data.startswith(magic):
+            raise UserError(
+                f"{relpath} is not {kind}-compressed (it starts with {data[:6].hex(' ')})",
+                "the module file is corrupt or misnamed: reinstall the kernel package",
+            )
+        try:
+            if kind == "gzip":
+                result = gzip.decompress(data)
+            elif kind == "xz":
+                result = lzma.decompress(data, format=lzma.FORMAT_XZ)
+            else:
+                result = zstd_decompress(data)
+        except (OSError, EOFError, zlib.error, lzma.LZMAError, CorruptData) as exc:
+            raise UserError(
+                f"cannot decompress {relpath} ({kind}): {exc or 'corrupt data'}",
+                "the module file is corrupt: reinstall the kernel package",
+            ) from exc
+    if not result.startswith(ELF_MAGIC):
+        raise UserError(
+            f"{relpath} is not an ELF kernel module (it starts with {result[:4].hex(' ')})",
+            "the module file is corrupt: reinstall the kernel package",
+        )
+    return result

@@ -287,6 +287,7 @@ def modules(settings: Settings) -> Plan:
 
 def _prepare_modules(p: Paths, chosen: kernel_modules.Selection) -> None:
     from archkernel.formats import kmod
+    from archkernel.host.decompress import decompress_module
 
     for name in chosen.missing:
         log.warning("optional module %s is not in %s; going on without it", name, chosen.version)
@@ -294,7 +295,7 @@ def _prepare_modules(p: Paths, chosen: kernel_modules.Selection) -> None:
     with atomic_path(p.modules) as tmp:
         tmp.mkdir()
         for relpath in chosen.order:
-            data = kmod.decompress_module((chosen.moddir / relpath).read_bytes(), relpath)
+            data = decompress_module((chosen.moddir / relpath).read_bytes(), relpath)
             name = kmod.module_name(relpath)
             (tmp / f"{name}.ko").write_bytes(data)
             listed.append({"name": name, "path": relpath, "size": len(data)})
