@@ -659,3 +659,22 @@ def test_planning_writes_nothing(c1_settings: Settings) -> None:
     assert not c1_settings.workdir.exists()
     with pytest.raises(UserError, match="step 1 has not found the kernel version yet"):
         steps.modules(c1_settings)
+
+
+def test_the_initrd_unpack_limits_are_settings_read_by_unpack_and_pack(tmp_path: Path) -> None:
+    from archkernel.plan import declared_settings
+    from archkernel.scaleway import steps as scaleway_steps
+    from archkernel.settings import load as load_settings
+
+    (tmp_path / "s.toml").write_text(
+        '[scaleway]\nmax_initrd_unpacked = "64MiB"\nmax_initrd_ratio = 10\n'
+    )
+    cfg = load_settings(str(tmp_path / "s.toml")).settings.scaleway
+    assert (cfg.max_initrd_unpacked, cfg.max_initrd_ratio) == (64 << 20, 10)
+    for step in (scaleway_steps.unpack, scaleway_steps.pack):
+        assert {"scaleway.max_initrd_unpacked", "scaleway.max_initrd_ratio"} <= set(
+            declared_settings(step)
+        )
+    (tmp_path / "bad.toml").write_text("[scaleway]\nmax_initrd_ratio = 1\n")
+    with pytest.raises(UserError, match="max_initrd_ratio"):
+        load_settings(str(tmp_path / "bad.toml"))

@@ -232,18 +232,24 @@ def fetch_initrd(settings: Settings) -> Plan:
 # --- 4 unpack ---------------------------------------------------------------------------------
 
 
-@reads()
+@reads("scaleway.max_initrd_unpacked", "scaleway.max_initrd_ratio")
 def unpack(settings: Settings) -> Plan:
     """check the initrd's U-Boot header and every cpio entry."""
-    p = paths(settings)
+    p, limits = paths(settings), _limits(settings)
     return Plan().do(
         f"check the U-Boot header of {p.uinitrd}, its payload's compression and every cpio "
         f"entry; keep the payload in {p.payload} and what it holds in {p.listing}",
-        lambda: _unpack(p),
+        lambda: _unpack(p, limits),
     )
 
 
-def _unpack(p: Paths) -> None:
+def _limits(settings: Settings) -> tuple[int, int]:
+    """How far the provider's initrd may unpack (a bomb is refused, not unpacked): the
+    most bytes, and the most times its packed size."""
+    return settings.scaleway.max_initrd_unpacked, settings.scaleway.max_initrd_ratio
+
+
+def _unpack(p: Paths, limits: tuple[int, int]) -> None:
     # libarchive and friends: only when the initrd is rebuilt, not on every boot
     from archkernel.formats import cpio, initramfs, uimage
     from archkernel.formats.compression import detect_compression
@@ -252,7 +258,9 @@ def _unpack(p: Paths) -> None:
     source = f"initrd {name}"
     _, payload = uimage.parse(p.uinitrd.read_bytes(), expect_type=uimage.RAMDISK, source=source)
     compression = detect_compression(payload, source=source)
-    entries = initramfs.read_entries(payload, source=source)
+    entries = initramfs.read_entries(
+        payload, source=source, max_unpacked=limits[0], max_ratio=limits[1]
+    )
     init = cpio.original_init(entries)
     listing = {
         "name": name,
@@ -307,25 +315,32 @@ def _prepare_modules(p: Paths, chosen: kernel_modules.Selection) -> None:
 # --- 6 pack -----------------------------------------------------------------------------------
 
 
-@reads("scaleway.output_initrd", "scaleway.compression")
+@reads(
+    "scaleway.output_initrd",
+    "scaleway.compression",
+    "scaleway.max_initrd_unpacked",
+    "scaleway.max_initrd_ratio",
+)
 def pack(settings: Settings) -> Plan:
     """append the modules and the new /init to the initrd, written atomically."""
-    cfg, p = settings.scaleway, paths(settings)
+    cfg, p, limits = settings.scaleway, paths(settings), _limits(settings)
     output, compression = p.system(cfg.output_initrd), cfg.compression
     return Plan().do(
         f"append a {compression} archive of /init, /init.scw (the provider's /init) and the "
         f"modules of {p.modules} to {p.payload}; write it to {output} (atomically, only if it "
         f"changed) and its size to {p.packed}",
-        lambda: _pack(p, output, compression),
+        lambda: _pack(p, output, compression, limits),
     )
 
 
-def _pack(p: Paths, output: Path, compression: str) -> None:
+def _pack(p: Paths, output: Path, compression: str, limits: tuple[int, int]) -> None:
     from archkernel.formats import initramfs  # libarchive: only when the initrd is rebuilt
 
     payload = p.payload.read_bytes()
     source = f"initrd {json.loads(p.listing.read_text())['name']}"
-    original_init = initramfs.read_file(payload, "init", source)
+    original_init = initramfs.read_file(
+        payload, "init", source, max_unpacked=limits[0], max_ratio=limits[1]
+    )
     manifest = json.loads(p.modules_manifest.read_text())
     if not (p.modules / "init").is_file():
         raise UserError(
@@ -338,7 +353,14 @@ def _pack(p: Paths, output: Path, compression: str) -> None:
     entries = kernel_modules.archive_entries(
         (p.modules / "init").read_bytes(), original_init, prepared
     )
-    data = initramfs.patch(payload, entries, source=source, compression=compression)
+    data = initramfs.patch(
+        payload,
+        entries,
+        source=source,
+        compression=compression,
+        max_unpacked=limits[0],
+        max_ratio=limits[1],
+    )
     changed = write_if_changed(output, data)
     write_bytes(p.packed, json.dumps({"output": str(output), "size": len(data)}).encode() + b"\n")
     log.info("initrd %s: %s (%d bytes)", output, "rebuilt" if changed else "reused", len(data))

@@ -89,6 +89,12 @@ class ScalewaySettings(Section):
     tftp_deadline: Annotated[float, Bounds(gt=0, le=86400)] = setting(
         300.0, "seconds one TFTP transfer may take in all"
     )
+    max_initrd_unpacked: Annotated[int, Bounds(ge=MiB, le=16 * GiB), Check(_size, before=True)] = (
+        setting(1024 * MiB, "most the initrd's archives may unpack to (MiB or GiB)")
+    )
+    max_initrd_ratio: Annotated[int, Bounds(ge=2, le=10000)] = setting(
+        100, "most times its packed size the initrd may unpack to (above 32 MiB)"
+    )
     bootscript: RelativeName = setting("uboot.bootscript", "bootscript name on TFTP")
     kernel: SystemPath = setting("/boot/zImage", "the Arch kernel to kexec")
     kernel_version: Text | None = setting(None, "default: found from /usr/lib/modules/*/pkgbase")
