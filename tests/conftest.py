@@ -38,6 +38,7 @@ from tests.support.tftp import (  # noqa: E402
     running_tftpd_hpa,
     tftpy_servers,
 )
+from tests.support.wheel import build_wheel  # noqa: E402
 
 # --- property-based tests (tests/test_properties.py) ----------------------------------------
 # `ci`, the default: a bounded run, no example database. The long run, nightly or by hand:
@@ -125,3 +126,9 @@ def fake_c1(c1_base: Template, tmp_path: Path) -> Iterator[FakeC1]:
     c1 = FakeC1.create(tmp_path / "c1", c1_base)
     with serving(c1):
         yield c1
+
+
+@pytest.fixture(scope="session")
+def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The project's wheel, built once per test session."""
+    return build_wheel(tmp_path_factory.mktemp("wheel"))
