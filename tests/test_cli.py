@@ -26,6 +26,7 @@ from archkernel.settings import Settings
 from archkernel.units import MiB
 from tasks import clean, cli
 from tasks.steps import Step, Workflow
+from tests.support.cli import SETTINGS, plugin_env, run_archkernel
 
 REPO = Path(__file__).resolve().parent.parent
 
@@ -105,28 +106,17 @@ WORKFLOWS = [
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHKERNEL_")}
-    env["ARCHKERNEL_EXTRA_WORKFLOWS"] = "tests.test_cli"
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
+    return plugin_env("tests.test_cli", **extra)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    (tmp_path / "settings.toml").write_text('workdir = "build"\n[azure]\nhostname = "one"\n')
+    (tmp_path / "settings.toml").write_text(SETTINGS)
     return tmp_path
 
 
 def archkernel(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", *args],
-        cwd=project,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_archkernel(project, "tests.test_cli", *args, **env)
 
 
 def runs(project: Path) -> list[str]:

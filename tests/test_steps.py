@@ -15,6 +15,8 @@ from pathlib import Path
 
 import pytest
 
+from tests.support.cli import SETTINGS, plugin_env, run_archkernel
+
 REPO = Path(__file__).resolve().parent.parent
 PASSWORD_HASH = (
     "$6$rounds=5000$saltsalt$"
@@ -23,28 +25,17 @@ PASSWORD_HASH = (
 
 
 def _env(**extra: str) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items() if not k.startswith(("ARCHKERNEL_", "DEMO_"))}
-    env["ARCHKERNEL_EXTRA_WORKFLOWS"] = "tests.support.demo_workflow"
-    env["PYTHONPATH"] = str(REPO)
-    env.update(extra)
-    return env
+    return plugin_env("tests.support.demo_workflow", **extra)
 
 
 @pytest.fixture
 def project(tmp_path: Path) -> Path:
-    (tmp_path / "settings.toml").write_text('workdir = "build"\n[azure]\nhostname = "one"\n')
+    (tmp_path / "settings.toml").write_text(SETTINGS)
     return tmp_path
 
 
 def archkernel(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", *args],
-        cwd=project,
-        env=_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_archkernel(project, "tests.support.demo_workflow", *args, **env)
 
 
 def doit(project: Path, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
