@@ -420,3 +420,24 @@ def fs_type(image: Path, partition: Partition) -> str | None:
     """The type of the file system in `partition` of `image` as blkid names it ('ext4',
     'vfat'), or None when blkid finds none."""
     return _blkid_value(image, partition, "TYPE") or None
+
+
+def check_failure(
+    tool: str, partition: Partition, image: Path, hint: str
+) -> Callable[[subprocess.CompletedProcess[str]], None]:
+    """A `then` for a file system check (`e2fsck -n`, `fsck.fat -n`) of `partition`:
+    a UserError quoting its last output when it exits non-zero (the tools report on
+    stdout)."""
+
+    def judge(proc: subprocess.CompletedProcess[str]) -> None:
+        if proc.returncode == 0:
+            return
+        lines = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
+        tail = "\n".join(f"    {line}" for line in lines)
+        raise UserError(
+            f"{tool} found problems in partition {partition.number} of {image} "
+            f"(exit code {proc.returncode}):\n{tail}",
+            hint,
+        )
+
+    return judge

@@ -26,12 +26,12 @@ import os
 import re
 import shutil
 import subprocess
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 from archkernel.errors import UserError
 from archkernel.host.files import remove_path, temporary_directory
-from archkernel.image.disk import Partition
+from archkernel.image.disk import Partition, check_failure
 from archkernel.plan import Do, Op, Plan, Run, execute
 from archkernel.units import SECTOR, KiB, MiB
 
@@ -151,25 +151,6 @@ def _check_inside(image: Path, partition: Partition) -> None:
             f"{image} ({size} bytes)",
             "use the layout the disk was created with",
         )
-
-
-def _problems(
-    tool: str, partition: Partition, image: Path, hint: str
-) -> Callable[[subprocess.CompletedProcess[str]], None]:
-    """A `then` that raises UserError quoting the output of a check that failed."""
-
-    def judge(proc: subprocess.CompletedProcess[str]) -> None:
-        if proc.returncode == 0:
-            return
-        lines = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-        tail = "\n".join(f"    {line}" for line in lines)
-        raise UserError(
-            f"{tool} found problems in partition {partition.number} of {image} "
-            f"(exit code {proc.returncode}):\n{tail}",
-            hint,
-        )
-
-    return judge
 
 
 # --- making and filling it --------------------------------------------------------------------
@@ -371,7 +352,7 @@ def extract_partition(image: Path, partition: Partition, dest: Path) -> None:
 def check_ops(image: Path, partition: Partition, copy: Path) -> list[Op]:
     """Run `fsck.fat -n` on the FAT in `partition` of `image`, copied to `copy` first
     (fsck.fat has no offset option); UserError on any problem. The caller removes `copy`."""
-    judge = _problems("fsck.fat", partition, image, "rebuild the image from the disk step on")
+    judge = check_failure("fsck.fat", partition, image, "rebuild the image from the disk step on")
     return [
         Do(
             f"copy partition {partition.number} of {image} to {copy}, a sparse file",

@@ -33,7 +33,7 @@ from archkernel.errors import UserError
 from archkernel.formats.ext4_inodes import used_inodes
 from archkernel.host.files import temporary_directory, write_text
 from archkernel.host.run import command_error
-from archkernel.image.disk import Partition, disk_size_for, size_text
+from archkernel.image.disk import Partition, check_failure, disk_size_for, size_text
 from archkernel.plan import Do, Op, Plan, Run, execute
 from archkernel.units import KiB, MiB
 
@@ -292,19 +292,7 @@ def e2fsck_argv(image: Path, partition: Partition) -> list[str]:
 
 def check_op(image: Path, partition: Partition) -> Run:
     """`e2fsck -fn` on the file system in `partition`; UserError on any problem."""
-
-    def judge(proc: subprocess.CompletedProcess[str]) -> None:
-        if proc.returncode == 0:
-            return
-        # e2fsck reports the problems on its standard output.
-        lines = (proc.stdout + proc.stderr).strip().splitlines()[-12:]
-        tail = "\n".join(f"    {line}" for line in lines)
-        raise UserError(
-            f"e2fsck found problems in partition {partition.number} of {image} "
-            f"(exit code {proc.returncode}):\n{tail}",
-            "rebuild the image from this step on",
-        )
-
+    judge = check_failure("e2fsck", partition, image, "rebuild the image from this step on")
     return Run.of(e2fsck_argv(image, partition), check=False, capture=True, then=judge)
 
 
