@@ -14,19 +14,7 @@ import pytest
 
 from archkernel.host import sparse
 from archkernel.units import MiB
-
-
-def sparse_file(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-def write_at(path: Path, chunks: dict[int, bytes]) -> None:
-    with open(path, "r+b") as f:
-        for offset, data in chunks.items():
-            f.seek(offset)
-            f.write(data)
+from tests.support.files import sparse_file, write_at
 
 
 def test_data_extents_skip_holes(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from archkernel.errors import UserError
 from archkernel.formats import vhd, vhd_file, vhd_rules
 from archkernel.host.run import run
 from archkernel.units import GiB, KiB, MiB
+from tests.support.files import sparse_file, write_at
 
 UID = uuid.UUID("00112233-4455-6677-8899-aabbccddeeff")
 # Allocation allowed beyond the data: the footer's block, an extent-tree block on ext4, and
@@ -50,19 +51,6 @@ def patch(footer: bytes, offset: int, fmt: str, value: object, *, resum: bool = 
     if resum:
         struct.pack_into(">I", raw, 64, spec_checksum(bytes(raw)))
     return bytes(raw)
-
-
-def sparse_file(path: Path, size: int) -> Path:
-    with open(path, "wb") as f:
-        f.truncate(size)
-    return path
-
-
-def write_at(path: Path, chunks: dict[int, bytes]) -> None:
-    with open(path, "r+b") as f:
-        for offset, data in chunks.items():
-            f.seek(offset)
-            f.write(data)
 
 
 def scattered_data(size: int, seed: int = 7, count: int = 12) -> dict[int, bytes]:
