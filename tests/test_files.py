@@ -26,6 +26,7 @@ from archkernel.host.files import (
     mount_points_under,
     remove_path,
     remove_stale_temporaries,
+    replace_tree,
     sha256_file,
     temporary_directory,
     write_bytes,
@@ -435,3 +436,24 @@ def test_temporary_directory_with_a_mount_left_inside_is_not_deleted_through_it(
         umount(point)
     remove_path(work)
     assert entries(tmp_path) == []
+
+
+def test_replace_tree_puts_the_new_tree_over_a_non_empty_one(tmp_path: Path) -> None:
+    target, staged, old = tmp_path / "root", tmp_path / ".root.new", tmp_path / ".root.old"
+    (target / "etc").mkdir(parents=True)
+    (target / "etc" / "old-file").write_text("old")
+    (staged / "etc").mkdir(parents=True)
+    (staged / "etc" / "new-file").write_text("new")
+    old.mkdir()  # left by a killed run: cleared first
+    replace_tree(staged, target, old)
+    assert sorted(p.name for p in (target / "etc").iterdir()) == ["new-file"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["root"]
+
+
+def test_replace_tree_without_an_old_tree_renames(tmp_path: Path) -> None:
+    staged, target = tmp_path / "new", tmp_path / "root"
+    staged.mkdir()
+    (staged / "f").write_text("x")
+    replace_tree(staged, target, tmp_path / "old")
+    assert (target / "f").read_text() == "x"
+    assert not staged.exists() and not (tmp_path / "old").exists()

@@ -12,7 +12,12 @@ from typing import Any
 from archkernel.azure import buildenv
 from archkernel.azure.ids import ImageIds
 from archkernel.host import mounts
-from archkernel.host.files import remove_path, remove_stale_temporaries, write_if_changed
+from archkernel.host.files import (
+    remove_path,
+    remove_stale_temporaries,
+    replace_tree,
+    write_if_changed,
+)
 from archkernel.host.processes import release_stale_trees, release_tree, stop_orphans
 from archkernel.image import grub
 from archkernel.settings import AzureSettings, Settings
@@ -176,16 +181,9 @@ def _retired(target: Path) -> Path:
 
 
 def put_in_place(staged: Path, target: Path) -> None:
-    """Rename the directory `staged` onto `target`. An old `target` goes only once the new
-    tree is in place (a directory cannot be renamed over a non-empty one: it moves aside)."""
-    if target.exists():
-        old = _retired(target)
-        remove_path(old)
-        os.rename(target, old)
-        os.rename(staged, target)
-        remove_path(old)
-    else:
-        os.rename(staged, target)
+    """Rename the directory `staged` onto `target`; an old `target` goes only once the new
+    tree is in place."""
+    replace_tree(staged, target, _retired(target))
 
 
 def clear_leftovers(target: Path) -> None:

@@ -36,16 +36,7 @@ def atomic_path(target: str | os.PathLike[str]) -> Iterator[Path]:
     try:
         yield tmp
         if tmp.is_dir() and not tmp.is_symlink():
-            if target.exists():
-                # A directory cannot be renamed over a non-empty one: swap through a
-                # second name, so the old tree disappears only once the new one is whole.
-                old = target.with_name(f".{target.name}.old-{os.getpid()}")
-                remove_path(old)
-                os.rename(target, old)
-                os.rename(tmp, target)
-                remove_path(old)
-            else:
-                os.rename(tmp, target)
+            replace_tree(tmp, target, target.with_name(f".{target.name}.old-{os.getpid()}"))
         else:
             _fsync(tmp)
             os.replace(tmp, target)
@@ -63,6 +54,19 @@ def _pid_alive(pid: int) -> bool:
     except PermissionError:
         return True
     return True
+
+
+def replace_tree(staged: Path, target: Path, old: Path) -> None:
+    """Rename the directory `staged` onto `target`. A directory cannot be renamed over a
+    non-empty one, so an existing `target` moves aside to `old` first and is removed only
+    once the new tree is in place."""
+    if not target.exists():
+        os.rename(staged, target)
+        return
+    remove_path(old)
+    os.rename(target, old)
+    os.rename(staged, target)
+    remove_path(old)
 
 
 def remove_stale_temporaries(target: str | os.PathLike[str]) -> None:
