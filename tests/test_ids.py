@@ -124,13 +124,13 @@ def test_a_given_seed_is_used_as_it_is(tmp_path: Path) -> None:
 def test_the_default_seed_follows_the_settings_that_shape_the_image(tmp_path: Path) -> None:
     base = ids.seed_of(settings(tmp_path))
     assert base.startswith("settings:") and len(base) == len("settings:") + 64
-    # Where the packages come from, where the outputs go, the work directory, the disk
-    # around the system: the same system.
+    # Where the packages come from, where the outputs go, the work directory: the same image.
     assert ids.seed_of(settings(tmp_path, mirror="https://example.org/$repo/os/$arch")) == base
     assert ids.seed_of(settings(tmp_path, output="other.vhd")) == base
     assert ids.seed_of(settings(tmp_path / "elsewhere")) == base
-    assert ids.seed_of(settings(tmp_path, disk_size="31GiB", partition_table="mbr")) == base
-    # What the system is: other IDs.
+    # What the image is, its disk included: other IDs.
+    assert ids.seed_of(settings(tmp_path, disk_size="31GiB")) != base
+    assert ids.seed_of(settings(tmp_path, partition_table="mbr")) != base
     assert ids.seed_of(settings(tmp_path, hostname="other")) != base
     assert ids.seed_of(settings(tmp_path, extra_packages=["git"])) != base
     assert ids.seed_of(settings(tmp_path, generation=2, disk_size="1GiB")) != base
@@ -138,8 +138,10 @@ def test_the_default_seed_follows_the_settings_that_shape_the_image(tmp_path: Pa
 
 def test_the_seed_settings_are_the_image_shaping_keys() -> None:
     assert "azure.hostname" in ids.SEED_SETTINGS and "azure.user" in ids.SEED_SETTINGS
-    for key in ("azure.mirror", "azure.pacman_conf", "azure.output", "azure.disk_size"):
+    for key in ("azure.mirror", "azure.pacman_conf", "azure.output"):
         assert key not in ids.SEED_SETTINGS
+    for key in ("azure.disk_size", "azure.partition_table", "azure.kernel_cmdline"):
+        assert key in ids.SEED_SETTINGS
     assert "azure.seed" not in ids.SEED_SETTINGS
 
 

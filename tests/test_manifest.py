@@ -8,8 +8,11 @@ checks the manifest's sha256s against the files themselves.
 from __future__ import annotations
 
 import copy
+import dataclasses
 import hashlib
 import json
+import shutil
+import subprocess
 from pathlib import Path
 from typing import Any
 
@@ -17,6 +20,8 @@ import pytest
 
 from archkernel.azure import buildenv, manifest, verify, workspace
 from archkernel.demo import offline
+from archkernel.demo.package import Staging, write_package
+from archkernel.demo.standins import _stage_tzdata
 from archkernel.plan import declared_settings
 from archkernel.settings import AzureSettings, Settings
 from tasks import cli
@@ -338,3 +343,39 @@ def test_the_manifests_sha256s_match_the_files(repo: offline.OfflineRepo, tmp_pa
         assert made["tools"][tool]["version"], made["tools"][tool]
     # No time, no path of the work directory.
     assert str(build.workdir) not in written.read_text()
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_manifest_diff_of_two_builds_names_exactly_the_package_that_changed(
+    repo: offline.OfflineRepo, tmp_path: Path
+) -> None:
+    # A second repository: the same packages, but tzdata rebuilt as 1.0-2.
+    second = tmp_path / "second"
+    (second / "pkgcache").mkdir(parents=True)
+    shutil.copytree(repo.repo, second / "repo")
+    for old in (second / "repo").glob("tzdata-*.pkg.tar.zst"):
+        old.unlink()
+    staging = Staging(tmp_path / "stage" / "tzdata")
+    staging.root.mkdir(parents=True)
+    pkg = dataclasses.replace(_stage_tzdata(staging), version="1.0-2")
+    made = write_package(pkg, staging, second / "repo", tmp_path / "stage")
+    subprocess.run(
+        ["repo-add", "--quiet", f"{offline.REPO_NAME}.db.tar.gz", made.name],
+        cwd=second / "repo",
+        check=True,
+        capture_output=True,
+    )
+    (second / "pacman.conf").write_text(offline.pacman_conf(second / "repo", second / "pkgcache"))
+    shutil.copy2(repo.settings, second / "settings.toml")  # pacman_conf: relative to it
+
+    first = Build(repo, tmp_path / "w1")
+    other = Build(repo, tmp_path / "w2", settings=second / "settings.toml")
+    for build in (first, other):
+        result = build.run()
+        assert result.returncode == 0, result.stderr[-5000:]
+    a, b = (json.loads((x.azure / "manifest.json").read_text()) for x in (first, other))
+    changed = [d for d in manifest.diff(a, b) if d.section == "package"]
+    assert [d.key for d in changed] == ["tzdata"]
+    assert changed[0].line().startswith("package tzdata: 1.0-1 from archkernel-test, sha256 ")
+    assert " -> 1.0-2 from archkernel-test, sha256 " in changed[0].line()

@@ -18,9 +18,9 @@ application-specific IDs:
 
 ROLE is `bios_boot`, `esp` or `root`. The seed is `azure.seed`, or by default
 `settings:` followed by the SHA-256 of the canonical JSON (sorted keys, no blanks) of the
-settings that make the image's system (`SEED_SETTINGS`: every `azure` key but those in
-`NOT_IN_SEED`; secrets as their digests), so two images of different systems never share
-IDs by accident. Step 1 records them all in `ids.json`.
+settings that make the image (`SEED_SETTINGS`: every `azure` key but those in
+`NOT_IN_SEED`; secrets as their digests), so two different images never share IDs by
+accident. Step 1 records them all in `ids.json`.
 """
 
 from __future__ import annotations
@@ -36,10 +36,10 @@ from archkernel.image.disk import Layout, plan_layout
 from archkernel.log import log
 from archkernel.settings import AzureSettings, Settings, subset
 
-# Not what the image's system is: where the packages come from, where the build runs, the
-# disk around the root file system (steps 6-9 alone make it again), the VHD's file name,
-# the boot test, and the seed itself. The same system from another mirror, in a container
-# or on a bigger disk keeps its IDs, and steps 2-5 are not run again for it.
+# Not what the image is: where the packages come from, where the build runs, the VHD's
+# file name, the boot test, and the seed itself. The same image from another mirror or in
+# a container keeps its IDs. The disk (size, table, file system, kernel command line) is
+# part of the image: another disk is another image, with IDs of its own.
 NOT_IN_SEED = frozenset(
     {
         "seed",
@@ -52,10 +52,6 @@ NOT_IN_SEED = frozenset(
         "bootstrap_tarball",
         "bootstrap_sha256",
         "bootstrap_keyring",
-        "disk_size",
-        "partition_table",
-        "filesystem",
-        "kernel_cmdline",
         "output",
         "boottest_marker",
         "boottest_timeout",
@@ -66,7 +62,7 @@ NOT_IN_SEED = frozenset(
 SEED_SETTINGS = tuple(f"azure.{f.name}" for f in fields(AzureSettings) if f.name not in NOT_IN_SEED)
 # What step 1 reads to derive the IDs: the seed, what its default is made of, and what
 # says which IDs the image has (GPT or MBR; the firmware, an ESP or not, is in the seed).
-ID_SETTINGS = ("azure.seed", "azure.partition_table", *SEED_SETTINGS)
+ID_SETTINGS = ("azure.seed", *SEED_SETTINGS)
 EPOCH_SETTING = "build.source_date_epoch"
 PREFIX = "archkernel:"
 PARTITION_ROLES = ("bios_boot", "esp", "root")
