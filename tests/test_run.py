@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import os
 import signal
 import subprocess
@@ -226,3 +227,59 @@ def test_orphans_are_the_processes_whose_run_is_gone() -> None:
     table = [(10, "1:100"), (11, None), (12, "2:200"), (13, "1:100"), (14, "1:999")]
     alive = {"1:100": True, "2:200": False, "1:999": False}
     assert orphans(table, alive.__getitem__) == [(12, "2:200"), (14, "1:999")]
+
+
+# A tool that shows the cursor again when interrupted, as pacman does, even into a file.
+SHOWS_CURSOR = (
+    r"stop() { printf '\033[?25hinterrupted\n'; exit 130; }; trap stop INT;"
+    r" printf 'working \033[1mhard\033[0m\n'; echo $$ > parent.pid; sleep 300 & wait"
+)
+
+
+def _run_into(tmp_path: Path, stdout: int) -> subprocess.Popen[bytes]:
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    env.pop(RUN_VARIABLE, None)
+    return subprocess.Popen(
+        [sys.executable, "-c", RUNNER, "sh", "-c", SHOWS_CURSOR],
+        cwd=tmp_path,
+        env=env,
+        stdout=stdout,
+        stderr=subprocess.DEVNULL,
+    )
+
+
+@pytest.mark.integration
+def test_a_plain_log_gets_the_tools_output_without_terminal_control_sequences(
+    tmp_path: Path,
+) -> None:
+    log_file = tmp_path / "build.log"
+    with open(log_file, "wb") as out:
+        proc = _run_into(tmp_path, out.fileno())
+    try:
+        pid_in(tmp_path / "parent.pid")
+        proc.send_signal(signal.SIGINT)  # Ctrl-C in the middle of the tool
+        assert proc.wait(WAIT) != 0
+    finally:
+        proc.kill()
+        proc.wait()
+    assert log_file.read_bytes() == b"working hard\ninterrupted\n"
+
+
+@pytest.mark.integration
+def test_a_terminal_gets_the_tools_output_as_it_is(tmp_path: Path) -> None:
+    import pty
+
+    master, slave = pty.openpty()
+    try:
+        proc = _run_into(tmp_path, slave)
+        os.close(slave)
+        pid_in(tmp_path / "parent.pid")
+        proc.send_signal(signal.SIGINT)
+        assert proc.wait(WAIT) != 0
+        seen = b""
+        with contextlib.suppress(OSError):  # EIO once the last writer is gone
+            while chunk := os.read(master, 4096):
+                seen += chunk
+    finally:
+        os.close(master)
+    assert b"\x1b[1mhard\x1b[0m" in seen and b"\x1b[?25h" in seen

@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import re
 import shlex
 import shutil
 import signal
@@ -260,6 +261,64 @@ def _end_group(proc: subprocess.Popen[bytes], first: signal.Signals, grace: floa
         proc.wait()
 
 
+# Terminal control sequences: CSI (ESC [ ... final byte), OSC (ESC ] ... BEL or ESC \) and
+# the two-byte escapes. Tools write some even when their output is not a terminal (pacman
+# shows the cursor again when it is interrupted: ESC [ ? 25 h).
+_CONTROLS = re.compile(
+    rb"\x1b(?:\[[0-?]*[ -/]*[@-~]|\][^\x07\x1b\n]*(?:\x07|\x1b\\)?|[()][0-9A-Za-z]|[ -/]*[0-~])"
+)
+_COPY_CHUNK = 64 * 1024
+
+
+def strip_controls(data: bytes) -> bytes:
+    """`data` without terminal control sequences (whole lines: a sequence has no newline)."""
+    return _CONTROLS.sub(b"", data) if b"\x1b" in data else data
+
+
+class _PlainCopy:
+    """Copies a command's stdout to ours without terminal control sequences, for when ours
+    is not a terminal (a log file): line by line, through a pipe and a thread."""
+
+    def __init__(self) -> None:
+        self.read, self.write = os.pipe()
+        self.thread = threading.Thread(target=self._copy, name="plain-output", daemon=True)
+
+    def start(self) -> None:
+        """After the command started (or failed to): only the command holds the write end."""
+        os.close(self.write)
+        self.thread.start()
+
+    def finish(self) -> None:
+        """Wait for the copy; something the command left running may keep the pipe open,
+        so not for ever."""
+        self.thread.join(2.0)
+
+    def _copy(self) -> None:
+        pending, broken = b"", False
+        with open(self.read, "rb", buffering=0) as source:
+            while chunk := source.read(_COPY_CHUNK):
+                pending += chunk
+                cut = pending.rfind(b"\n") + 1
+                if not cut and len(pending) > _COPY_CHUNK:  # a very long line: pass it on
+                    cut = len(pending)
+                if cut:
+                    broken = broken or not _write_all(strip_controls(pending[:cut]))
+                    pending = pending[cut:]
+            if pending and not broken:
+                _write_all(strip_controls(pending))
+
+
+def _write_all(data: bytes) -> bool:
+    """Write `data` to our stdout; False once it is gone (a closed pipe): the rest is
+    read and dropped so the command never blocks on a full pipe."""
+    try:
+        while data:
+            data = data[os.write(1, data) :]
+    except OSError:
+        return False
+    return True
+
+
 def _tail(text: str | bytes | None, lines: int = 8) -> str:
     if not text:
         return ""
@@ -283,7 +342,8 @@ def run(
     """Run `argv` (never a shell string) and explain any failure as a UserError.
 
     stderr is always captured so a failure can quote its last lines; stdout is captured
-    when `capture` is true, otherwise it goes to ours. Output is decoded as UTF-8.
+    when `capture` is true, otherwise it goes to ours (without terminal control sequences
+    when ours is not a terminal). Output is decoded as UTF-8.
     """
     args = [os.fspath(a) for a in argv]
     if not args:
@@ -302,11 +362,12 @@ def run(
     if isinstance(stdin, str):
         stdin = stdin.encode()
     _stop_what_killed_runs_left()
+    plain = _PlainCopy() if not capture and stdout_file is None and not os.isatty(1) else None
     try:
         proc = subprocess.Popen(
             command.argv,
             stdin=subprocess.PIPE if stdin is not None else subprocess.DEVNULL,
-            stdout=subprocess.PIPE if capture else stdout_file,
+            stdout=subprocess.PIPE if capture else plain.write if plain else stdout_file,
             stderr=subprocess.PIPE,
             # Not in `command.env`: where a command runs is not changed by it.
             env={**command.env, RUN_VARIABLE: run_identity()},
@@ -322,6 +383,9 @@ def run(
             f"cannot execute {command.argv[0]}: permission denied",
             "check the file's mode and owner",
         ) from exc
+    finally:
+        if plain is not None:
+            plain.start()
     with proc:  # its pipes closed on any exit
         try:
             stdout, stderr = proc.communicate(stdin, timeout=timeout)
@@ -337,6 +401,9 @@ def run(
         except BaseException:
             _end_group(proc, signal.SIGKILL, 0)
             raise
+        finally:
+            if plain is not None:
+                plain.finish()
     out = stdout.decode("utf-8", "replace") if stdout is not None else ""
     err = stderr.decode("utf-8", "replace") if stderr is not None else ""
     result = subprocess.CompletedProcess(args, proc.returncode, out, err)
