@@ -24,7 +24,7 @@ from archkernel.settings.display import toml_lines, values
 from . import demo, doit_config, get_workflow, manifest, task_creators, workflows
 from .clean import clean_workflow, human_size
 from .states import print_steps, step_states
-from .steps import Step, Workflow, parse_step_number
+from .steps import Step, Workflow, parse_step_number, step_range_error
 
 EPILOG = """\
 examples:
@@ -345,14 +345,6 @@ def _vhd(args: argparse.Namespace) -> int:
     raise UserError("vhd needs an action: check or from-raw", "see `archkernel vhd --help`")
 
 
-def _in_range(value: int | None, option: str, wf: Workflow, count: int) -> None:
-    if value is not None and not 1 <= value <= count:
-        raise UserError(
-            f"{option} {value}: {wf.name} has steps 1 to {count}",
-            f"give a step number from 1 to {count}; `archkernel steps {wf.name}` lists them",
-        )
-
-
 def _outputs_line(wf: Workflow, loaded: Loaded) -> None:
     """One line per final output of a finished run: its path and size."""
     for path in wf.outputs(loaded.settings) if wf.outputs else []:
@@ -441,14 +433,11 @@ def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:
     first = parse_step_number(args.from_step, "--from")
     last = parse_step_number(args.to_step, "--to")
     count = len(wf.steps(loaded))
-    _in_range(first, "--from", wf, count)
-    _in_range(last, "--to", wf, count)
-    if first is not None and last is not None and first > last:
-        raise UserError(f"--from {first} is after --to {last}", "give a range like --from 3 --to 6")
+    error = step_range_error(wf.name, count, first, last, ("--from", "--to"))
+    if error is not None:
+        raise error
     if args.dry_run:
         return _dry_run(loaded, args.workflow, first, last)
-    if wf.housekeeping is not None:
-        wf.housekeeping(loaded.settings)
     code = _doit(loaded, ["run", args.workflow], first, last, only=args.workflow)
     remember(loaded)
     if code == 0 and (last is None or last == count):

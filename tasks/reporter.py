@@ -53,6 +53,9 @@ class StepReporter:
         level("%s: runs again because %s", task.name, "; ".join(status.reasons))
 
     def add_failure(self, task: Any, fail: Any) -> None:
+        if task.name.startswith("_") and isinstance(fail, TaskFailed) and not fail.traceback:
+            self.errors.append(fail.message)  # before any step: not a step that failed
+            return
         self.failed.append(task.name)
         if isinstance(fail, TaskFailed) and not fail.traceback:
             log.error("step %s failed: %s", task.name, fail.message)

@@ -117,8 +117,8 @@ class Workflow:
     intermediates: Callable[[Settings], list[Path]] | None = None
     # What the workflow exists to make: named at the end of a run, kept by `clean`.
     outputs: Callable[[Settings], list[Path]] | None = None
-    # Undoes what killed runs left (processes, mounts, temporary trees): `archkernel run`
-    # calls it first, whether or not any step then runs.
+    # Undoes what killed runs left (processes, mounts, temporary trees): every run does it
+    # first, whether or not any step then runs (the hidden task `_<name>_start`).
     housekeeping: Callable[[Settings], None] | None = None
 
     def steps(self, loaded: Loaded) -> list[Step]:
@@ -257,6 +257,51 @@ def _action(workflow: Workflow, step: Step, settings: Settings) -> Callable[[], 
     return run
 
 
+def step_range_error(
+    workflow: str,
+    count: int,
+    from_step: int | None,
+    to_step: int | None,
+    names: tuple[str, str] = ("from", "to"),
+) -> UserError | None:
+    """Why `from_step`/`to_step` do not fit a workflow of `count` steps, or None (`names`:
+    what the user called them: doit's variables or our options)."""
+    for value, option in zip((from_step, to_step), names, strict=True):
+        if value is not None and not 1 <= value <= count:
+            return UserError(
+                f"{option} {value}: {workflow} has steps 1 to {count}",
+                f"give a step number from 1 to {count}; `archkernel steps {workflow}` lists them",
+            )
+    if from_step is not None and to_step is not None and from_step > to_step:
+        return UserError(
+            f"{names[0]} {from_step} is after {names[1]} {to_step}",
+            f"give a range like {names[0]} 3 {names[1]} 6",
+        )
+    return None
+
+
+def _start(
+    workflow: Workflow,
+    settings: Settings,
+    count: int,
+    from_step: int | None,
+    to_step: int | None,
+) -> Callable[[], Any]:
+    def run() -> Any:
+        error = step_range_error(workflow.name, count, from_step, to_step)
+        if error is not None:
+            return TaskFailed(str(error))
+        if workflow.housekeeping is not None:
+            try:
+                workflow.housekeeping(settings)
+            except UserError as exc:
+                return TaskFailed(str(exc))
+        return None
+
+    run.__name__ = f"start_{workflow.name}"
+    return run
+
+
 def doit_tasks(
     workflow: Workflow,
     loaded: Loaded,
@@ -271,6 +316,17 @@ def doit_tasks(
     """
     steps = workflow.steps(loaded)
     yield {"basename": workflow.name, "name": None, "doc": workflow.doc}
+    # Plain `doit run` has no command line of ours to check the range or tidy up first:
+    # a hidden task that the first step depends on does both (it runs even when every step
+    # is up to date, as `archkernel run` does).
+    start = f"_{workflow.name}_start"
+    yield {
+        "basename": start,
+        "doc": f"check the step range, then undo what killed runs of {workflow.name} left",
+        "actions": [_start(workflow, loaded.settings, len(steps), from_step, to_step)],
+        "uptodate": [False],
+        "verbosity": 2,
+    }
     reaches_end = to_step is None or to_step >= steps[-1].number
     halted = workflow.halted(loaded) if workflow.halted and reaches_end else None
     previous: str | None = None
@@ -302,8 +358,7 @@ def doit_tasks(
             "uptodate": uptodate,
             "verbosity": 2,
         }
-        if previous:
-            task["task_dep"] = [previous]
+        task["task_dep"] = [previous or start]
         previous = f"{workflow.name}:{step.id}"
         yield task
 

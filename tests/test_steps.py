@@ -258,6 +258,25 @@ def test_unknown_workflow_and_bad_step_numbers_are_user_errors(project: Path) ->
     assert bad.returncode == 1 and "Traceback" not in bad.stderr
 
 
+def test_plain_doit_refuses_a_step_range_outside_the_workflow(project: Path) -> None:
+    for variables in (["from=4"], ["from=0"], ["to=9"], ["from=3", "to=2"]):
+        bad = doit(project, "run", "demo", *variables)
+        assert bad.returncode != 0, variables
+        assert "demo has steps 1 to 3" in bad.stderr or "is after" in bad.stderr, bad.stderr
+        assert "Traceback" not in bad.stderr
+        assert runs(project) == [], variables  # no step ran
+
+
+def test_every_run_tidies_up_first_plain_doit_too(project: Path) -> None:
+    tidied = project / "build" / "housekeeping.log"
+    assert doit(project, "run", "demo").returncode == 0
+    assert archkernel(project, "run", "demo").returncode == 0  # every step up to date
+    assert doit(project, "run", "demo:03_finish").returncode == 0
+    # Once per run, before any step, even when none has anything to do.
+    assert tidied.read_text().splitlines() == ["tidied"] * 3
+    assert runs(project) == ["01", "02", "03"]
+
+
 def test_doit_list_shows_numbered_steps_in_order(project: Path) -> None:
     out = doit(project, "list", "--all").stdout
     names = [line.split()[0] for line in out.splitlines() if line.startswith("demo:")]

@@ -97,4 +97,13 @@ def build(s: Settings) -> list[Step]:
     ]
 
 
-WORKFLOWS = [Workflow("demo", "a three-step demo workflow (tests only)", build)]
+def housekeeping(s: Settings) -> None:
+    """Counts its calls in workdir/housekeeping.log (the real ones undo killed runs)."""
+    s.workdir.mkdir(parents=True, exist_ok=True)
+    with open(s.workdir / "housekeeping.log", "a", encoding="utf-8") as f:
+        f.write("tidied\n")
+
+
+WORKFLOWS = [
+    Workflow("demo", "a three-step demo workflow (tests only)", build, housekeeping=housekeeping)
+]
