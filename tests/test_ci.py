@@ -250,6 +250,7 @@ def test_the_artifacts_hold_the_vhd_sparse_and_compressed_with_the_reports(
     (work / "verify.txt").write_text("PASS vhd.footer\n")
     (work / "verify.json").write_text('{"passed": true}\n')
     (work / "packages.txt").write_text("base 3-2\n")
+    (work / "manifest.json").write_text('{"packages": {"base": "3-2"}}\n')
     (work / "boottest.log").write_text("archlinux login: \n")
     settings = tmp_path / "ci.toml"
     settings.write_text('workdir = "work"\n[azure]\ndisk_size = "256MiB"\n')
@@ -263,6 +264,7 @@ def test_the_artifacts_hold_the_vhd_sparse_and_compressed_with_the_reports(
         "SHA256SUMS",
         "archlinux-azure.vhd.tar.zst",
         "boottest.log",
+        "manifest.json",
         "packages.txt",
         "verify.json",
         "verify.txt",
@@ -272,6 +274,7 @@ def test_the_artifacts_hold_the_vhd_sparse_and_compressed_with_the_reports(
     assert [line.split()[1] for line in sums] == [
         "archlinux-azure.vhd.tar.zst",
         "boottest.log",
+        "manifest.json",
         "packages.txt",
         "verify.json",
         "verify.txt",
