@@ -29,15 +29,23 @@ from pathlib import Path
 
 import pytest
 
-from archkernel.azure import bootstrap, buildenv
+from archkernel.azure import bootstrap, buildenv, workspace
 from archkernel.azure.buildenv import Bind, BuildEnv
 from archkernel.azure.buildenv.prepare import in_tree
 from archkernel.demo import offline
 from archkernel.errors import UserError
 from archkernel.host import mounts
 from archkernel.host.files import remove_path, sha256_file, temporary_directory, write_text
-from archkernel.host.run import Command, minimal_env, missing_tools, run, which, wrapping
-from archkernel.settings import AzureSettings, validate
+from archkernel.host.run import (
+    Command,
+    minimal_env,
+    missing_tools,
+    run,
+    run_identity,
+    which,
+    wrapping,
+)
+from archkernel.settings import AzureSettings, Settings, validate
 from tests.support import buildenv as support
 from tests.support.buildenv import env_processes
 from tests.support.safety_net import safety_net
@@ -1358,11 +1366,13 @@ def test_container_runtimes_import_the_tree_once_and_run_commands_with_the_same_
         "--privileged",
         "--network",
         "host",
+        "--label",
+        f"archkernel.run={run_identity()}",  # a killed run's container is found by it
         "--interactive",
         "--volume",
         "/dev:/dev",
         "--volume",
-        ran[9],
+        ran[11],
         "--workdir",
         str(workdir.resolve()),
         "--env",
@@ -1373,7 +1383,40 @@ def test_container_runtimes_import_the_tree_once_and_run_commands_with_the_same_
         "--json",
         str(workdir / "disk.img"),
     ]
-    assert ran[9] in (shared, "/tmp:/tmp")
+    assert ran[11] in (shared, "/tmp:/tmp")
+
+
+# docker ps --format '{{.ID}} {{.Label "archkernel.run"}}' of a stand-in daemon.
+PS_STAND_IN = """#!/bin/sh
+for a in "$@"; do printf '%s\\n' "$a"; done >> RECORD
+echo >> RECORD
+case "$1" in
+  ps) printf '%s\\n' "aaa111 LIVE" "bbb222 4194305:1" "ccc333 " ;;
+esac
+"""
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("runtime", ["docker", "podman"])
+def test_the_next_run_removes_the_containers_of_a_killed_run_only(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, runtime: str
+) -> None:
+    # docker's client dies with a killed build; its container does not.
+    bin_dir, record = tmp_path / "bin", tmp_path / "calls"
+    bin_dir.mkdir()
+    script = PS_STAND_IN.replace("RECORD", str(record)).replace("LIVE", run_identity())
+    write_text(bin_dir / runtime, script, 0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    settings = Settings(
+        workdir=tmp_path / "work",
+        azure=AzureSettings(builder="container", container_runtime=runtime),
+    )
+    workspace.undo_killed_runs(settings)
+    listing, removal = calls(record)
+    assert listing[:5] == ["ps", "--all", "--no-trunc", "--filter", "label=archkernel.run"]
+    # bbb222's run is gone (no pid is that high); aaa111's is this one;
+    # ccc333 has no run and is not ours to remove.
+    assert removal == ["rm", "--force", "bbb222"]
 
 
 @pytest.mark.integration

@@ -10,6 +10,7 @@ from pathlib import Path
 from typing import Any
 
 from archkernel.azure import buildenv
+from archkernel.azure.buildenv.containers import stop_orphan_containers
 from archkernel.azure.ids import ImageIds
 from archkernel.host import mounts
 from archkernel.host.files import (
@@ -202,10 +203,14 @@ def clear_leftovers(target: Path) -> None:
 
 def undo_killed_runs(settings: Settings) -> None:
     """What a run of azure_vhd does first, whether or not any step runs: end the processes
-    a killed run left (`stop_orphans`), and under the work directory remove the trees it
+    and remove the containers a killed run left (`stop_orphans`,
+    `stop_orphan_containers`), and under the work directory remove the trees it
     was making (`clear_leftovers`) and undo its mounts and loop devices. Runs a command
-    (umount, losetup) only when something is left."""
+    only to list containers, or when something is left (umount, losetup)."""
     stop_orphans()
+    az = settings.azure
+    if az.builder == "container" and az.container_runtime in ("docker", "podman"):
+        stop_orphan_containers(az.container_runtime)
     p = paths(settings)
     if not p.work.is_dir():
         return

@@ -9,12 +9,15 @@ import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
+from typing import TypeVar
 
 from archkernel.errors import UserError
 from archkernel.host import mounts
 from archkernel.host.files import is_under
 from archkernel.host.run import RUN_VARIABLE, process_identity
 from archkernel.log import log
+
+K = TypeVar("K")  # what identifies a process or a container
 
 # --- processes left working in a tree ------------------------------------------------------
 
@@ -105,11 +108,12 @@ def release_stale_trees(target: Path) -> None:
 
 
 def orphans(
-    table: Iterable[tuple[int, str | None]], alive: Callable[[str], bool]
-) -> list[tuple[int, str]]:
+    table: Iterable[tuple[K, str | None]], alive: Callable[[str], bool]
+) -> list[tuple[K, str]]:
     """Of the processes (pid, the run they carry in RUN_VARIABLE or None) in `table`, those
-    whose run is not `alive` (killed: they outlived it), with that run."""
-    found = []
+    whose run is not `alive` (killed: they outlived it), with that run. (Containers too:
+    their ID and the run in their label.)"""
+    found: list[tuple[K, str]] = []
     runs: dict[str, bool] = {}
     for pid, run in table:
         if run is None:
@@ -140,7 +144,8 @@ def _marked_processes() -> Iterator[tuple[int, str | None]]:
         yield int(entry.name), _run_of(environ)
 
 
-def _alive(run: str) -> bool:
+def run_alive(run: str) -> bool:
+    """Whether the run a mark (`process_identity`) names still runs."""
     pid = run.split(":", 1)[0]
     return pid.isdigit() and process_identity(int(pid)) == run
 
@@ -153,7 +158,7 @@ def stop_orphans(timeout: float = 10.0) -> list[int]:
     (PR_SET_PDEATHSIG); what it started (pacman under pacstrap, a gpg-agent, QEMU under a
     wrapper) is found here by the mark of a run that no longer exists.
     """
-    found = orphans(_marked_processes(), _alive)
+    found = orphans(_marked_processes(), run_alive)
     for pid, run in found:
         log.info(
             "stopping process %d (%s), left by run %s, which was killed",

@@ -24,10 +24,11 @@ from typing import Literal
 
 from archkernel.errors import UserError
 from archkernel.host.files import is_under
-from archkernel.host.run import PACKAGES, Command, minimal_env, run, wrapping
+from archkernel.host.run import PACKAGES, Command, minimal_env, run, run_identity, wrapping
 from archkernel.log import log
 
 Runtime = Literal["chroot", "docker", "podman"]
+CONTAINER_LABEL = "archkernel.run"  # on every container: the run that started it
 
 # Tools that run inside the environment while it is active (matched on argv[0]'s name).
 ROUTED_TOOLS = frozenset(
@@ -242,7 +243,10 @@ def container_argv(
     The values of the variables in `env_names` are passed by name (`--env NAME`), so they
     come from the client's environment and never appear on a command line.
     """
+    # The label names our run: a container left by a killed run is found and removed by
+    # the next one (`containers.stop_orphan_containers`).
     out = [runtime, "run", "--rm", "--privileged", "--network", "host"]
+    out += ["--label", f"{CONTAINER_LABEL}={run_identity()}"]
     if has_input:
         out.append("--interactive")
     # Loop devices attached after the container started are only seen through the host's /dev.
