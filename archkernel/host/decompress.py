@@ -7,7 +7,6 @@ is why this lives with the host helpers and not in `formats`.
 
 from __future__ import annotations
 
-import gzip
 import lzma
 import tempfile
 import zlib
@@ -22,10 +21,15 @@ class CorruptData(Exception):
     """Decompression failed; the text says why."""
 
 
-def zstd_decompress(data: bytes) -> bytes:
+class TooLarge(CorruptData):
+    """The data expands past the limit it was given."""
+
+
+def zstd_decompress(data: bytes, limit: int | None = None) -> bytes:
     """Decompress zstd data: libarchive's raw reader, else the zstd command.
 
-    Raises CorruptData when the data is damaged or cut short.
+    Raises CorruptData when the data is damaged or cut short, TooLarge when it expands
+    past `limit` bytes (libarchive stops there; the command's output is checked after).
     """
     try:
         import libarchive  # lazily: most callers never need it
@@ -33,24 +37,52 @@ def zstd_decompress(data: bytes) -> bytes:
     except (ImportError, OSError):  # OSError: the libarchive C library is missing
         return _zstd_command(data)
     blocks: list[bytes] = []
+    size = 0
     try:
         with libarchive.memory_reader(data, format_name="raw", filter_name="zstd") as archive:
             for entry in archive:
-                blocks.extend(bytes(block) for block in entry.get_blocks())
+                for block in entry.get_blocks():
+                    size += len(block)
+                    _check_size(size, limit)
+                    blocks.append(bytes(block))
     except ValueError:  # this libarchive was built without zstd
-        return _zstd_command(data)
+        return _zstd_command(data, limit)
     except ArchiveError as exc:
         raise CorruptData(str(exc).split(" (errno=")[0]) from exc
     return b"".join(blocks)
 
 
-def _zstd_command(data: bytes) -> bytes:
+def _check_size(size: int, limit: int | None) -> None:
+    if limit is not None and size > limit:
+        raise TooLarge(f"it expands to more than {limit} bytes")
+
+
+def _zstd_command(data: bytes, limit: int | None) -> bytes:
     with tempfile.TemporaryFile() as out:
         proc = run(["zstd", "-dc"], check=False, stdin=data, stdout_file=out.fileno())
         if proc.returncode != 0:
             raise CorruptData(proc.stderr.strip().splitlines()[-1] if proc.stderr else "")
+        _check_size(out.seek(0, 2), limit)
         out.seek(0)
         return out.read()
+
+
+def _bounded_gzip(data: bytes, limit: int) -> bytes:
+    inflate = zlib.decompressobj(wbits=31)  # gzip header and trailer
+    out = inflate.decompress(data, limit + 1)
+    _check_size(len(out), limit)
+    if not inflate.eof:
+        raise CorruptData("the gzip data is cut short")
+    return out
+
+
+def _bounded_xz(data: bytes, limit: int) -> bytes:
+    unxz = lzma.LZMADecompressor(format=lzma.FORMAT_XZ)
+    out = unxz.decompress(data, max_length=limit + 1)
+    _check_size(len(out), limit)
+    if not unxz.eof:
+        raise CorruptData("the xz data is cut short")
+    return out
 
 
 # suffix -> (format name, magic bytes)
@@ -61,12 +93,17 @@ _MODULE_COMPRESSION = {
 }
 
 
-def decompress_module(data: bytes, relpath: str) -> bytes:
+# The largest module of a distribution kernel is tens of MiB uncompressed (a GPU driver).
+MAX_MODULE_SIZE = 256 * 1024 * 1024
+
+
+def decompress_module(data: bytes, relpath: str, limit: int = MAX_MODULE_SIZE) -> bytes:
     """The uncompressed ELF object of module file `relpath` whose content is `data`.
 
     The compression is chosen by suffix (.ko, .ko.gz, .ko.xz, .ko.zst) and must match
-    the data's magic bytes; the result must be an ELF object. busybox insmod needs this
-    as it may not read compressed modules.
+    the data's magic bytes; the result must be an ELF object of at most `limit` bytes
+    (a module that expands past it is refused before it is all in memory). busybox insmod
+    needs this as it may not read compressed modules.
     """
     suffix = next((s for s in _MODULE_COMPRESSION if relpath.endswith(s)), None)
     if suffix is None:
@@ -85,11 +122,16 @@ def decompress_module(data: bytes, relpath: str) -> bytes:
             )
         try:
             if kind == "gzip":
-                result = gzip.decompress(data)
+                result = _bounded_gzip(data, limit)
             elif kind == "xz":
-                result = lzma.decompress(data, format=lzma.FORMAT_XZ)
+                result = _bounded_xz(data, limit)
             else:
-                result = zstd_decompress(data)
+                result = zstd_decompress(data, limit)
+        except TooLarge as exc:
+            raise UserError(
+                f"{relpath} is not a plausible kernel module: {exc}",
+                "the module file is corrupt or hostile: reinstall the kernel package",
+            ) from exc
         except (OSError, EOFError, zlib.error, lzma.LZMAError, CorruptData) as exc:
             raise UserError(
                 f"cannot decompress {relpath} ({kind}): {exc or 'corrupt data'}",
