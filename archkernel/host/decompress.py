@@ -35,7 +35,7 @@ def zstd_decompress(data: bytes, limit: int | None = None) -> bytes:
         import libarchive  # lazily: most callers never need it
         from libarchive.exception import ArchiveError
     except (ImportError, OSError):  # OSError: the libarchive C library is missing
-        return _zstd_command(data)
+        return _zstd_command(data, limit)
     blocks: list[bytes] = []
     size = 0
     try:
