@@ -39,7 +39,8 @@ qemu.
 
 The package, by concern: `routing` (which tools run inside, the host command that runs
 one there, the `BuildEnv` wrapper), `state` (step 1's record and its lock), `prepare`
-(obtain, verify, unpack, set up; `prepare`, `load`, `activate`) and `exec.py` (the chroot
+(obtain, verify, unpack, set up; `prepare`, `load`, `activate`), `containers` (docker and
+podman containers of killed runs, removed by the next run) and `exec.py` (the chroot
 helper, standard library only, started by path).
 """
 
