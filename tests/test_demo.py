@@ -33,7 +33,8 @@ REPO = Path(__file__).resolve().parent.parent
 # The fake C1's command line (archkernel.demo.c1.CMDLINE) as the workflow kexecs it: its
 # NO_NTPDATE=0 replaced, the extra tokens appended.
 KEXEC_CMDLINE = (
-    "console=ttyS0,115200 ip=dhcp root=/dev/nbd0 nbd.max_parts=8 boot=local nousb "
+    # The provider's line less `ip=` (scaleway.drop_cmdline: its init configures the NIC).
+    "console=ttyS0,115200 root=/dev/nbd0 nbd.max_parts=8 nbd.nbds_max=3 boot=local nousb "
     "noplymouth INITRD_DEBUG=0 is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 "
     "NO_NTPDATE=1 archkernel"
 )

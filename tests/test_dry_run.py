@@ -122,6 +122,27 @@ def test_scaleway_kexec_runs_exactly_what_its_dry_run_shows(booted_once: FakeC1)
     assert [call[:2] for call in c1.calls()] == [["kexec", "-l"], ["systemctl", "kexec"]]
 
 
+def test_scaleway_kexec_dry_run_before_any_run_prints_the_kexec_commands(
+    fake_c1: FakeC1,
+) -> None:
+    dry = fake_c1.archkernel("--dry-run")
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    planned = planned_commands(dry.stdout)
+    root = fake_c1.root
+    line = (
+        "console=ttyS0,115200 root=/dev/nbd0 nbd.max_parts=8 nbd.nbds_max=3 boot=local nousb "
+        "noplymouth INITRD_DEBUG=0 is_in_kexec=yes NO_SIGNAL_STATE=1 "
+        "DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel"
+    )  # the fake C1's line, its ip= left off
+    assert planned["scaleway_kexec:08_kexec"] == [
+        f"+ kexec -l {root}/boot/zImage --initrd={root}/boot/initramfs-archkernel.img "
+        f"'--command-line={line}'",
+        "+ systemctl kexec",
+    ]
+    assert fake_c1.calls() == []
+    assert not (fake_c1.workdir / "scaleway").exists()
+
+
 def test_no_step_plan_writes_anything(tmp_path: Path, booted_once: FakeC1) -> None:
     c1 = booted_once
     before = sorted((p, p.stat().st_mtime_ns) for p in c1.workdir.rglob("*"))

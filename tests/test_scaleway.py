@@ -8,6 +8,7 @@ real in test_scaleway_vm.py.
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 import subprocess
 from pathlib import Path
@@ -16,7 +17,7 @@ import pytest
 
 from archkernel.errors import UserError
 from archkernel.plan import Run, describe, execute
-from archkernel.scaleway import bootscript, cmdline, metadata, modules, scripts, steps
+from archkernel.scaleway import bootscript, cmdline, metadata, scripts, steps
 from archkernel.settings import ScalewaySettings, Settings
 from tests.support.safety_net import safety_net
 
@@ -380,6 +381,126 @@ def test_patch_shutdown_refuses_an_ending_it_cannot_know(script: str) -> None:
     assert info.value.hint
 
 
+# The provider's /shutdown since v3.12.4 (scaleway/initrd tree-common/shutdown, v3.15): a
+# `case` whose `kexec)` branch runs kexec -e; its last line is a shell.
+PROVIDER_SHUTDOWN = """\
+#!/bin/sh
+
+ACTION="${1:-halt}"
+
+# detach nbd devices
+for device in $(seq 0 15); do
+    xnbd-client -c /dev/nbd${device} && xnbd-client -d /dev/nbd${device} &>/dev/null
+done
+
+# send sysrq
+case "${ACTION}" in
+    reboot)    reboot -f;    break;;
+    poweroff)  poweroff -f;  break;;
+    halt)      halt -f;      break;;
+    kexec)
+        kexec -e
+        # if no kexec kernel was loaded, just reboot
+        reboot -f
+        ;;
+esac
+
+# this should never happen
+/bin/sh
+"""
+
+
+@pytest.mark.parametrize(
+    ("script", "kind", "line", "said"),
+    [
+        (
+            PROVIDER_SHUTDOWN,
+            "branch",
+            16,
+            "its `kexec)` branch runs kexec -e (line 16); left as it is",
+        ),
+        (
+            '#!/bin/sh\ncase "$1" in\n  "kexec") /sbin/kexec -e ;;\n  *) halt -f ;;\nesac\nsh\n',
+            "branch",
+            3,
+            "its `kexec)` branch runs kexec -e (line 3); left as it is",
+        ),
+        (
+            "#!/bin/sh\numount -a\n/run/initramfs/sbin/kexec -e\n",
+            "trailing",
+            3,
+            "it already ends with kexec -e; left as it is",
+        ),
+        (
+            '#!/bin/sh\nif [ "$1" = kexec ]; then\n  kexec -e\nfi\npoweroff -f\n',
+            "elsewhere",
+            3,
+            "it runs kexec -e on line 3 ('kexec -e'); left as it is",
+        ),
+        (
+            "#!/bin/sh\numount -a\nexec /bin/sh\n",
+            "patched",
+            3,
+            "its last command 'exec /bin/sh' (line 3) replaced with `kexec -e`",
+        ),
+    ],
+    ids=["provider's kexec branch", "quoted kexec branch", "trailing", "in an if", "old shell"],
+)
+def test_examine_shutdown_says_what_it_found(script: str, kind: str, line: int, said: str) -> None:
+    found = scripts.examine_shutdown(script)
+    assert (found.kind, found.line, found.describe()) == (kind, line, said)
+    assert (found.patched is None) == (kind != "patched")
+
+
+def test_a_kexec_branch_without_kexec_e_does_not_count() -> None:
+    script = '#!/bin/sh\ncase "$1" in\n  kexec) reboot -f ;;\nesac\n/bin/sh\n'
+    found = scripts.examine_shutdown(script)
+    assert found.kind == "patched"
+    assert found.patched == '#!/bin/sh\ncase "$1" in\n  kexec) reboot -f ;;\nesac\nkexec -e\n'
+
+
+def test_shutdown_plan_leaves_the_providers_script_and_says_why(c1_settings: Settings) -> None:
+    script = c1_settings.scaleway.root / "run/initramfs/shutdown"
+    script.write_text(PROVIDER_SHUTDOWN)
+    plan = steps.shutdown(c1_settings)
+    assert describe(plan) == [
+        f"# {script}: its `kexec)` branch runs kexec -e (line 16); left as it is"
+    ]
+    execute(plan)
+    assert script.read_text() == PROVIDER_SHUTDOWN
+
+
+# --- ip= on the kexec command line ------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("current", "expected"),
+    [
+        ("console=ttyS0 ip=:::::eth0: root=/dev/nbd0", "console=ttyS0 root=/dev/nbd0"),
+        ("ip=dhcp console=ttyS0 ipv6.disable=1 ip", "console=ttyS0 ipv6.disable=1"),
+        ('"ip=10.0.0.2::10.0.0.1:255.255.255.0::eth0:off" x', "x"),
+    ],
+)
+def test_kexec_cmdline_drops_ip(current: str, expected: str) -> None:
+    assert cmdline.kexec_cmdline(current, "archkernel", ["ip"]) == f"{expected} archkernel"
+
+
+def test_kexec_cmdline_keeps_an_ip_the_user_adds() -> None:
+    line = cmdline.kexec_cmdline("ip=:::::eth0: a", "ip=dhcp archkernel", ["ip"])
+    assert line == "a ip=dhcp archkernel"
+
+
+def test_kexec_plan_drops_ip_by_default_and_keeps_it_when_told(c1_settings: Settings) -> None:
+    assert ScalewaySettings().drop_cmdline == ["ip"]
+    (line,) = [a for a in steps.kexec(c1_settings).commands()[0] if a.startswith("--command")]
+    assert "ip=" not in line
+    kept = dataclasses.replace(
+        c1_settings, scaleway=dataclasses.replace(c1_settings.scaleway, drop_cmdline=[])
+    )
+    (line,) = [a for a in steps.kexec(kept).commands()[0] if a.startswith("--command")]
+    assert line.startswith("--command-line=console=ttyS0,115200 ip=dhcp root=/dev/nbd0")
+
+
 # --- init_script ----------------------------------------------------------------------------------
 
 ORDER = [
@@ -507,66 +628,6 @@ def test_init_script_runs_the_modules_it_names(shell: str, tmp_path: Path) -> No
     ]
 
 
-# --- find_kernel_version --------------------------------------------------------------------------
-
-
-@pytest.fixture
-def moddirs(tmp_path: Path) -> Path:
-    base = tmp_path / "usr/lib/modules"
-    base.mkdir(parents=True)
-    (tmp_path / "boot").mkdir()
-    (tmp_path / "boot/zImage").write_bytes(b"kernel B")
-    return base
-
-
-def add_kernel(moddirs: Path, version: str, *, pkgbase: bool = True, image: bytes = b"") -> None:
-    (moddirs / version / "kernel").mkdir(parents=True)
-    if pkgbase:
-        (moddirs / version / "pkgbase").write_text("linux-armv7\n")
-    if image:
-        (moddirs / version / "vmlinuz").write_bytes(image)
-
-
-def test_find_kernel_version_the_one_with_pkgbase(moddirs: Path) -> None:
-    add_kernel(moddirs, "6.9.1-1-ARCH")
-    add_kernel(moddirs, "4.5.0-provider", pkgbase=False)  # not an Arch package
-    kernel = moddirs.parents[2] / "boot/zImage"
-    assert modules.find_kernel_version(moddirs, kernel, None) == "6.9.1-1-ARCH"
-
-
-def test_find_kernel_version_configured_wins(moddirs: Path) -> None:
-    add_kernel(moddirs, "6.9.1-1-ARCH")
-    add_kernel(moddirs, "6.8.0-1-ARCH")
-    kernel = moddirs.parents[2] / "boot/zImage"
-    assert modules.find_kernel_version(moddirs, kernel, "6.8.0-1-ARCH") == "6.8.0-1-ARCH"
-    with pytest.raises(UserError, match=r"kernel_version '6\.7': .* does not exist"):
-        modules.find_kernel_version(moddirs, kernel, "6.7")
-
-
-def test_find_kernel_version_several_picks_the_one_shipping_our_kernel(moddirs: Path) -> None:
-    add_kernel(moddirs, "6.9.1-1-ARCH", image=b"kernel A")
-    add_kernel(moddirs, "6.9.2-1-ARCH", image=b"kernel B")
-    kernel = moddirs.parents[2] / "boot/zImage"
-    assert modules.find_kernel_version(moddirs, kernel, None) == "6.9.2-1-ARCH"
-
-
-def test_find_kernel_version_several_and_no_way_to_choose(moddirs: Path) -> None:
-    add_kernel(moddirs, "6.9.1-1-ARCH")
-    add_kernel(moddirs, "6.9.2-1-ARCH")
-    kernel = moddirs.parents[2] / "boot/zImage"
-    with pytest.raises(
-        UserError, match=r"several kernels .*6\.9\.1-1-ARCH, 6\.9\.2-1-ARCH"
-    ) as info:
-        modules.find_kernel_version(moddirs, kernel, None)
-    assert "kernel_version" in (info.value.hint or "")
-
-
-def test_find_kernel_version_none_installed(moddirs: Path) -> None:
-    add_kernel(moddirs, "4.5.0-provider", pkgbase=False)
-    with pytest.raises(UserError, match="no Arch kernel found"):
-        modules.find_kernel_version(moddirs, moddirs.parents[2] / "boot/zImage", None)
-
-
 # --- the steps' plans: made from a small tree, changing nothing -----------------------------------
 
 OLD_SHUTDOWN = "#!/bin/sh\numount -a\n/bin/sh\n"
@@ -596,7 +657,9 @@ def test_kexec_plan_loads_the_kernel_then_reboots_into_it(c1_settings: Settings)
             f"{root}/boot/zImage",
             f"--initrd={root}/boot/initramfs-archkernel.img",
             f"--dtb={root}/boot/dtbs/c1.dtb",
-            f"--command-line={cmdline.kexec_cmdline(C1_CMDLINE, EXTRA)}",
+            # ip=dhcp left off (scaleway.drop_cmdline), NO_NTPDATE=0 replaced
+            "--command-line=console=ttyS0,115200 root=/dev/nbd0 nbd.max_parts=8 boot=local "
+            + EXTRA,
         ),
         ("systemctl", "kexec"),
     ]
@@ -649,7 +712,7 @@ def test_shutdown_plan_replaces_the_final_shell(c1_settings: Settings) -> None:
     execute(plan)
     assert script.read_text() == "#!/bin/sh\numount -a\nkexec -e\n"
     assert describe(steps.shutdown(c1_settings)) == [
-        f"# leave {script} as it is: it already ends with kexec -e"
+        f"# {script}: it already ends with kexec -e; left as it is"
     ]
 
 

@@ -31,11 +31,13 @@ from archkernel.formats.cpio import padding_for
 from archkernel.formats.kmod import module_name
 from tests.support.c1 import (
     BOOTSCRIPT_NAME,
-    CMDLINE,
     INITRD_NAME,
+    OLD_SHUTDOWN,
+    PACKAGE,
     PROVIDER_INIT,
     FakeC1,
     Template,
+    add_package,
     archkernel_command,
     bootscript_text,
     mkimage,
@@ -50,11 +52,26 @@ from tests.support.tftp import Short, TftpyServer, Truncate, free_udp_port
 pytestmark = [pytest.mark.integration, pytest.mark.root]
 
 EXTRA = "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel"
-# CMDLINE carries NO_NTPDATE=0: the kexec'd line has the extra value instead, once.
-KEXEC_CMDLINE = CMDLINE.replace(" NO_NTPDATE=0", "") + " " + EXTRA
+# The fake C1's command line (tests.support.c1.CMDLINE) as the workflow kexecs it: its
+# ip=:::::eth0: left off (drop_cmdline), NO_NTPDATE=0 replaced, the extra tokens appended.
+KEXEC_CMDLINE = (
+    "console=ttyS0,115200 root=/dev/nbd0 nbd.max_parts=8 nbd.nbds_max=3 boot=local nousb "
+    f"noplymouth INITRD_DEBUG=0 {EXTRA}"
+)
 # What the new /init loads: the settings' modules, their dependencies, the optional
 # module that exists (mvneta_bm does not), nothing else from the tree (virtio_blk).
-LOADED = ["virtio_ring", "virtio", "failover", "net_failover", "virtio_net", "nbd", "dummy"]
+LOADED = [
+    "virtio_ring",
+    "virtio",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "nbd",
+    "dummy",
+]
 
 
 def expected_kexec(c1: FakeC1) -> list[list[str]]:
@@ -187,14 +204,21 @@ def test_first_boot_exits_0_and_kexecs_the_arch_kernel(first_boot: FirstBoot) ->
 def test_first_boot_log_tells_the_story(first_boot: FirstBoot) -> None:
     log = first_boot.result.stderr
     c1 = first_boot.c1
+    package = f"{PACKAGE} {c1.version.split('-')[0]}-1"
     for line in [
-        f"kernel {c1.kernel} ({c1.version}); TFTP server 127.0.0.1 (from /proc/net/pnp)",
+        # found through pacman's database: the fake root has no pkgbase, as linux-armv7
+        f"kernel {c1.kernel} ({c1.version}; pacman: {package} owns /boot/zImage)",
+        "TFTP server 127.0.0.1 (from /proc/net/pnp)",
         f"bootscript {BOOTSCRIPT_NAME} from 127.0.0.1:{c1.port}: changed",
         f"initrd {INITRD_NAME}: fetched",
         f"warning: optional module mvneta_bm is not in {c1.version}; going on without it",
         f"modules for {c1.version}: {' '.join(LOADED)}",
+        # nbd.nbds_max=3 of the command line; nbd has no max_parts (it has max_part)
+        "warning: module nbd has no parameter max_parts=8; not passed",
+        "module nbd: insmod gets nbds_max=3",
         f"initrd {c1.output}: rebuilt ({len(first_boot.output)} bytes)",
-        "shutdown script patched to end with kexec -e",
+        f"shutdown script {c1.shutdown}: its `kexec)` branch runs kexec -e (line 18); "
+        "left as it is",
         f"kexec: kexec -l {c1.kernel} --initrd={c1.output} '--command-line={KEXEC_CMDLINE}'",
         "kexec loaded; systemctl kexec",
     ]:
@@ -255,7 +279,7 @@ def test_new_init_loads_in_modprobe_order(first_boot: FirstBoot, tmp_path: Path)
     empty = tmp_path / "modprobe.d"
     empty.mkdir()
     expected: list[str] = []
-    for name in ["virtio_net", "nbd", "dummy"]:  # required, then optional ones that exist
+    for name in ["virtio_net", "virtio_pci", "nbd", "dummy"]:  # required, then optional
         for path in modprobe_show_depends(c1.root, c1.version, empty, name):
             if module_name(path) not in expected:
                 expected.append(module_name(path))
@@ -265,15 +289,58 @@ def test_new_init_loads_in_modprobe_order(first_boot: FirstBoot, tmp_path: Path)
     assert stat.S_IMODE((first_boot.patched / "init").stat().st_mode) == 0o755
 
 
-def test_old_shutdown_script_now_ends_with_kexec(first_boot: FirstBoot) -> None:
-    lines = first_boot.c1.shutdown.read_text().splitlines()
+def test_current_shutdown_script_with_its_kexec_branch_is_left_alone(
+    first_boot: FirstBoot,
+) -> None:
+    text = first_boot.c1.shutdown.read_text()
+    assert text == (first_boot.patched / "shutdown").read_text()  # the initrd's own copy
+    assert "    kexec)\n        kexec -e\n" in text and text.endswith("\n/bin/sh\n")
+
+
+def test_old_shutdown_script_now_ends_with_kexec(c1_base: Template, tmp_path: Path) -> None:
+    c1 = FakeC1.create(tmp_path / "c1", c1_base, shutdown=OLD_SHUTDOWN)
+    with serving(c1):
+        result = ok(c1.archkernel())
+    lines = c1.shutdown.read_text().splitlines()
     assert lines[-1] == "kexec -e"
-    assert lines[:3] == [
-        "#!/bin/sh",
-        "# Shutdown script of the provider's initrd (old style).",
-        'echo "Detaching NBD devices"',
+    assert lines[:-1] == OLD_SHUTDOWN.splitlines()[:-1]
+    assert OLD_SHUTDOWN.splitlines()[-1] == "/bin/sh"
+    assert os.access(c1.shutdown, os.X_OK)
+    assert (
+        f"shutdown script {c1.shutdown}: its last command '/bin/sh' (line 7) replaced with "
+        "`kexec -e`"
+    ) in result.stderr
+    assert c1.calls() == expected_kexec(c1)
+
+
+def test_the_root_looks_like_arch_linux_arm(first_boot: FirstBoot) -> None:
+    root, version = first_boot.c1.root, first_boot.c1.version
+    assert not (root / "usr/lib/modules" / version / "pkgbase").exists()
+    (entry,) = [
+        e for e in (root / "var/lib/pacman/local").iterdir() if e.name.startswith(PACKAGE + "-6")
     ]
-    assert os.access(first_boot.c1.shutdown, os.X_OK)
+    files = (entry / "files").read_text().splitlines()
+    assert files[0] == "%FILES%"
+    assert "boot/zImage" in files and f"usr/lib/modules/{version}/" in files
+
+
+def test_the_initrd_starts_with_a_dot_entry_and_the_providers_files(first_boot: FirstBoot) -> None:
+    names = cpio_names(first_boot.payload)
+    assert names[0] == "."
+    assert {"init", "functions", "boot-local", "shutdown"} <= set(names)
+    init = (first_boot.original / "init").read_text()
+    assert "\n. /functions\n" in init and "\n        . ./boot-local\n" in init
+    assert "\ncp -rf / /initramfs 2>/dev/null\n" in init
+
+
+def test_new_init_passes_the_command_lines_module_parameters(first_boot: FirstBoot) -> None:
+    init = (first_boot.patched / "init").read_text()
+    assert (
+        "insmod /archkernel/modules/nbd.ko nbds_max=3 || { echo 'archkernel: loading nbd with "
+        "nbds_max=3 failed; again without'; insmod /archkernel/modules/nbd.ko || "
+        "echo 'archkernel: loading nbd failed'; }"
+    ) in init.splitlines()
+    assert "max_parts" not in init  # nbd declares no such parameter
 
 
 def test_plain_doit_gives_the_same_result(first_boot: FirstBoot, fake_c1: FakeC1) -> None:
@@ -299,7 +366,7 @@ def test_second_boot_rebuilds_nothing_and_kexecs_again(fake_c1: FakeC1) -> None:
     for step in ("03_fetch_initrd", "04_unpack", "05_modules", "06_pack"):
         assert f"scaleway_kexec:{step}: up to date" in second.stderr
     assert f"bootscript {BOOTSCRIPT_NAME} from 127.0.0.1:{fake_c1.port}: unchanged" in second.stderr
-    assert "shutdown script already ends with kexec -e" in second.stderr
+    assert "its `kexec)` branch runs kexec -e (line 18); left as it is" in second.stderr
     # Nothing is rewritten, not even doit's state: no writes, no fsyncs on an NBD root.
     for path, old in before.items():
         new = path.stat()
@@ -392,11 +459,21 @@ def test_new_kernel_version_in_the_tree_rebuilds(fake_c1: FakeC1, tmp_path: Path
     ok(fake_c1.archkernel())
     old_output = fake_c1.output.read_bytes()
     fake_c1.calls(clear=True)
-    # What a kernel upgrade does: a new module directory replaces the old, a new zImage.
+    # What a kernel upgrade does: a new module directory replaces the old, a new zImage,
+    # and pacman's database names the new package.
     new_version = "6.9.1-1-ARCH"
     fake_c1.moddir.rename(fake_c1.moddir.with_name(new_version))
     with fake_c1.kernel.open("ab") as kernel:
         kernel.write(b"\0" * 16)
+    local = fake_c1.root / "var/lib/pacman/local"
+    for entry in local.glob(f"{PACKAGE}-6*"):
+        shutil.rmtree(entry)
+    add_package(
+        fake_c1.root,
+        PACKAGE,
+        "6.9.1-1",
+        ["boot/zImage", f"usr/lib/modules/{new_version}/kernel/x.ko"],
+    )
 
     result = ok(fake_c1.archkernel())
     assert ran(result) == [
@@ -407,7 +484,10 @@ def test_new_kernel_version_in_the_tree_rebuilds(fake_c1: FakeC1, tmp_path: Path
         "07_shutdown",
         "08_kexec",
     ]
-    assert f"kernel {fake_c1.kernel} ({new_version})" in result.stderr
+    assert (
+        f"kernel {fake_c1.kernel} ({new_version}; pacman: {PACKAGE} 6.9.1-1 owns /boot/zImage)"
+        in result.stderr
+    )
     assert f"initrd {fake_c1.output}: rebuilt" in result.stderr
     added = split_output(fake_c1.output.read_bytes(), fake_c1.template.payload.read_bytes())
     assert added != split_output(old_output, fake_c1.template.payload.read_bytes())
@@ -477,6 +557,17 @@ def bootscript(c1: FakeC1) -> bytes:
 
 def uinitrd(c1: FakeC1) -> bytes:
     return (c1.tftp / INITRD_NAME).read_bytes()
+
+
+def second_kernel(c1: FakeC1) -> None:
+    """Two kernel packages both claiming /boot/zImage (installed with --overwrite), and an
+    image whose version cannot be read (an lz4 zImage, say): nothing to choose by."""
+    other = "6.3.0-rc1-1-ARCH"
+    shutil.copytree(c1.moddir, c1.moddir.with_name(other), symlinks=True)
+    add_package(
+        c1.root, f"{PACKAGE}-rc", "6.3.0rc1-1", ["boot/zImage", f"usr/lib/modules/{other}/"]
+    )
+    c1.kernel.write_bytes(b"\x00\x01" * 4096)
 
 
 def kill_switch(c1: FakeC1) -> None:
@@ -561,6 +652,19 @@ BAD_INPUT: dict[str, tuple[Callable[[FakeC1], object], str, str]] = {
         evil_absolute,
         "04_unpack",
         r"entry '/\S+/evil/hostname' in initrd initrd/uInitrd-Linux-armv7l-v3\.x is an absolute path",
+    ),
+    "two kernels and nothing to choose between them": (
+        second_kernel,
+        "01_check",
+        r"several kernels are installed \(6\.1\.\S+ \(linux-armv7 6\.1\.\S+\), "
+        r"6\.3\.0-rc1-1-ARCH \(linux-armv7-rc 6\.3\.0rc1-1\)\) and none is known to be "
+        r"/boot/zImage",
+    ),
+    "NIC without its virtio transport": (
+        lambda c1: c1.write_settings(modules=["virtio_net", "nbd"]),
+        "05_modules",
+        r"kernel 6\.\S+: virtio_net needs virtio_pci or virtio_mmio \(CONFIG_VIRTIO_PCI=m, "
+        r"CONFIG_VIRTIO_MMIO=m\), which modules\.dep does not name",
     ),
     "missing required module": (
         lambda c1: c1.write_settings(modules=["mvneta", "nbd"]),

@@ -7,9 +7,11 @@ kexec records what it was asked. Then QEMU (TCG) boots that kernel with a plain
 "provider-style" initrd carrying busybox, Debian's kexec and its libraries, the C1's
 kernel and the patched initrd at the paths they have on the C1. Its /init runs exactly
 the recorded `kexec -l ...` (host paths made C1 paths again) and `kexec -e`. In the second
-kernel the patched initrd's /init must load the injected modules and source the
-provider's init, which reports that it runs as PID 1 on the kexec'd command line with the
-modules loaded, and powers off.
+kernel the patched initrd's /init must load the injected modules, nbd with the
+`nbds_max=3` of the command line, and source the provider-style init (shaped like the
+provider's: `. /functions`, `cp -rf / /initramfs`, `. ./boot-local`), which reports that
+it runs from `/` as PID 1 on the kexec'd command line with the modules loaded and its
+relative `./boot-local` found, and powers off.
 
 The serial console is kept in the test's tmp_path (pytest keeps the last runs).
 """
@@ -33,7 +35,18 @@ from tests.support.c1 import FakeC1, Template, serving, tool, write_executable
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.root]
 
 BOOT_LIMIT = 180.0  # seconds QEMU may take for both boots; it is always stopped after
-LOADED = ["virtio_ring", "virtio", "failover", "net_failover", "virtio_net", "nbd", "dummy"]
+LOADED = [
+    "virtio_ring",
+    "virtio",
+    "failover",
+    "net_failover",
+    "virtio_net",
+    "virtio_pci_modern_dev",
+    "virtio_pci_legacy_dev",
+    "virtio_pci",
+    "nbd",
+    "dummy",
+]
 DONE = "PROVIDER-INIT-DONE"
 
 
@@ -149,7 +162,7 @@ def test_patched_initrd_boots_after_a_real_kexec(c1_base: Template, tmp_path: Pa
     assert "Linux version " in second, where
 
     # The patched /init: each module logged and loaded, in order, then the provider's init.
-    logged = re.findall(r"^archkernel: loading (\S+)$", second, re.MULTILINE)
+    logged = re.findall(r"^archkernel: loading (\S+)(?: with .*)?$", second, re.MULTILINE)
     assert logged == LOADED, where
     assert "failed" not in "".join(re.findall(r"^archkernel: .*$", second, re.MULTILINE)), where
     handover = second.index("archkernel: starting the provider init")
@@ -159,3 +172,8 @@ def test_patched_initrd_boots_after_a_real_kexec(c1_base: Template, tmp_path: Pa
     assert f"PROVIDER-CMDLINE: {cmdline}" in provider, where  # the command line given to kexec
     for name in LOADED:
         assert f"PROVIDER-MODULE-LOADED {name}" in provider, where
+    # nbd.nbds_max=3 of the command line reached insmod: the module has 3 devices.
+    assert "archkernel: loading nbd with nbds_max=3" in second, where
+    assert "PROVIDER-NBDS-MAX=3" in provider, where
+    assert "PROVIDER-INITRAMFS-COPY=yes" in provider, where  # cp -rf / /initramfs
+    assert "PROVIDER-BOOT-LOCAL-OK root=/dev/nbd0 cwd=/" in provider, where  # . ./boot-local

@@ -3,12 +3,16 @@ tests run the workflow against it.
 
 What a C1 looks like to the workflow, built under a directory of its own:
 
-- `root/`: the system (`[scaleway] root`): `proc/cmdline` (a C1-style command line),
-  `proc/net/pnp` naming 127.0.0.1 as bootserver, `proc/sys/kernel/kexec_load_disabled`,
-  the shutdown initrd in `run/initramfs/` (old style: its script ends with a shell),
-  `boot/zImage` (Debian's real amd64 kernel) and `usr/lib/modules/<version>/` with
-  `pkgbase` and real modules of that kernel, compressed as `.ko.xz`, `.ko.zst` or left
-  `.ko`, indexed by `depmod -b`. `lib` links to `usr/lib` as on Arch.
+- `root/`: the system (`[scaleway] root`), laid out as Arch Linux ARM's: `proc/cmdline`
+  (a C1-style command line), `proc/net/pnp` naming 127.0.0.1 as bootserver,
+  `proc/sys/kernel/kexec_load_disabled`, the shutdown initrd in `run/initramfs/` (the
+  provider's current script, whose `kexec)` branch runs kexec -e; `create(shutdown=
+  OLD_SHUTDOWN)` gives the older one that ends in a shell), `boot/zImage` (Debian's real
+  amd64 kernel) and `usr/lib/modules/<version>/` with real modules of that kernel,
+  compressed as `.ko.xz`, `.ko.zst` or left `.ko`, indexed by `depmod -b`, and that
+  kernel's config as `build/.config`. No `pkgbase`: pacman's local database
+  (`var/lib/pacman/local/`) says that `linux-armv7` owns the kernel and the modules and
+  `linux-armv7-headers` the config, as on a real system. `lib` links to `usr/lib`.
 - `tftp/`: what the boot server hands out (`archkernel.demo.provider`), served by Debian's
   `in.tftpd` on 127.0.0.1 (`serving`): `uboot.bootscript` and
   `initrd/uInitrd-Linux-armv7l-v3.x`.
@@ -44,6 +48,7 @@ from archkernel.demo.debian import (
 from archkernel.demo.provider import (
     BOOTSCRIPT_NAME,
     INITRD_NAME,
+    SHUTDOWN,
     bootscript_text,
     provider_initrd,
     script_image,
@@ -53,18 +58,20 @@ from archkernel.demo.tftpd import TftpdHpa, running_tftpd_hpa, tftpd_binary
 from archkernel.errors import UserError
 from archkernel.host.run import check_tools, run
 
-# A C1's kernel command line as the provider's U-Boot sets it. NO_NTPDATE=0 is there so
-# the kexec'd line must replace it, not add a second one.
+# A C1's kernel command line as the provider's U-Boot sets it (`ip=:::::eth0:`, which the
+# kexec line leaves off), with a module parameter for the new /init to pass to insmod.
+# NO_NTPDATE=0 is there so the kexec'd line must replace it, not add a second one.
 CMDLINE = (
-    "console=ttyS0,115200 ip=dhcp root=/dev/nbd0 nbd.max_parts=8 boot=local nousb "
-    "noplymouth INITRD_DEBUG=0 NO_NTPDATE=0"
+    "console=ttyS0,115200 ip=:::::eth0: root=/dev/nbd0 nbd.max_parts=8 nbd.nbds_max=3 "
+    "boot=local nousb noplymouth INITRD_DEBUG=0 NO_NTPDATE=0"
 )
 PNP = "#PROTO: DHCP\ndomain cloud.online.net\nnameserver 10.1.31.38\nbootserver 127.0.0.1\n"
-PKGBASE = "linux-armv7\n"
+PACKAGE = "linux-armv7"  # the kernel package pacman's database names
 
 # Modules of the Debian kernel put into the fake tree: what the settings ask for (with
-# their dependencies), one optional module that exists, and one nobody asks for.
-REQUIRED_MODULES = ["virtio_net", "nbd"]
+# their dependencies; virtio_pci because Debian's config has the transport as a module),
+# one optional module that exists, and one nobody asks for.
+REQUIRED_MODULES = ["virtio_net", "virtio_pci", "nbd"]
 OPTIONAL_MODULES = ["mvneta_bm", "dummy"]  # mvneta_bm: not in an amd64 kernel (a warning)
 UNREQUESTED_MODULES = ["virtio_blk"]
 
@@ -72,7 +79,7 @@ UNREQUESTED_MODULES = ["virtio_blk"]
 TOOLS = ("mkimage", "cpio", "gzip", "find", "xz", "zstd", "depmod", "modprobe", "busybox")
 TOOLS_WITH_SERVER = (*TOOLS, "in.tftpd")
 
-# The shutdown script kept in /run/initramfs: old initrds end it with a shell.
+# The shutdown script kept in /run/initramfs: old initrds (v3.12.3) end it with a shell.
 OLD_SHUTDOWN = """\
 #!/bin/sh
 # Shutdown script of the provider's initrd (old style).
@@ -82,16 +89,7 @@ for dev in /dev/nbd*; do
 done
 /bin/sh
 """
-CURRENT_SHUTDOWN = """\
-#!/bin/sh
-# Shutdown script of the provider's initrd (current).
-echo "Detaching NBD devices"
-xnbd-client -d /dev/nbd0
-if [ "$1" = "kexec" ]; then
-    kexec -e
-fi
-poweroff -f
-"""
+CURRENT_SHUTDOWN = SHUTDOWN  # the provider's since v3.12.4: a `kexec)` branch
 
 
 def check_c1_tools(purpose: str, *, server: bool = True) -> None:
@@ -150,6 +148,24 @@ def modprobe_show_depends(root: Path, version: str, config: Path, name: str) -> 
     return paths
 
 
+def add_package(root: Path, name: str, version: str, files: Sequence[str]) -> Path:
+    """An entry of pacman's local database under `root` saying package `name` `version`
+    owns `files` (relative paths) and their parent directories, as pacman writes it."""
+    entry = root / "var/lib/pacman/local" / f"{name}-{version}"
+    entry.mkdir(parents=True)
+    listed: set[str] = set()
+    for path in files:
+        parts = path.split("/")
+        listed.update("/".join(parts[:i]) + "/" for i in range(1, len(parts)))
+        listed.add(path)
+    (entry / "desc").write_text(
+        f"%NAME%\n{name}\n\n%VERSION%\n{version}\n\n%BASE%\n{name.removesuffix('-headers')}\n\n"
+        f"%DESC%\nThe Linux Kernel and modules - ARMv7 multi-platform\n\n%ARCH%\narmv7h\n\n"
+    )
+    (entry / "files").write_text("%FILES%\n" + "".join(f"{p}\n" for p in sorted(listed)) + "\n")
+    return entry
+
+
 @dataclass(frozen=True)
 class Template:
     """What every fake C1 copies: the system tree and the provider's images."""
@@ -189,9 +205,23 @@ def c1_template(base: Path, kernel_tree: Path | None = None) -> Template:
     compressed = compress_modules(moddir)
     (root / "lib").symlink_to("usr/lib")
     run(["depmod", "-b", root, version])
-    (moddir / "pkgbase").write_text(PKGBASE)
     (root / "boot").mkdir()
     shutil.copy2(kernel_image(tree), root / "boot/zImage")
+    owned = ["boot/zImage", *(f"{moddir.relative_to(root)}/{m}" for m in compressed)]
+    owned += [
+        p.relative_to(root).as_posix()
+        for p in moddir.glob("modules.*")
+        if p.name in ("modules.builtin", "modules.order", "modules.builtin.modinfo")
+    ]
+    pkgver = f"{version.split('-')[0]}-1"
+    add_package(root, PACKAGE, pkgver, owned)
+    config = tree / "boot" / f"config-{version}"
+    if config.is_file():
+        (moddir / "build").mkdir()
+        shutil.copy2(config, moddir / "build/.config")
+        add_package(
+            root, f"{PACKAGE}-headers", pkgver, [f"{moddir.relative_to(root)}/build/.config"]
+        )
     uinitrd, payload = provider_initrd(base)
     (base / "uInitrd").write_bytes(uinitrd)
     (base / "initrd.payload").write_bytes(payload)
@@ -256,8 +286,9 @@ class FakeC1:
     # --- building ----------------------------------------------------------------------
 
     @classmethod
-    def create(cls, base: Path, template: Template) -> Self:
-        """A fresh C1 under `base` (which must not exist) from `template`."""
+    def create(cls, base: Path, template: Template, *, shutdown: str = CURRENT_SHUTDOWN) -> Self:
+        """A fresh C1 under `base` (which must not exist) from `template`, whose shutdown
+        initrd holds the script `shutdown`."""
         c1 = cls(base, template)
         shutil.copytree(template.root, c1.root, symlinks=True)
         proc = c1.root / "proc"
@@ -268,7 +299,7 @@ class FakeC1:
         (proc / "sys/kernel/kexec_load_disabled").write_text("0\n")
         (c1.root / "run/initramfs/sbin").mkdir(parents=True)
         write_executable(c1.root / "run/initramfs/sbin/kexec", "#!/bin/sh\nexit 0\n")
-        write_executable(c1.shutdown, OLD_SHUTDOWN)
+        write_executable(c1.shutdown, shutdown)
         c1.tftp.mkdir()
         c1.put(BOOTSCRIPT_NAME, script_image(bootscript_text(), base))
         c1.put(INITRD_NAME, template.uinitrd.read_bytes())

@@ -2,9 +2,12 @@
 
 `uboot.bootscript` is a U-Boot script image (`mkimage -T script`) of a multi-line script
 like the C1's, which loads a kernel, the initrd and a DTB; the initrd is a U-Boot ramdisk
-image (`mkimage -T ramdisk -C none`) of a gzip'd newc archive written by GNU cpio,
-holding a busybox-style `/init` that reports and powers off, `/bin/busybox` with its
-applet links, a hard link and device nodes (so making it needs root).
+image (`mkimage -T ramdisk -C none`) of a gzip'd newc archive written by GNU cpio whose
+first entry is `.`, as the provider's `find . | cpio` writes it. It holds an `/init`
+shaped like the provider's (`. /functions`, `cp -rf / /initramfs`, `. ./boot-local`) that
+reports and powers off, `/functions`, `/boot-local`, the `/shutdown` with its `kexec)`
+branch, `/bin/busybox` with its applet links, a hard link and device nodes (so making it
+needs root).
 """
 
 from __future__ import annotations
@@ -26,27 +29,130 @@ BUSYBOX = "/bin/busybox"  # Debian's busybox-static
 SOURCE_DATE_EPOCH = "1500000000"
 TOOLS = ("mkimage", "cpio", "gzip")
 
-# The provider's /init. On the C1 it sets up the network and NBD and switches root; this
-# one reports what a test needs to see and powers the machine off. `$$` is 1 only while
-# it runs as PID 1, that is when the new /init sources it rather than running it.
+# The provider's /init, shaped like its v3.15 /init: it sources /functions by absolute
+# path, installs the busybox applets, keeps a copy of / in /initramfs for shutdown
+# (`cp -rf`), mounts the pseudo file systems and sources the boot mode by *relative* path
+# (`. ./boot-local`), never using `$0`. On the C1 it then sets up the network and NBD and
+# switches root; this one reports what a test needs to see and powers the machine off.
+# `$$` is 1 only while it runs as PID 1, that is when the new /init sources it.
 PROVIDER_INIT = """\
 #!/bin/sh
-# Scaleway-style initrd init (test stand-in): mount, report, power off.
-/bin/busybox mkdir -p /proc /sys /dev
-/bin/busybox mount -t proc proc /proc
-/bin/busybox mount -t sysfs sysfs /sys
+# Scaleway-style initrd init (test stand-in): the provider's steps, then report, power off.
+export PATH=/usr/sbin:/usr/bin:/sbin:/bin
+
+# Loading functions
+. /functions
+
+log_begin_msg "Installing busybox"
+busybox mkdir -p /bin /sbin /etc /proc /sys /newroot /usr/bin /usr/sbin
+/bin/busybox --install -s
+log_end_msg
+
+log_begin_msg "Cloning initramfs for shutdown..."
+mkdir /initramfs
+cp -rf / /initramfs 2>/dev/null
+log_end_msg
+
+[ -d /dev ] || mkdir -m 0755 /dev
+emount -t devtmpfs -o mode=0755 udev /dev
+emount -t sysfs -o nodev,noexec,nosuid sysfs /sys
+emount -t proc -o nodev,noexec,nosuid proc /proc
+
 echo "PROVIDER-INIT-OK pid=$$"
-if grep -qw is_in_kexec=yes /proc/cmdline; then
+if [ "$(get_any is_in_kexec no)" = "yes" ]; then
 \techo "PROVIDER-KEXEC=yes"
 else
 \techo "PROVIDER-KEXEC=no"
 fi
 echo "PROVIDER-CMDLINE: $(cat /proc/cmdline)"
-for module in virtio_net net_failover failover virtio virtio_ring nbd dummy; do
-\t[ -d "/sys/module/$module" ] && echo "PROVIDER-MODULE-LOADED $module"
+for module in /sys/module/*; do
+\t[ -e "$module/initstate" ] && echo "PROVIDER-MODULE-LOADED ${module##*/}"
 done
+[ -r /sys/module/nbd/parameters/nbds_max ] &&
+\techo "PROVIDER-NBDS-MAX=$(cat /sys/module/nbd/parameters/nbds_max)"
+[ -f /initramfs/functions ] && [ -f /initramfs/shutdown ] && echo "PROVIDER-INITRAMFS-COPY=yes"
+
+# Defaults
+root=$(get_any root "/dev/nbd0")
+boot=$(get_any boot "local")
+
+# Import boot-type functions
+case "${boot}" in
+    local)
+        . ./boot-local
+        ;;
+    *)
+        echo "PROVIDER-BOOT-UNKNOWN ${boot}"
+        ;;
+esac
+mountroot
 echo "PROVIDER-INIT-DONE"
 poweroff -f
+"""
+# A few of the provider's /functions, as it writes them (get_opt reads /proc/cmdline).
+FUNCTIONS = """\
+# -*- shell-script -*-
+log_begin_msg() {
+    echo ">>> ${*}..."
+}
+log_end_msg() {
+    :
+}
+esuccess() {
+    echo ">>> ${*}"
+}
+emount() {
+    mount "$@"
+}
+get_opt() {
+    key=$1
+    default=$2
+    ret=$(cat /proc/cmdline 2>/dev/null | tr " " "\\n" | grep "^$1=" | head -n 1 | cut -d "=" -f 2)
+    if [ -z "$ret" ]; then
+        echo "$default"
+    else
+        echo "$ret"
+    fi
+}
+get_any() {
+    get_opt "$@"
+}
+"""
+# /boot-local: the provider's attaches /dev/nbd0 and mounts the root partition.
+BOOT_LOCAL = """\
+# -*- shell-script -*-
+mountroot() {
+    echo "PROVIDER-BOOT-LOCAL-OK root=${root} cwd=$(pwd)"
+}
+"""
+# /shutdown since v3.12.4: a `case` whose `kexec)` branch runs kexec -e, ending in a shell.
+SHUTDOWN = """\
+#!/bin/sh
+
+ACTION="${1:-halt}"
+
+
+# detach nbd devices
+for device in $(seq 0 15); do
+    xnbd-client -c /dev/nbd${device} && xnbd-client -d /dev/nbd${device} &>/dev/null
+done
+
+
+# send sysrq
+case "${ACTION}" in
+    reboot)    reboot -f;    break;;
+    poweroff)  poweroff -f;  break;;
+    halt)      halt -f;      break;;
+    kexec)
+        kexec -e
+        # if no kexec kernel was loaded, just reboot
+        reboot -f
+        ;;
+esac
+
+
+# this should never happen
+/bin/sh
 """
 
 APPLETS = ["sh", "ash", "mount", "umount", "mkdir", "cat", "grep", "insmod", "echo", "ls"]
@@ -134,10 +240,14 @@ def provider_tree(tree: Path, init: str = PROVIDER_INIT, extra: Mapping[str, byt
         (tree / "sbin" / applet).symlink_to("../bin/busybox")
     (tree / "init").write_text(init)
     (tree / "init").chmod(0o755)
+    (tree / "functions").write_text(FUNCTIONS)
+    (tree / "boot-local").write_text(BOOT_LOCAL)
+    (tree / "shutdown").write_text(SHUTDOWN)
+    (tree / "shutdown").chmod(0o755)
     (tree / "etc/issue").write_text("Scaleway initrd (test)\n")
     os.link(tree / "etc/issue", tree / "etc/issue.net")
-    (tree / "etc/functions").write_text('log_begin_msg() { echo "$@"; }\n')
-    (tree / "etc/functions").chmod(0o600)
+    (tree / "etc/ntpsrv").write_text("ntp.int.scaleway.com\n")
+    (tree / "etc/ntpsrv").chmod(0o600)
     os.mknod(tree / "dev/console", stat.S_IFCHR | 0o600, os.makedev(5, 1))
     os.mknod(tree / "dev/null", stat.S_IFCHR | 0o666, os.makedev(1, 3))
     os.mknod(tree / "dev/nbd0", stat.S_IFBLK | 0o660, os.makedev(43, 0))

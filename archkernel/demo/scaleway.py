@@ -28,6 +28,8 @@ from archkernel.log import complete_step, log
 
 DEFAULT_DIR = Path("archkernel-demo-c1")
 PURPOSE = "archkernel demo scaleway_kexec"
+# What a template holds changed (2: pacman's database, the kernel config): made anew.
+LAYOUT = 2
 
 
 def _template(directory: Path) -> fake.Template:
@@ -35,6 +37,7 @@ def _template(directory: Path) -> fake.Template:
     record = directory / "template.json"
     if record.is_file():
         data = json.loads(record.read_text())
+    if record.is_file() and data.get("layout") == LAYOUT:
         template = fake.Template(
             directory, data["version"], Path(data["kernel_tree"]), dict(data["compressed"])
         )
@@ -45,6 +48,7 @@ def _template(directory: Path) -> fake.Template:
     with complete_step(f"Making the fake C1's kernel modules and provider initrd in {directory}"):
         template = fake.c1_template(directory, debian_kernel_tree())
     data = {
+        "layout": LAYOUT,
         "version": template.version,
         "kernel_tree": str(template.kernel_tree),
         "compressed": template.compressed,

@@ -6,6 +6,7 @@ it already runs the Arch kernel.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from pathlib import Path
 
 MARKER = "archkernel"
@@ -45,11 +46,23 @@ def already_kexeced(cmdline: str) -> bool:
     return MARKER in split_cmdline(cmdline)
 
 
-def kexec_cmdline(current: str, extra: str) -> str:
-    """The current command line plus `extra`, with no flag twice (extra's value wins)."""
+def kexec_cmdline(current: str, extra: str, drop: Sequence[str] = ()) -> str:
+    """The current command line without the parameters named in `drop`, plus `extra`,
+    with no flag twice (extra's value wins).
+
+    `drop` is `scaleway.drop_cmdline`, `ip` by default: the provider's `ip=:::::eth0:`
+    would make a kernel built with CONFIG_IP_PNP=y (linux-armv7) configure the network
+    itself before the new /init has loaded the NIC's module; the provider's init brings
+    the network up on its own (klibc ipconfig on every eth*), it does not read `ip=`.
+    """
     added = split_cmdline(extra)
     keys = {_key(t) for t in added}
-    kept = [t for t in split_cmdline(current) if _key(t) not in keys]
+    dropped = set(drop)
+    kept = [
+        t
+        for t in split_cmdline(current)
+        if _key(t) not in keys and _key(t.lstrip('"')) not in dropped
+    ]
     return " ".join([*kept, *added])
 
 

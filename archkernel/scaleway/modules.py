@@ -8,7 +8,7 @@ modules are the settings' names and their dependencies in `modprobe` order (see
 from __future__ import annotations
 
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -20,45 +20,6 @@ if TYPE_CHECKING:
     from archkernel.formats import cpio
 
 
-def find_kernel_version(moddirs: Path, kernel: Path, configured: str | None) -> str:
-    """The module directory version for `kernel`: the setting, else the one with pkgbase.
-
-    Several Arch kernels installed and no way to tell which is `kernel` is an error that
-    lists them.
-    """
-    if configured:
-        if not (moddirs / configured).is_dir():
-            raise UserError(
-                f"kernel_version {configured!r}: {moddirs / configured} does not exist",
-                "set scaleway.kernel_version to one of the directories there, or remove it",
-            )
-        return configured
-    candidates = sorted(p.parent.name for p in moddirs.glob("*/pkgbase"))
-    if len(candidates) == 1:
-        return candidates[0]
-    if not candidates:
-        raise UserError(
-            f"no Arch kernel found: no {moddirs}/*/pkgbase",
-            "install the Arch kernel package (e.g. linux-armv7), or set scaleway.kernel_version",
-        )
-    # Several: the one shipping a copy of the kernel we boot.
-    size = kernel.stat().st_size
-    same = [
-        v
-        for v in candidates
-        for image in ("vmlinuz", "zImage")
-        if (moddirs / v / image).is_file()
-        and (moddirs / v / image).stat().st_size == size
-        and (moddirs / v / image).read_bytes() == kernel.read_bytes()
-    ]
-    if len(same) == 1:
-        return same[0]
-    raise UserError(
-        f"several kernels are installed ({', '.join(candidates)}) and none is known to be {kernel}",
-        "set scaleway.kernel_version to the one to boot",
-    )
-
-
 @dataclass(frozen=True)
 class Selection:
     """The modules to load: paths relative to the module directory, in insmod order."""
@@ -67,6 +28,7 @@ class Selection:
     version: str
     order: tuple[str, ...]
     missing: tuple[str, ...]  # optional names this kernel does not have
+    notes: tuple[str, ...] = ()  # required modules the kernel config builds in
 
     @property
     def names(self) -> list[str]:
@@ -77,18 +39,53 @@ class Selection:
 
 
 def select(
-    moddir: Path, version: str, required: Sequence[str], optional: Sequence[str]
+    moddir: Path,
+    version: str,
+    required: Sequence[str],
+    optional: Sequence[str],
+    config: Mapping[str, str] | None = None,
 ) -> Selection:
     """The modules `required` and `optional` need from the tree `moddir`, with their
-    dependencies; a missing required module is a UserError naming the closest ones."""
+    dependencies. A missing required module is a UserError (saying what the kernel
+    `config` says about it, else naming the closest ones), unless the config builds it
+    in; a NIC driver the config (or the tree) has as a module that the closure lacks is a
+    UserError too (`archkernel.scaleway.kconfig`)."""
     from archkernel.formats import kmod
+    from archkernel.scaleway import kconfig
 
-    order, missing = kmod.ModulesDep.load(moddir).resolve(required, optional)
-    return Selection(moddir, version, tuple(order), tuple(missing))
+    index = kmod.ModulesDep.load(moddir)
+    notes: list[str] = []
+    wanted: list[str] = []
+    for name in required:
+        why = None if index.lookup(name) else kconfig.why_missing(name, config)
+        if why is None:
+            wanted.append(name)
+        elif why.startswith("built in"):
+            notes.append(f"module {name} is {why}: nothing to load")
+        else:
+            raise UserError(
+                f"module '{name}' is not in {version}'s modules.dep: {why}",
+                "choose a kernel that builds it, or remove it from scaleway.modules"
+                if "does not build" in why
+                else "reinstall the kernel package; its module tree is incomplete",
+            )
+    order, missing = index.resolve(wanted, optional)
+    modular = set(index.names())
+    loaded = [kmod.module_name(path) for path in order]
+    found = kconfig.problems(
+        loaded + [n for n in wanted if index.is_builtin(n)],
+        config,
+        is_module=lambda m: m in modular,
+        is_builtin=index.is_builtin,
+    )
+    if found:
+        raise kconfig.error(found, config, f"kernel {version}")
+    return Selection(moddir, version, tuple(order), tuple(missing), tuple(notes))
 
 
 def manifest(version: str, modules: Sequence[dict[str, Any]]) -> bytes:
-    """modules.json: the kernel version and each module's name, path and size."""
+    """modules.json: the kernel version and each module's name, path, size and the
+    parameters its insmod gets."""
     return json.dumps({"version": version, "modules": list(modules)}, indent=2).encode() + b"\n"
 
 

@@ -24,6 +24,7 @@ from archkernel.host.run import check_tools, render
 from archkernel.log import log
 from archkernel.plan import Plan, Run, reads
 from archkernel.scaleway import bootscript, cmdline, metadata, scripts
+from archkernel.scaleway import kernel as kernel_choice
 from archkernel.scaleway import modules as kernel_modules
 from archkernel.scaleway.workspace import (
     CheckResult,
@@ -99,8 +100,9 @@ def check(settings: Settings) -> Plan:
             )
         )
     plan.do(
-        f"find the kernel {p.system(cfg.kernel)}, its modules' version in "
-        f"{p.system('/usr/lib/modules')} and the TFTP server; record them in {p.check}",
+        f"find the kernel {p.system(cfg.kernel)} and its modules' version in "
+        f"{p.system('/usr/lib/modules')} (pacman's database: the package owning it, else "
+        f"pkgbase, else the image's version) and the TFTP server; record them in {p.check}",
         lambda: _find(settings),
     )
     return plan
@@ -145,13 +147,17 @@ def _find(settings: Settings) -> None:
         raise UserError(
             f"kernel {kernel} does not exist", "install the Arch kernel, or set scaleway.kernel"
         )
-    version = kernel_modules.find_kernel_version(
-        p.system("/usr/lib/modules"), kernel, cfg.kernel_version
-    )
+    found = kernel_choice.find(p.root, cfg.kernel, cfg.kernel_version)
+    for note in found.notes:
+        log.info("kernel %s: %s", kernel, note)
     pnp = tftp.read_pnp(p.system("/proc/net/pnp"))
     server, origin = tftp.choose_server(cfg.tftp_server, pnp, cfg.fallback_tftp_server)
-    write_if_changed(p.check, CheckResult(str(kernel), version, server, origin, line).to_json())
-    log.info("kernel %s (%s); TFTP server %s (from %s)", kernel, version, server, origin)
+    result = CheckResult(
+        str(kernel), found.version, server, origin, line, found.package or "", found.how
+    )
+    write_if_changed(p.check, result.to_json())
+    log.info("kernel %s (%s; %s)", kernel, found.version, found.how)
+    log.info("TFTP server %s (from %s)", server, origin)
 
 
 # --- 2 and 3: TFTP ----------------------------------------------------------------------------
@@ -276,40 +282,92 @@ def _unpack(p: Paths, limits: tuple[int, int]) -> None:
 # --- 5 modules --------------------------------------------------------------------------------
 
 
-@reads("scaleway.modules", "scaleway.optional_modules")
+@reads(
+    "scaleway.modules",
+    "scaleway.optional_modules",
+    "scaleway.module_options",
+    "scaleway.extra_cmdline",
+    "scaleway.drop_cmdline",
+)
 def modules(settings: Settings) -> Plan:
     """resolve the modules' dependencies, decompress them, write the new /init."""
+    from archkernel.scaleway import kconfig, modparams
+
     cfg, p = settings.scaleway, paths(settings)
     check = planned_check(p)
     if check is None:
         raise UserError("step 1 has not found the kernel version yet")
     moddir = p.system("/usr/lib/modules") / check.kernel_version
-    chosen = kernel_modules.select(moddir, check.kernel_version, cfg.modules, cfg.optional_modules)
-    plan = Plan(notes=[f"optional module {name} is not in {moddir}" for name in chosen.missing])
+    found = kconfig.read_config(moddir)
+    config = found[1] if found else None
+    chosen = kernel_modules.select(
+        moddir, check.kernel_version, cfg.modules, cfg.optional_modules, config
+    )
+    # The parameters of the command line the new kernel runs under, and the setting's.
+    line = cmdline.kexec_cmdline(check.cmdline, cfg.extra_cmdline, cfg.drop_cmdline)
+    params = {
+        name: modparams.insmod_args(given)
+        for name, given in modparams.for_modules(chosen.names, line, cfg.module_options).items()
+    }
+    missing = [(name, kconfig.why_missing(name, config)) for name in chosen.missing]
+    soc = kconfig.soc_warning(config)
+    notes = [f"optional module {name} is not in {moddir}" for name in chosen.missing]
+    notes += [soc] if soc else []
+    notes.append(f"kernel config: {found[0]}" if found else f"no kernel config in {moddir}")
+    plan = Plan(notes=notes)
+    loads = " ".join(
+        " ".join([name, *params.get(name, [])]) if name in params else name for name in chosen.names
+    )
     return plan.do(
-        f"decompress {len(chosen.order)} modules of {moddir} ({' '.join(chosen.names)}) "
-        f"and write the new /init into {p.modules}; list them in {p.modules_manifest}",
-        lambda: _prepare_modules(p, chosen),
+        f"decompress {len(chosen.order)} modules of {moddir} ({loads}; a parameter the "
+        f"module does not declare is left out) and write the new /init into {p.modules}; "
+        f"list them in {p.modules_manifest}",
+        lambda: _prepare_modules(p, chosen, params, missing, soc),
     )
 
 
-def _prepare_modules(p: Paths, chosen: kernel_modules.Selection) -> None:
+def _prepare_modules(
+    p: Paths,
+    chosen: kernel_modules.Selection,
+    params: dict[str, list[str]],
+    missing: list[tuple[str, str | None]],
+    soc: str | None,
+) -> None:
     from archkernel.formats import kmod
     from archkernel.host.decompress import decompress_module
+    from archkernel.scaleway import modparams
 
-    for name in chosen.missing:
-        log.warning("optional module %s is not in %s; going on without it", name, chosen.version)
+    params = dict(params)
+    for name, why in missing:
+        because = f" ({why})" if why else ""
+        log.warning(
+            "optional module %s is not in %s%s; going on without it", name, chosen.version, because
+        )
+    for note in chosen.notes:
+        log.info("%s", note)
+    if soc:
+        log.warning("%s", soc)
     listed: list[dict[str, object]] = []
     with atomic_path(p.modules) as tmp:
         tmp.mkdir()
         for relpath in chosen.order:
             data = decompress_module((chosen.moddir / relpath).read_bytes(), relpath)
             name = kmod.module_name(relpath)
+            stray = modparams.unknown(params.get(name, []), data)
+            if stray:
+                log.warning("module %s has no parameter %s; not passed", name, ", ".join(stray))
+                params[name] = [w for w in params[name] if w not in stray]
+                if not params[name]:
+                    del params[name]
             (tmp / f"{name}.ko").write_bytes(data)
-            listed.append({"name": name, "path": relpath, "size": len(data)})
-        (tmp / "init").write_text(scripts.init_script(chosen.order, chosen.version))
+            listed.append(
+                {"name": name, "path": relpath, "size": len(data), "params": params.get(name, [])}
+            )
+        (tmp / "init").write_text(scripts.init_script(chosen.order, chosen.version, params))
     write_if_changed(p.modules_manifest, kernel_modules.manifest(chosen.version, listed))
     log.info("modules for %s: %s", chosen.version, " ".join(str(m["name"]) for m in listed))
+    for name, words in params.items():
+        log.info("module %s: insmod gets %s", name, " ".join(words))
 
 
 # --- 6 pack -----------------------------------------------------------------------------------
@@ -371,32 +429,38 @@ def _pack(p: Paths, output: Path, compression: str, limits: tuple[int, int]) -> 
 
 @reads()
 def shutdown(settings: Settings) -> Plan:
-    """make the shutdown initrd end with kexec -e."""
+    """make sure the shutdown initrd runs kexec -e."""
     script = paths(settings).system(SHUTDOWN_SCRIPT)
     text = read_text(script, "shutdown script", "the provider's initrd keeps it in /run/initramfs")
-    patched = scripts.patch_shutdown(text)
+    found = scripts.examine_shutdown(text)
+    said = f"shutdown script {script}: {found.describe()}"
+    patched = found.patched
     if patched is None:
-        return Plan().do(
-            f"leave {script} as it is: it already ends with kexec -e",
-            lambda: log.info("shutdown script already ends with kexec -e"),
-        )
+        return Plan().do(f"{script}: {found.describe()}", lambda: log.info(said))
 
     def write() -> None:
         write_bytes(script, patched.encode(), mode=script.stat().st_mode & 0o7777)
-        log.info("shutdown script patched to end with kexec -e")
+        log.info("%s", said)
 
-    last = scripts.last_command(text)
-    return Plan().do(f"replace the last command of {script} ({last!r}) with `kexec -e`", write)
+    return Plan().do(
+        f"replace the last command of {script} ({found.found!r}) with `kexec -e`", write
+    )
 
 
 # --- 8 kexec ----------------------------------------------------------------------------------
 
 
-@reads("scaleway.extra_cmdline", "scaleway.dtb", "scaleway.kernel", "scaleway.output_initrd")
+@reads(
+    "scaleway.extra_cmdline",
+    "scaleway.drop_cmdline",
+    "scaleway.dtb",
+    "scaleway.kernel",
+    "scaleway.output_initrd",
+)
 def kexec(settings: Settings) -> Plan:
     """kexec -l the Arch kernel with the patched initrd, then systemctl kexec."""
     cfg, p = settings.scaleway, paths(settings)
-    line = cmdline.kexec_cmdline(current_cmdline(settings), cfg.extra_cmdline)
+    line = cmdline.kexec_cmdline(current_cmdline(settings), cfg.extra_cmdline, cfg.drop_cmdline)
     dtb = p.system(cfg.dtb) if cfg.dtb else None
     load = cmdline.kexec_argv(p.system(cfg.kernel), p.system(cfg.output_initrd), line, dtb)
 

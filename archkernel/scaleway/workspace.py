@@ -80,6 +80,8 @@ class CheckResult:
     server: str
     server_origin: str
     cmdline: str
+    kernel_package: str = ""  # `linux-armv7 6.2.10-1` when pacman's database says so
+    kernel_found_by: str = ""
 
     def to_json(self) -> bytes:
         return json.dumps(asdict(self), indent=2).encode() + b"\n"
