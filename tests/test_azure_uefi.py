@@ -419,7 +419,8 @@ def test_ovmf_boots_the_generation_2_image_through_grub_into_it(uefi: Build) -> 
     assert "BdsDxe: starting Boot" in console
     assert "efi: EFI v" in console
     assert f"root=UUID={uefi.root_uuid()} rw console=ttyS0,115200" in console
-    assert_booted_into_the_image(uefi, console, "/dev/sda2")
+    # The UEFI boot puts the disk on NVMe, as Azure's generation 2 v6 sizes do.
+    assert_booted_into_the_image(uefi, console, "/dev/nvme0n1p2")
 
 
 @pytest.mark.vm
@@ -436,7 +437,7 @@ def test_the_hybrid_image_boots_with_seabios_and_with_ovmf(hybrid: Build) -> Non
     assert_booted_into_the_image(hybrid, seabios, "/dev/sda3")
     ovmf = read_console(hybrid.azure / "boottest-uefi.log")
     assert "efi: EFI v" in ovmf
-    assert_booted_into_the_image(hybrid, ovmf, "/dev/sda3")
+    assert_booted_into_the_image(hybrid, ovmf, "/dev/nvme0n1p3")
     stamp = json.loads((hybrid.azure / "boottest-uefi.json").read_text())
     assert stamp["firmware"] == "uefi" and stamp["marker"] == "login:"
 

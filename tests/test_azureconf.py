@@ -530,3 +530,62 @@ def test_boot_code_and_pe_headers_are_recognised() -> None:
     assert not has_boot_code(bytes(mbr[:510]))
     assert pe_kind(LOADER) == (0x8664, 10)
     assert pe_kind(b"MZ") is None and pe_kind(b"") is None
+
+
+# --- today's VM sizes: what step 3 writes for them ---------------------------------------------
+
+
+def test_the_image_carries_the_files_for_todays_vm_sizes() -> None:
+    files = {f.path: f.text for f in conf.system_files(AzureSettings(), UUID, None)}
+    for path in (
+        "etc/udev/rules.d/66-archkernel-azure-disk.rules",
+        "etc/udev/rules.d/66-archkernel-azure-sriov.rules",
+        "etc/udev/rules.d/66-archkernel-hyperv-ptp.rules",
+        "etc/systemd/network/10-azure-sriov-vf.network",
+        "etc/chrony.conf",
+    ):
+        assert path in files
+    chrony_lines = files["etc/chrony.conf"].splitlines()
+    # Microsoft's lines, as its time-sync page gives them.
+    assert "refclock PHC /dev/ptp_hyperv poll 3 dpoll -2 offset 0 stratum 2" in chrony_lines
+    assert "makestep 1.0 -1" in chrony_lines
+    assert not [ln for ln in chrony_lines if ln.startswith(("pool ", "server "))]
+    assert "/dev/sd" not in "".join(files.values())
+
+
+def test_dhcp_is_for_the_synthetic_nic_and_the_vf_is_unmanaged() -> None:
+    eth0 = conf.networkd_eth0().splitlines()
+    assert "Name=eth0" in eth0 and "DHCP=yes" in eth0
+    assert "Driver=!mlx4_en mlx4_core mlx5_core mana" in eth0
+    vf = conf.networkd_vf().splitlines()
+    assert "Driver=mlx4_en mlx4_core mlx5_core mana" in vf
+    assert "Unmanaged=yes" in vf
+    # networkd reads files in lexical order: the VF's comes first.
+    assert sorted([conf.VF_NETWORK_FILE, conf.NETWORK_FILE])[0] == conf.VF_NETWORK_FILE
+
+
+def test_chrony_replaces_timesyncd_when_the_image_has_it() -> None:
+    az = AzureSettings()
+    both = {"sshd.service", "chronyd.service", "systemd-timesyncd.service"}
+    assert conf.configured_units(both) == ["sshd.service", "chronyd.service"]
+    assert "systemd-timesyncd.service" not in conf.units_to_enable(az, both)
+    without = {"sshd.service", "systemd-timesyncd.service"}
+    assert conf.configured_units(without) == ["sshd.service", "systemd-timesyncd.service"]
+
+
+def test_the_defaults_ask_for_nvme_and_todays_vm_sizes() -> None:
+    az = AzureSettings()
+    assert "nvme_core.io_timeout=240" in az.kernel_cmdline.split()
+    assert "quiet" not in az.kernel_cmdline.split()
+    assert {"nvme", "pci-hyperv"} <= set(az.initramfs_modules)
+    assert "chrony" in az.packages
+    assert az.vm_features == ["disk-names", "accelerated-networking", "ptp-clock", "kvp-telemetry"]
+    assert az.publish.disk_controller_types == ["SCSI", "NVMe"]
+
+
+def test_verify_declares_the_settings_of_the_vm_size_rules() -> None:
+    from archkernel.azure import verify
+
+    declared = declared_settings(verify.verify)
+    assert "azure.vm_features" in declared
+    assert "azure.publish.disk_controller_types" in declared

@@ -205,3 +205,98 @@ def test_verify_fails_an_image_with_a_planted_log_and_a_work_directory_path(
     passed = check_image(build.vhd, az, build.root_uuid(), build.workdir)
     assert {c.name for c in passed.checks} >= set(HYGIENE)
     assert [c.name for c in passed.failed if c.name in HYGIENE] == []
+
+
+# --- today's VM sizes, on a real image ------------------------------------------------------
+
+
+def _debugfs(device: str, *requests: str) -> str:
+    out = subprocess.run(
+        ["debugfs", "-R", " ".join(requests), device], capture_output=True, text=True, check=True
+    )
+    return out.stdout
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_verify_fails_an_image_lacking_what_todays_vm_sizes_need(
+    repo: offline.OfflineRepo, tmp_path: Path
+) -> None:
+    """The built image passes every rule for today's VM sizes; a copy with the Azure disk
+    rules, the MANA driver and the NVMe driver taken away, `quiet` added and timesyncd
+    enabled fails exactly the rules that check them (the initramfs read from the VHD)."""
+    build = Build(repo, tmp_path / "w")
+    result = build.run()
+    assert build.vhd.is_file(), result.stderr[-3000:]
+    az = load(build.settings_path, env={}).settings.azure
+    built = check_image(build.vhd, az, build.root_uuid(), build.workdir)
+    names = {c.name: c.ok for c in built.checks}
+    for rule in (
+        "kernel command line without quiet",
+        "NVMe: nvme and pci-hyperv in initramfs-linux.img",
+        "NVMe: kernel command line",
+        "Azure disk names (/dev/disk/azure) on SCSI and NVMe",
+        "accelerated networking: VF drivers in the image",
+        "Hyper-V clock: chronyd enabled, timesyncd not",
+    ):
+        assert names[rule] is True, built.summary()
+
+    planted = tmp_path / "planted.vhd"
+    shutil.copyfile(build.vhd, planted)
+    table = json.loads(
+        subprocess.run(
+            ["sfdisk", "--json", planted], capture_output=True, text=True, check=True
+        ).stdout
+    )
+    device = f"{planted}?offset={int(table['partitiontable']['partitions'][-1]['start']) * 512}"
+    mana_dir = f"/usr/lib/modules/{repo.kernel_release}/kernel/drivers/net/ethernet/microsoft/mana"
+    mana = [n for n in _debugfs(device, "ls", "-p", mana_dir).split("/") if n.startswith("mana.ko")]
+    assert mana
+    initramfs = [
+        n for n in _debugfs(device, "ls", "-p", "/boot").split("/") if n.startswith("initramfs-")
+    ]
+    assert "initramfs-linux.img" in initramfs
+    # An initramfs with the Hyper-V drivers but no nvme or pci-hyperv, made by cpio.
+    staged = tmp_path / "initramfs"
+    moddir = staged / "usr/lib/modules" / repo.kernel_release / "kernel/drivers"
+    for name in ("hv/hv_vmbus.ko", "scsi/hv_storvsc.ko", "net/hyperv/hv_netvsc.ko"):
+        (moddir / name).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / name).write_bytes(b"\0")
+    listing = subprocess.run(["find", "."], cwd=staged, capture_output=True, check=True).stdout
+    cpio = tmp_path / "initramfs.img"
+    with open(cpio, "wb") as out:
+        subprocess.run(
+            ["cpio", "-o", "-H", "newc", "--quiet"],
+            cwd=staged,
+            input=listing,
+            stdout=out,
+            check=True,
+        )
+    grub_cfg = tmp_path / "grub.cfg"
+    original = _debugfs(device, "cat", "/boot/grub/grub.cfg")
+    grub_cfg.write_text(original.replace(" rw ", " rw quiet ", 1))
+    commands = tmp_path / "commands"
+    lines = [
+        "rm /etc/udev/rules.d/66-archkernel-azure-disk.rules",
+        f"rm {mana_dir}/{mana[0]}",
+        "cd /boot",
+        *[f"rm /boot/{n}\nwrite {cpio} {n}" for n in initramfs],
+        "cd /boot/grub",
+        f"rm /boot/grub/grub.cfg\nwrite {grub_cfg} grub.cfg",
+        "mkdir /etc/systemd/system/sysinit.target.wants",
+        "symlink /etc/systemd/system/sysinit.target.wants/systemd-timesyncd.service "
+        "/usr/lib/systemd/system/systemd-timesyncd.service",
+    ]
+    commands.write_text("\n".join(lines) + "\n")
+    subprocess.run(["debugfs", "-w", "-f", commands, device], capture_output=True, check=True)
+    report = check_image(planted, az, build.root_uuid(), build.workdir)
+    failed = sorted(c.name for c in report.failed)
+    assert failed == sorted(
+        [
+            "kernel command line without quiet",
+            *[f"NVMe: nvme and pci-hyperv in {n}" for n in initramfs],
+            "Azure disk names (/dev/disk/azure) on SCSI and NVMe",
+            "accelerated networking: VF drivers in the image",
+            "Hyper-V clock: chronyd enabled, timesyncd not",
+        ]
+    ), report.summary()

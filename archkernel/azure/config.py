@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from archkernel.azure import users
+from archkernel.azure import chrony, udev, users
 from archkernel.errors import UserError
 from archkernel.settings import AzureSettings
 
@@ -30,7 +30,8 @@ CLOUD_INIT_UNITS = [
 ]
 BASE_UNITS = ["systemd-networkd.service", "systemd-resolved.service", "sshd.service"]
 PACMAN_INIT_UNIT = "pacman-init.service"
-OPTIONAL_UNITS = ["systemd-timesyncd.service", PACMAN_INIT_UNIT]
+# chrony when the image has it (the Hyper-V clock), else systemd-timesyncd.
+OPTIONAL_UNITS = [chrony.UNIT, chrony.TIMESYNCD_UNIT, PACMAN_INIT_UNIT]
 WAAGENT_UNIT = "waagent.service"
 WAAGENT_DROPIN = "etc/systemd/system/waagent.service.d/10-archkernel-udev.conf"
 SSHD_DROPIN = "etc/ssh/sshd_config.d/10-archkernel-azure.conf"
@@ -130,11 +131,27 @@ def locale_gen(locale: str) -> str:
     return f"# Written by archkernel.\n{locale} {charset}\n"
 
 
+NETWORK_FILE = "etc/systemd/network/20-eth0.network"
+VF_NETWORK_FILE = "etc/systemd/network/10-azure-sriov-vf.network"
+
+
 def networkd_eth0() -> str:
-    """DHCP on eth0 (net.ifnames=0 keeps the name) with systemd-networkd."""
+    """DHCP on eth0 (net.ifnames=0 keeps the name) with systemd-networkd: the synthetic
+    NIC (hv_netvsc on Azure, whatever QEMU gives in a boot test), never a virtual function
+    of accelerated networking, whatever name the kernel gave it."""
     return (
-        "# Written by archkernel: Azure's NIC, named eth0 by net.ifnames=0.\n"
-        "[Match]\nName=eth0\n\n[Network]\nDHCP=yes\n\n[DHCPv4]\nUseDomains=true\n"
+        "# Written by archkernel: Azure's NIC, named eth0 by net.ifnames=0; not an SR-IOV VF.\n"
+        f"[Match]\nName=eth0\nDriver=!{' '.join(udev.VF_NET_DRIVERS)}\n\n"
+        "[Network]\nDHCP=yes\n\n[DHCPv4]\nUseDomains=true\n"
+    )
+
+
+def networkd_vf() -> str:
+    """networkd leaves accelerated networking's virtual function alone (udev's
+    ID_NET_MANAGED_BY says so too, for networkd >= 255): the kernel bonds it to eth0."""
+    return (
+        "# Written by archkernel: the SR-IOV VF is the synthetic NIC's data path, unmanaged.\n"
+        f"[Match]\nDriver={' '.join(udev.VF_NET_DRIVERS)}\n\n[Link]\nUnmanaged=yes\n"
     )
 
 
@@ -173,6 +190,10 @@ datasource_list: [ Azure ]
 datasource:
   Azure:
     apply_network_config: true
+# Provisioning diagnostics for the platform through Hyper-V KVP, as other distributions do.
+reporting:
+  telemetry:
+    type: hyperv
 # The resource disk (ephemeral0) holds swap and scratch space, never the OS disk.
 disk_setup:
   ephemeral0:
@@ -255,7 +276,10 @@ def pacman_init_unit() -> str:
 [Unit]
 Description=Initialise the pacman keyring on first boot (archkernel)
 ConditionDirectoryNotEmpty=!/etc/pacman.d/gnupg
-Before=sshd.service cloud-init.service waagent.service
+# Not before cloud-init's network stage: that runs before sysinit.target, this after it
+# (default dependencies); ordering one before the other is a cycle, and systemd breaks it
+# by dropping cloud-init's job (no user, no keys: provisioning fails).
+Before=sshd.service waagent.service
 
 [Service]
 Type=oneshot
@@ -323,14 +347,21 @@ def shadow_password(shadow: str, user: str) -> str | None:
 
 def system_files(settings: AzureSettings, root_uuid: str, esp_volume: str | None) -> list[File]:
     """The files step 3 writes into the image: names, locale, keymap, fstab, network, sshd,
-    sudo, the provisioning DVD's drivers and the first-boot keyring unit."""
+    sudo, the provisioning DVD's drivers, the first-boot keyring unit, and what today's VM
+    sizes need (archkernel.azure.vmsizes checks it): the Azure disk names, the SR-IOV VF
+    left unmanaged, the Hyper-V PTP clock for chrony."""
     return [
         File("etc/hostname", settings.hostname + "\n"),
         File("etc/locale.gen", locale_gen(settings.locale)),
         File("etc/locale.conf", f"LANG={settings.locale}\n"),
         File("etc/vconsole.conf", f"KEYMAP={settings.keymap}\n"),
         File("etc/fstab", fstab(root_uuid, esp_volume)),
-        File("etc/systemd/network/20-eth0.network", networkd_eth0()),
+        File(NETWORK_FILE, networkd_eth0()),
+        File(VF_NETWORK_FILE, networkd_vf()),
+        File(udev.DISK_RULES_FILE, udev.azure_disk_rules()),
+        File(udev.SRIOV_RULES_FILE, udev.sriov_rules()),
+        File(udev.PTP_RULES_FILE, udev.ptp_rules()),
+        File(chrony.CONF_FILE, chrony.chrony_conf()),
         File(SSHD_DROPIN, sshd_dropin(users.password_login(settings.user))),
         File("etc/sudoers.d/10-wheel", sudoers_wheel(), 0o440),
         File("etc/modules-load.d/azure-provisioning.conf", modules_load()),
@@ -346,9 +377,17 @@ def system_links(timezone: str) -> dict[str, str]:
     }
 
 
+def _optional_units(available: set[str]) -> list[str]:
+    """The optional units the image has; not timesyncd when chrony is there."""
+    units = [u for u in OPTIONAL_UNITS if u in available]
+    if chrony.UNIT in units:
+        units = [u for u in units if u != chrony.TIMESYNCD_UNIT]
+    return units
+
+
 def configured_units(available: set[str]) -> list[str]:
     """The units step 3 enables: those of the base and optional ones the image has."""
-    return [u for u in BASE_UNITS + OPTIONAL_UNITS if u in available]
+    return [u for u in BASE_UNITS if u in available] + _optional_units(available)
 
 
 def agent_units(settings: AzureSettings, available: set[str]) -> list[str]:
@@ -358,9 +397,7 @@ def agent_units(settings: AzureSettings, available: set[str]) -> list[str]:
 
 def units_to_enable(settings: AzureSettings, available: set[str]) -> list[str]:
     """The systemd units the image enables, for the units its packages ship."""
-    units = [u for u in BASE_UNITS if u in available] + [
-        u for u in OPTIONAL_UNITS if u in available
-    ]
+    units = configured_units(available)
     if settings.provisioning == "cloud-init":
         units += [u for u in CLOUD_INIT_UNITS if u in available]
     if settings.provisioning == "waagent" or settings.extensions:

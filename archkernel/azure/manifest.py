@@ -6,7 +6,8 @@ report, not the manifest, says whether the image passed). It holds:
 
 - `archkernel`: the version that built the image;
 - `settings`: every `[azure]` setting that makes the image (`SETTINGS`), as the steps see
-  them: secrets as digests. The work directory is where the build ran, not an input;
+  them: secrets as digests; of `[azure.publish]`, the disk controllers it supports. The
+  work directory is where the build ran, not an input;
 - `source`: where the packages came from: the Arch Linux Archive's snapshot of
   azure.archive_date, azure.mirror, or the pacman.conf given, with each repository's
   servers as the pacman.conf of the build names them;
@@ -50,10 +51,14 @@ from archkernel.settings import AzureSettings, Settings, subset
 FORMAT = 1
 # The settings the manifest records: the [azure] section, but for what only the boot test
 # reads (it makes nothing of the image).
-SETTINGS = tuple(
-    f"azure.{f.name}"
-    for f in fields(AzureSettings)
-    if f.name not in ("boottest_marker", "boottest_timeout")
+SETTINGS = (
+    *(
+        f"azure.{f.name}"
+        for f in fields(AzureSettings)
+        if f.name not in ("boottest_marker", "boottest_timeout", "publish")
+    ),
+    # The disk controllers the image is made for (verify's NVMe rules; publish declares it).
+    "azure.publish.disk_controller_types",
 )
 # Where pacman keeps its databases in a root tree.
 DB_DIR = "var/lib/pacman"

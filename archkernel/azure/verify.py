@@ -7,8 +7,9 @@ mtools at its offset, and the root file system's directories (all but /proc and 
 the hygiene rules look for the work directory's path in every file), copied out with
 debugfs (`rdump`) into `workdir/azure/tmp/verify`. They look where step 6 put the
 partitions for these settings; a table that differs fails the check that needed it. The
-rules are archkernel.azure.rules, pure over what was read (archkernel.azure.hygiene reads
-what the build may have left); the report goes to verify.json and a readable verify.txt.
+rules are archkernel.azure.rules and, for today's VM sizes, archkernel.azure.vmsizes, pure
+over what was read (archkernel.azure.hygiene reads what the build may have left); the
+report goes to verify.json and a readable verify.txt.
 
 Then the manifest (archkernel.azure.manifest) goes to manifest.json and beside the VHD,
 from the image's package databases in the copy, the package cache and the tools' versions;
@@ -24,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archkernel.azure import manifest
+from archkernel.azure import manifest, vmsizes
 from archkernel.azure.diskimage import layout_for, planned_ids, remove_scratch, scratch
 from archkernel.azure.hygiene import WorkdirSearch
 from archkernel.azure.hygiene import inspect as inspect_hygiene
@@ -318,6 +319,16 @@ def judge(
     loader = {f"/{esp.REMOVABLE_PATH_X64} on the ESP": tmp / LOADER_COPY}
     facts = inspect_tree(tmp / "tree", workdir, loader if layout.has("esp") else None)
     check_tree(report, facts, az, fs)
+    vmsizes.check(
+        report,
+        vmsizes.inspect(tmp / "tree"),
+        az,
+        initramfs=facts.initramfs_modules,
+        grub_cfg=facts.grub_cfg,
+        fstab=facts.fstab,
+        cloud_cfg=facts.cloud_cfg,
+        enabled_units=facts.enabled_units,
+    )
     check_boot(report, boot, az.firmware, fs, facts.fstab)
     return report
 
@@ -364,6 +375,8 @@ def raise_on_failure(report: Report, summary: Path) -> None:
 @reads(
     "azure.hostname",
     "azure.kernel_cmdline",
+    "azure.vm_features",  # archkernel.azure.vmsizes: the rules for today's VM sizes
+    "azure.publish.disk_controller_types",  # the NVMe rules, when it names NVMe
     "azure.provisioning",
     "azure.extensions",
     "azure.disk_size",

@@ -66,7 +66,7 @@ __all__ = [
 REPO_NAME = "archkernel-test"
 # Package names in settings.toml; cloud-init (provisioning = "cloud-init", the default) and
 # walinuxagent (provisioning = "waagent" or extensions = true) are added by the build itself.
-SETTINGS_PACKAGES = ("base", "linux", "mkinitcpio", "systemd", "openssh", "sudo")
+SETTINGS_PACKAGES = ("base", "linux", "mkinitcpio", "systemd", "openssh", "sudo", "chrony")
 # pacstrap of every package fills 235 MiB of ext4 (modules, mostly); 512 MiB leaves room
 # for GRUB, more initramfs images and whatever a test adds, and keeps images quick to copy.
 DISK_SIZE = "512MiB"

@@ -197,6 +197,19 @@ def _stage_walinuxagent(s: Staging) -> Package:
     )
 
 
+def _stage_chrony(s: Staging) -> Package:
+    s.copy_files(FILES / "chrony")
+    s.dirs("var/lib/chrony")
+    return Package(
+        "chrony",
+        STANDIN_VERSION,
+        "chrony.conf and unit of chrony (archkernel test stand-in)",
+        depends=("filesystem",),
+        backup=("etc/chrony.conf",),
+        license="GPL2",
+    )
+
+
 def stage_busybox(s: Staging, deb: Path, work: Path) -> Package:
     unpacked = work / "busybox-deb"
     run(["dpkg-deb", "-x", deb, unpacked])
@@ -235,6 +248,7 @@ STANDINS: tuple[StageFn, ...] = (
     _stage_sudo,
     _stage_cloud_init,
     _stage_walinuxagent,
+    _stage_chrony,
 )
 
 # The modules whose code decides what the packages hold.

@@ -35,6 +35,11 @@ from archkernel.plan import Run
 
 QEMU = "qemu-system-x86_64"
 DISK_FORMATS = ("raw", "vpc")
+# How the boot disk is attached: IDE (Azure generation 1 as GRUB sees it), SCSI (a
+# virtio-scsi controller, LUN 0) or NVMe (Azure's v6 sizes and newer).
+DISK_INTERFACES = ("ide", "scsi", "nvme")
+# The NVMe disk's serial number (the driver and udev show it).
+NVME_SERIAL = "archkernel-os"
 POLL_INTERVAL = 0.2
 # How long QEMU gets to exit after SIGTERM before SIGKILL.
 STOP_GRACE = 5.0
@@ -105,6 +110,8 @@ def qemu_argv(
     memory: int = 512,
     firmware: Path | Firmware | None = None,
     snapshot: bool = True,
+    disk_interface: str = "ide",
+    data_disks: Sequence[Path] = (),
     extra: Sequence[str] = (),
 ) -> list[str]:
     """The QEMU command that boots `disk` (through its firmware) or `kernel` (directly).
@@ -115,7 +122,9 @@ def qemu_argv(
     never touches the terminal QEMU was started from. With `snapshot` (the default) the
     guest's writes go to a temporary overlay and the image stays as built. `firmware`
     replaces SeaBIOS: a file given as `-bios`, or a `Firmware` (OVMF, see `find_ovmf`).
-    `extra` is appended as is.
+    `disk_interface` attaches `disk` on IDE, SCSI (virtio-scsi, LUN 0) or NVMe (namespace
+    1, serial NVME_SERIAL); `data_disks` (raw) go on a virtio-scsi controller of their own,
+    the first at LUN 1, the next at LUN 2..., always as snapshots. `extra` is appended as is.
     """
     if disk is None and kernel is None:
         raise ValueError("qemu_argv needs a disk or a kernel to boot")
@@ -123,6 +132,8 @@ def qemu_argv(
         raise ValueError("initrd and append need a kernel")
     if disk_format not in DISK_FORMATS:
         raise ValueError(f"disk_format must be one of {DISK_FORMATS}, not {disk_format!r}")
+    if disk_interface not in DISK_INTERFACES:
+        raise ValueError(f"disk_interface must be one of {DISK_INTERFACES}, not {disk_interface!r}")
     # The machine: software emulation of a plain PC, as Azure generation 1 looks to GRUB.
     argv = [QEMU, "-accel", "tcg", "-M", "pc", "-cpu", "max", "-m", str(memory)]
     # No window, no network, no reboot loop; the console goes to the log, no monitor.
@@ -133,10 +144,12 @@ def qemu_argv(
     elif firmware is not None:
         argv += ["-bios", os.fspath(firmware)]
     if disk is not None:
-        drive = f"file={_drive_value(disk)},format={disk_format},if=ide,media=disk"
-        if snapshot:
-            drive += ",snapshot=on"
-        argv += ["-drive", drive]
+        argv += _disk_argv(disk, disk_format, disk_interface, snapshot)
+    if data_disks:
+        argv += ["-device", "virtio-scsi-pci,id=data"]
+    for lun, data in enumerate(data_disks, start=1):
+        drive = f"file={_drive_value(data)},format=raw,if=none,id=data{lun},snapshot=on"
+        argv += ["-drive", drive, "-device", f"scsi-hd,drive=data{lun},bus=data.0,lun={lun}"]
     if kernel is not None:
         argv += ["-kernel", os.fspath(kernel)]
         if initrd is not None:
@@ -145,6 +158,21 @@ def qemu_argv(
             argv += ["-append", append]
     argv += list(extra)
     return argv
+
+
+def _disk_argv(disk: Path, disk_format: str, interface: str, snapshot: bool) -> list[str]:
+    """The options that attach the boot disk on `interface`."""
+    drive = f"file={_drive_value(disk)},format={disk_format}"
+    drive += ",if=ide,media=disk" if interface == "ide" else ",if=none,id=os"
+    if snapshot:
+        drive += ",snapshot=on"
+    if interface == "ide":
+        return ["-drive", drive]
+    if interface == "scsi":
+        devices = ["-device", "virtio-scsi-pci,id=scsi", "-device", "scsi-hd,drive=os,bus=scsi.0"]
+    else:
+        devices = ["-device", f"nvme,serial={NVME_SERIAL},drive=os"]
+    return ["-drive", drive, *devices[:-1], f"{devices[-1]},bootindex=0"]
 
 
 def pidfile_argv(argv: Sequence[str], pidfile: Path) -> list[str]:
