@@ -22,7 +22,11 @@ from .steps import Workflow, doit_tasks, parse_step_number
 
 # Built-in workflow modules, relative to this package (installed as `archkernel_tasks`;
 # `tasks` in the checkout, where dodo.py imports it).
-WORKFLOW_MODULES = [f"{__name__}.scaleway_kexec", f"{__name__}.azure_vhd"]
+WORKFLOW_MODULES = [
+    f"{__name__}.scaleway_kexec",
+    f"{__name__}.azure_vhd",
+    f"{__name__}.azure_publish",
+]
 # Extra workflow modules (plugins, the tests' demo workflow): `module[,module...]`.
 ENV_EXTRA = "ARCHKERNEL_EXTRA_WORKFLOWS"
 

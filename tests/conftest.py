@@ -29,6 +29,7 @@ from hypothesis import settings as hypothesis_settings
 pytest.register_assert_rewrite("tests.support")
 
 from archkernel.demo import offline  # noqa: E402
+from tests.support import azurite as emulator  # noqa: E402
 from tests.support.c1 import FakeC1, Template, c1_template, needs_c1_tools, serving  # noqa: E402
 from tests.support.evil_tftp import Behaviour, EvilServer, evil_tftp_servers  # noqa: E402
 from tests.support.tftp import (  # noqa: E402
@@ -132,3 +133,17 @@ def fake_c1(c1_base: Template, tmp_path: Path) -> Iterator[FakeC1]:
 def wheel(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The project's wheel, built once per test session."""
     return build_wheel(tmp_path_factory.mktemp("wheel"))
+
+
+# --- Azurite (azure_publish) -----------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def azurite(tmp_path_factory: pytest.TempPathFactory) -> Iterator[emulator.Azurite]:
+    """Azurite's blob service on 127.0.0.1 (tests/support/azurite.py), once per module,
+    stopped at teardown; skips without Azure's SDKs (the `azure` extra) or Azurite."""
+    pytest.importorskip("azure.storage.blob", reason="needs pip install '.[azure]'")
+    if emulator.command() is None:
+        pytest.skip("azurite-blob is not installed (.ci/setup installs it)")
+    with emulator.running(tmp_path_factory.mktemp("azurite")) as running:
+        yield running

@@ -105,6 +105,29 @@ def test_the_workflow_runs_only_commands_the_readme_documents() -> None:
             assert os.access(REPO / command, os.X_OK), command
 
 
+def test_the_publish_job_runs_on_tags_with_oidc_and_commands_the_readme_documents() -> None:
+    job = _workflow()["jobs"]["publish"]
+    assert job["if"] == "startsWith(github.ref, 'refs/tags/v')" and job["needs"] == "image"
+    assert job["permissions"]["id-token"] == "write"
+    uses = [step.get("uses", "") for step in job["steps"]]
+    assert any(u.startswith("azure/login@") for u in uses)
+    login = next(s for s in job["steps"] if s.get("uses", "").startswith("azure/login@"))
+    assert set(login["with"]) == {"client-id", "tenant-id", "subscription-id"}
+    assert "secrets." not in WORKFLOW.read_text().split("\n  publish:\n", 1)[1]
+    commands = [c for step in job["steps"] if "run" in step for c in _commands(step["run"])]
+    assert commands == [
+        ".ci/setup",
+        ".ci/azure/restore-artifact",
+        "archkernel run azure_publish --settings",
+    ]
+    readme = (REPO / "README.md").read_text()
+    section = readme.split("\n## Publishing\n", 1)[1].split("\n## ", 1)[0]
+    for command in commands:
+        assert command in section, f"{command!r} is not in the README's Publishing"
+        if command.startswith(".ci/"):
+            assert os.access(REPO / command, os.X_OK), command
+
+
 def test_each_variant_has_valid_settings_that_build_in_the_bootstrap_environment() -> None:
     job = _workflow()["jobs"]["image"]
     variants = [entry["variant"] for entry in job["strategy"]["matrix"]["include"]]

@@ -55,6 +55,7 @@ NOT_IN_SEED = frozenset(
         "output",
         "boottest_marker",
         "boottest_timeout",
+        "publish",  # azure_publish: where the image goes, not what it is
     }
 )
 # What the default seed is a digest of; a key added to `[azure]` enters it unless it is

@@ -201,7 +201,7 @@ def _source_date_epoch(
 def _flatten(data: Mapping[str, Any], prefix: str = "") -> Iterator[str]:
     for key, value in data.items():
         dotted = f"{prefix}{key}"
-        if isinstance(value, Mapping) and key in ("build", "scaleway", "azure", "user"):
+        if isinstance(value, Mapping) and key in ("build", "scaleway", "azure", "user", "publish"):
             yield from _flatten(value, dotted + ".")
         else:
             yield dotted

@@ -29,6 +29,7 @@ from archkernel.settings.types import (
     PackageName,
     PasswordHash,
     RelativeName,
+    Secret,
     SSHKey,
     SystemPath,
     Tag,
@@ -66,6 +67,28 @@ class Section:
 # --- sections -----------------------------------------------------------------------------
 
 
+def _module_options(value: list[str]) -> list[str]:
+    from archkernel.scaleway.modparams import check_options_line
+
+    for line in value:
+        check_options_line(line)
+    return value
+
+
+def _cmdline_names(value: list[str]) -> list[str]:
+    import re
+
+    for name in value:
+        if not re.fullmatch(r"[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}", name):
+            raise ValueError(f"{name!r} is not a kernel command-line parameter name")
+    return value
+
+
+# "MODULE PARAM=VALUE ...", a modprobe.d `options` line each (archkernel.scaleway.modparams)
+ModuleOptions = Annotated[list[str], Check(_module_options)]
+CmdlineNames = Annotated[list[str], Check(_cmdline_names)]
+
+
 @dataclass(frozen=True, kw_only=True)
 class ScalewaySettings(Section):
     """`[scaleway]`: boot the Arch kernel on a Scaleway C1 by kexec."""
@@ -97,12 +120,21 @@ class ScalewaySettings(Section):
     )
     bootscript: RelativeName = setting("uboot.bootscript", "bootscript name on TFTP")
     kernel: SystemPath = setting("/boot/zImage", "the Arch kernel to kexec")
-    kernel_version: Text | None = setting(None, "default: found from /usr/lib/modules/*/pkgbase")
+    kernel_version: Text | None = setting(
+        None,
+        "default: the modules directory of the package that owns `kernel` in pacman's "
+        "database, else the one with a pkgbase file, else the one matching the image",
+    )
     modules: list[ModuleName] = setting(
         ["mvneta", "nbd"], "modules added to the initrd, with their dependencies"
     )
     optional_modules: list[ModuleName] = setting(
         ["mvneta_bm"], "added when the kernel has them; a warning otherwise"
+    )
+    module_options: ModuleOptions = setting(
+        [],
+        'insmod parameters, "MODULE PARAM=VALUE ..." each as in modprobe.d, e.g. '
+        '["nbd nbds_max=3"]; the kexec command line\'s module.param=value wins',
     )
     output_initrd: SystemPath = setting(
         "/boot/initramfs-archkernel.img", "where the patched initrd is written"
@@ -113,6 +145,11 @@ class ScalewaySettings(Section):
     extra_cmdline: Cmdline = setting(
         "is_in_kexec=yes NO_SIGNAL_STATE=1 DONT_FETCH_KERNEL_MODULES=1 NO_NTPDATE=1 archkernel",
         "appended to the current command line",
+    )
+    drop_cmdline: CmdlineNames = setting(
+        ["ip"],
+        "parameters of the current command line left off the kexec line: ip= would start "
+        "the kernel's own network configuration before the NIC's module is loaded",
     )
     dtb: SystemPath | None = setting(None, "device tree for kexec --dtb (optional)")
     disable_tag: Tag = setting("archkernel_disabled", "server tag that disables us")
@@ -144,12 +181,62 @@ DEFAULT_PACKAGES = [
     "openssh",
     "sudo",
     "cloud-init",
+    "chrony",
     "python",
     "which",
     "less",
     "vim",
 ]
+VmFeature = Literal["disk-names", "accelerated-networking", "ptp-clock", "kvp-telemetry"]
+VM_FEATURES: tuple[VmFeature, ...] = (
+    "disk-names",
+    "accelerated-networking",
+    "ptp-clock",
+    "kvp-telemetry",
+)
 DEFAULT_KEYRING = Path("/usr/share/keyrings/archlinux.gpg")
+
+
+@dataclass(frozen=True, kw_only=True)
+class AzurePublishSettings(Section):
+    """`[azure.publish]`: take the verified VHD into Azure (workflow azure_publish)."""
+
+    target: Literal["gallery", "blob"] = setting(
+        "gallery", "gallery (managed disk, then a Compute Gallery image version) or blob"
+    )
+    blob_url: Secret | None = setting(
+        None,
+        "target blob: the page blob's URL; a SAS in it is used as is, else credentials "
+        "come from AZURE_STORAGE_CONNECTION_STRING or DefaultAzureCredential",
+    )
+    subscription: Text | None = setting(None, "target gallery: the subscription ID")
+    resource_group: Text | None = setting(None, "target gallery: resource group (must exist)")
+    region: Text | None = setting(None, "target gallery: region of the disk, gallery, image")
+    gallery: Text = setting("archlinux", "Compute Gallery name (made when missing)")
+    image_definition: Text = setting("archlinux", "image definition name (made when missing)")
+    image_version: Text | None = setting(None, "image version to make: MAJOR.MINOR.PATCH")
+    publisher: Text = setting("archkernel", "image definition's publisher")
+    offer: Text = setting("archlinux", "image definition's offer")
+    sku: Text = setting("rolling", "image definition's SKU")
+    target_regions: list[Text] = setting([], "regions the version is replicated to; default region")
+    replica_count: Annotated[int, Bounds(ge=1, le=50)] = setting(1, "replicas per region")
+    disk_controller_types: list[Literal["SCSI", "NVMe"]] = setting(
+        ["SCSI", "NVMe"], "the image's DiskControllerTypes"
+    )
+    security_type: Literal["Standard", "TrustedLaunchSupported", "TrustedLaunch"] = setting(
+        "Standard", "the image's SecurityType (not Standard needs a generation 2 image)"
+    )
+    disk_name: Text | None = setting(
+        None, "upload disk; default <image_definition>-<version>-upload"
+    )
+    keep_disk: bool = setting(False, "keep the upload disk once the image version exists")
+    access_seconds: Annotated[int, Bounds(ge=300, le=86400)] = setting(
+        3600, "lifetime of the upload SAS (renewed when it expires)"
+    )
+    parallel: Annotated[int, Bounds(ge=1, le=64)] = setting(8, "page writes in flight")
+    arm_endpoint: Text = setting(
+        "https://management.azure.com", "Azure Resource Manager (another cloud's, or a stand-in)"
+    )
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -194,11 +281,20 @@ class AzureSettings(Section):
     )
     cloud_init_package: PackageName = setting("cloud-init", "package of cloud-init")
     kernel_cmdline: Cmdline = setting(
-        "console=ttyS0,115200 earlyprintk=ttyS0 rootdelay=300 net.ifnames=0",
+        "console=ttyS0,115200 earlyprintk=ttyS0 rootdelay=300 net.ifnames=0 "
+        "nvme_core.io_timeout=240",
         "kernel command line after root=UUID=...",
     )
     initramfs_modules: list[ModuleName] = setting(
-        ["hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils"], "modules forced into the initramfs"
+        ["hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils", "nvme", "pci-hyperv"],
+        "modules forced into the initramfs",
+    )
+    vm_features: list[VmFeature] = setting(
+        list(VM_FEATURES),
+        "what today's VM sizes need, each checked by verify: disk-names (/dev/disk/azure), "
+        "accelerated-networking (VF drivers, VF unmanaged), ptp-clock (chrony on "
+        "/dev/ptp_hyperv), kvp-telemetry (cloud-init); NVMe follows "
+        "publish.disk_controller_types",
     )
     output: FileName = setting("archlinux-azure.vhd", "VHD file name under workdir")
     seed: Seed | None = setting(
@@ -209,6 +305,17 @@ class AzureSettings(Section):
     boottest_marker: Text = setting("login:", "console text azure_boottest waits for")
     boottest_timeout: Annotated[float, Bounds(gt=0, le=7200)] = setting(
         600.0, "seconds azure_boottest waits for the marker"
+    )
+    boottest_mode: Literal["console", "provision"] = setting(
+        "console",
+        "console: wait for boottest_marker on the serial console; provision: boot with a "
+        "local Azure fabric (DVD, wireserver, IMDS) and prove over SSH that the agent "
+        "provisioned host name, user and key (workdir/azure/provision.json)",
+    )
+    boottest_ssh_key: OneLinePath | None = setting(
+        None,
+        "private key (its .pub beside it) the provision boot test gives the VM's user; "
+        "default: a throwaway ed25519 key pair made for each boot",
     )
     generation: Annotated[int, Bounds(ge=1, le=2)] = setting(
         1, "Azure VM generation: 1 (BIOS) or 2 (UEFI)"
@@ -234,6 +341,7 @@ class AzureSettings(Section):
         DEFAULT_KEYRING, "OpenPGP keys that may sign the bootstrap tarball (Arch's master keys)"
     )
     user: AzureUser | None = setting(None, "optional build-time administrator")
+    publish: AzurePublishSettings = field(default_factory=AzurePublishSettings)
 
     def __post_init__(self) -> None:
         # Rules across keys; pydantic reports a ValueError here as an error of `azure`.
@@ -306,7 +414,14 @@ class Settings(Section):
 
 SECTIONS: dict[str, type[Section]] = {
     cls.__name__: cls
-    for cls in (Settings, BuildSettings, ScalewaySettings, AzureSettings, AzureUser)
+    for cls in (
+        Settings,
+        BuildSettings,
+        ScalewaySettings,
+        AzureSettings,
+        AzureUser,
+        AzurePublishSettings,
+    )
 }
 
 
