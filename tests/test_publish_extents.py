@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 
 from archkernel.azure.publish import extents
@@ -66,6 +68,8 @@ def test_redact_removes_sas_and_keys() -> None:
         assert secret not in text
     assert "acct.blob.core.windows.net/c/disk.vhd" in text
     assert public_url(url) == "https://acct.blob.core.windows.net/c/disk.vhd"
+    with_user = "https://user:PASSWORD@acct.blob.core.windows.net:443/c/disk.vhd?sig=S#f"
+    assert public_url(with_user) == "https://acct.blob.core.windows.net:443/c/disk.vhd"
 
 
 def test_progress_says_bytes_rate_and_time_left() -> None:
@@ -81,3 +85,52 @@ def test_progress_says_bytes_rate_and_time_left() -> None:
     rate, left = line.split(", ")[1:3]
     assert 2.4 <= float(rate.split()[0]) <= 2.5  # MiB/s
     assert 29 <= float(left.split()[0]) <= 31  # seconds left
+
+
+# A blob URL with no host: the SDK's ValueError quotes it whole, SAS included.
+HOSTLESS = "https:///images/arch.vhd?sv=2024-01-01&sp=rw&sig=HOSTLESSSECRET"
+
+
+def test_a_blob_url_without_a_host_is_refused_by_step_1() -> None:
+    from archkernel.azure.publish import check
+    from archkernel.settings import Secret, Settings
+    from archkernel.settings.schema import AzurePublishSettings, AzureSettings
+
+    pub = AzurePublishSettings(target="blob", blob_url=Secret(HOSTLESS))
+    problems = check.blob_problems(Settings(azure=AzureSettings(publish=pub)))
+    assert len(problems) == 1 and "https:///images/arch.vhd'" in problems[0]
+    assert "HOSTLESSSECRET" not in problems[0]
+
+
+def test_a_url_the_sdk_refuses_is_a_user_error_without_its_sas(tmp_path: Path) -> None:
+    from azure.storage.blob import BlobClient
+
+    from archkernel.azure.publish import upload
+    from archkernel.errors import UserError
+
+    vhd = tmp_path / "disk.vhd"
+    vhd.write_bytes(bytes(4096))
+    access = upload.Access(
+        connect=lambda: BlobClient.from_blob_url(HOSTLESS), name="https:///images/arch.vhd"
+    )
+    with pytest.raises(UserError) as caught:
+        upload.upload(vhd, access, create=True)
+    assert "HOSTLESSSECRET" not in str(caught.value)
+    assert "Invalid URL" in str(caught.value)
+
+
+def test_an_unreachable_resource_manager_is_a_user_error() -> None:
+    from azure.core.exceptions import ServiceRequestError, ServiceResponseError
+
+    from archkernel.azure.publish import arm
+    from archkernel.errors import UserError
+
+    for error in (ServiceRequestError, ServiceResponseError):
+
+        def fail(error: type[Exception] = error) -> None:
+            raise error("Connection refused: /subscriptions/s/disks/d?api-version=2024-03-02")
+
+        with pytest.raises(UserError) as caught:
+            arm.call("reading the disk d", fail)
+        assert str(caught.value).startswith("reading the disk d failed: Resource Manager ")
+        assert caught.value.hint and "arm_endpoint" in caught.value.hint

@@ -213,7 +213,15 @@ def test_a_killed_upload_resumes_with_only_what_is_missing(
     finally:
         child.wait()
 
+    # A page whose body had fully arrived is still written after the client dies: wait
+    # until the service's ranges stop changing before counting them.
     held = merged(blob)
+    for _ in range(50):
+        time.sleep(0.2)
+        again = merged(blob)
+        if again == held:
+            break
+        held = again
     held_bytes = sum(e - s for s, e in held)
     assert 40 * MiB <= held_bytes < 256 * MiB
     assert held[-1][1] <= size, "the footer was written before the data"
@@ -224,3 +232,62 @@ def test_a_killed_upload_resumes_with_only_what_is_missing(
     assert sent.already == held_bytes
     assert sent.bytes_sent == 256 * MiB + 512 - held_bytes
     assert blob.download_blob().readall() == vhd.read_bytes()
+
+
+def test_a_connection_string_that_may_not_write_names_it_in_the_hint(
+    azurite: emulator.Azurite, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import base64
+
+    from archkernel.azure.publish import steps
+    from archkernel.settings import Secret, Settings
+    from archkernel.settings.schema import AzurePublishSettings, AzureSettings
+
+    azurite.container("vhds")
+    vhd = make_vhd(tmp_path / "disk.vhd", 8 * MiB, random_chunks({0: MiB}))
+    other_key = base64.b64encode(b"not the account's key" * 3).decode()
+    monkeypatch.setenv(
+        "AZURE_STORAGE_CONNECTION_STRING",
+        azurite.connection_string.replace(emulator.KEY, other_key),
+    )
+    url = Secret(f"{azurite.endpoint}/vhds/denied.vhd")
+    settings = Settings(
+        azure=AzureSettings(publish=AzurePublishSettings(target="blob", blob_url=url))
+    )
+
+    with pytest.raises(UserError) as caught:
+        upload.upload(vhd, steps.blob_access(settings), create=True)
+
+    assert "refused the request (403)" in caught.value.message
+    assert caught.value.hint and "AZURE_STORAGE_CONNECTION_STRING" in caught.value.hint
+    assert "blob_url expired" not in caught.value.hint  # no SAS was given
+    assert other_key not in str(caught.value)
+
+
+def test_a_sas_that_may_not_read_says_the_upload_needs_read(
+    azurite: emulator.Azurite, tmp_path: Path
+) -> None:
+    import datetime
+
+    from azure.storage.blob import BlobClient, BlobSasPermissions, generate_blob_sas
+
+    azurite.container("vhds")
+    vhd = make_vhd(tmp_path / "disk.vhd", 8 * MiB, random_chunks({0: MiB}))
+    # What `az storage blob generate-sas --permissions cw` gives: enough for a dense upload.
+    token = generate_blob_sas(
+        emulator.ACCOUNT,
+        "vhds",
+        "writeonly.vhd",
+        account_key=emulator.KEY,
+        permission=BlobSasPermissions(create=True, write=True),
+        expiry=datetime.datetime.now(datetime.UTC) + datetime.timedelta(hours=1),
+    )
+    url = f"{azurite.endpoint}/vhds/writeonly.vhd?{token}"
+    access = upload.Access(connect=lambda: BlobClient.from_blob_url(url), name="blob writeonly.vhd")
+
+    with pytest.raises(UserError) as caught:
+        upload.upload(vhd, access, create=True)
+
+    assert "refused the request (403)" in caught.value.message
+    assert caught.value.hint and "sp=rcw" in caught.value.hint
+    assert token.split("sig=")[1].split("&")[0] not in str(caught.value)

@@ -79,6 +79,11 @@ def call(what: str, fn: Callable[[], T]) -> T:
             "check the subscription, resource group and your role on them "
             "(Contributor on the resource group is enough)",
         ) from None
+    except (core.ServiceRequestError, core.ServiceResponseError) as exc:
+        raise UserError(
+            f"{what} failed: Resource Manager did not answer: {redact(str(exc))}",
+            "check the network and azure.publish.arm_endpoint, then run the step again",
+        ) from None
 
 
 def wait(poller: Any, what: str, every: float = 30.0) -> Any:

@@ -14,6 +14,7 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+from urllib.parse import urlsplit
 
 from archkernel.azure.publish import gallery
 from archkernel.azure.publish.secrets import public_url
@@ -87,7 +88,13 @@ def blob_problems(settings: Settings) -> list[str]:
     if url is None:
         return ["azure.publish.blob_url is not set (target = 'blob')"]
     plain = public_url(url.get_secret_value())
-    if not plain.startswith(("https://", "http://")) or plain.rstrip("/").count("/") < 4:
+    parts = urlsplit(plain)
+    # The SDK quotes a URL it cannot parse (SAS included) in its error: refuse it here.
+    if (
+        parts.scheme not in ("https", "http")
+        or not parts.hostname
+        or plain.rstrip("/").count("/") < 4
+    ):
         return [f"azure.publish.blob_url {plain!r} is not https://ACCOUNT.../CONTAINER/BLOB"]
     if not plain.lower().endswith(".vhd"):
         return [f"azure.publish.blob_url {plain!r}: the blob's name must end in .vhd"]

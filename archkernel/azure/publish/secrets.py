@@ -33,9 +33,10 @@ def redact(text: str) -> str:
 
 
 def public_url(url: str) -> str:
-    """`url` without its query string (where a SAS lives) and fragment."""
+    """`url` without its query string (where a SAS lives), fragment and user:password@."""
     parts = urlsplit(url)
-    return urlunsplit((parts.scheme, parts.netloc, parts.path, "", ""))
+    host = parts.netloc.rpartition("@")[2]
+    return urlunsplit((parts.scheme, host, parts.path, "", ""))
 
 
 def sdk(module: str) -> ModuleType:

@@ -160,7 +160,18 @@ def blob_access(settings: Settings) -> upload.Access:
             )
         return blob.BlobClient.from_blob_url(secret, credential=found, **upload.CLIENT_OPTIONS)
 
-    return upload.Access(connect=connect, name=public_url(secret))
+    access = upload.Access(connect=connect, name=public_url(secret))
+    if isinstance(found, str):
+        access.refused = (
+            f"the account key or SAS in {check.ENV_CONNECTION} does not allow writing this "
+            "blob: give one that does, or a SAS in azure.publish.blob_url"
+        )
+    elif found is not None:
+        access.refused = (
+            "the identity you logged in as may not write this blob: it needs the Storage Blob "
+            "Data Contributor role on the container (or give a SAS in azure.publish.blob_url)"
+        )
+    return access
 
 
 def _progress(total: int) -> upload.Progress:

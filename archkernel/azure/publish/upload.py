@@ -40,12 +40,17 @@ _ZEROS = bytes(extents.MAX_WRITE)
 class Access:
     """How to reach the page blob: `connect()` makes a BlobClient (called again after a
     renewal); `renew()`, when there is one, gets a new SAS after a 403. `name` is what
-    messages show (never a SAS)."""
+    messages show (never a SAS); `refused` is the hint for a 403 with no renewal left."""
 
     connect: Callable[[], Any]
     name: str
     renew: Callable[[], None] | None = None
     most_renewals: int = 5
+    refused: str = (
+        "the SAS in azure.publish.blob_url expired or lacks a permission: make a new one "
+        "that reads, creates and writes (sp=rcw; the upload asks which pages are written), "
+        "or give no SAS and log in (DefaultAzureCredential)"
+    )
 
 
 @dataclass(frozen=True)
@@ -140,7 +145,14 @@ class _Channel:
         if held is None or held[0] != self.generation:
             with self.lock:
                 generation = self.generation
-            held = (generation, self.access.connect())
+            try:
+                made = self.access.connect()
+            except ValueError as exc:  # the SDK quotes the URL it refuses, SAS included
+                raise UserError(
+                    f"{self.access.name}: not a blob URL the SDK accepts: {redact(str(exc))}",
+                    "give the page blob's URL: https://ACCOUNT.../CONTAINER/BLOB.vhd[?SAS]",
+                ) from None
+            held = (generation, made)
             self.local.held = held
         return held
 
@@ -151,8 +163,7 @@ class _Channel:
             if self.access.renew is None:
                 raise UserError(
                     f"{self.access.name} refused the request (403): {reason}",
-                    "the SAS in azure.publish.blob_url expired or lacks write permission: "
-                    "make a new one, or give no SAS and log in (DefaultAzureCredential)",
+                    self.access.refused,
                 )
             if self.sent.renewals >= self.access.most_renewals:
                 raise UserError(
