@@ -72,6 +72,15 @@ def test_parse_package_reads_name_version_and_safe_files() -> None:
     assert package.module_versions() == ["6.2.10-1-ARCH"]
 
 
+@pytest.mark.parametrize("brk", ["\x85", "\u2028", "\x1c", "\x0b"])
+def test_a_file_name_with_another_line_break_names_no_second_path(brk: str) -> None:
+    # pacman ends a line at "\n" only: this entry is one odd file name, not boot/zImage.
+    files = f"%FILES%\netc/x{brk}boot/zImage\nusr/lib/modules/6.2.10-1-ARCH/\n\n"
+    package = pacman.parse_package("evil-1-1", "", files)
+    assert not package.owns("boot/zImage")
+    assert package.files == {"usr/lib/modules/6.2.10-1-ARCH"}
+
+
 def test_parse_package_without_desc_names_it_from_the_directory() -> None:
     package = pacman.parse_package("linux-armv7-rc-6.3.0rc1-1", "", "%FILES%\nboot/zImage\n")
     assert (package.name, package.version) == ("linux-armv7-rc", "6.3.0rc1-1")
@@ -145,6 +154,16 @@ def test_choose_pkgbase_when_no_package_owns_the_image() -> None:
     assert kernel.choose(ev, None).version == "6.9.1-1-ARCH"
 
 
+def test_choose_says_the_owner_ships_no_modules_rather_than_that_none_owns_it() -> None:
+    # The image's package and its modules' package are two (a split kernel package).
+    ev = Evidence("/boot/zImage", (ALARM,), owners=(Owner("linux-armv7-image 6.2.10-1", ()),))
+    found = kernel.choose(ev, None)
+    assert found.version == ALARM
+    assert found.notes == (
+        "linux-armv7-image 6.2.10-1 owns it but ships no usr/lib/modules/<version>/",
+    )
+
+
 def test_choose_the_single_module_directory() -> None:
     assert kernel.choose(Evidence("/boot/zImage", (ALARM,)), None).version == ALARM
 
@@ -176,13 +195,21 @@ def test_choose_refuses_an_image_that_does_not_match_the_only_directory() -> Non
             ),
             f"{ALARM} (linux-armv7 6.2.10-1), 6.3.0-rc1-1-ARCH (linux-armv7-rc 6.3.0rc1-1)",
         ),
+        (
+            Evidence(
+                "/boot/zImage",
+                (ALARM, "6.2.11-1-ARCH"),
+                owners=(Owner("linux-armv7 6.2.10-1", (ALARM, "6.2.11-1-ARCH")),),
+            ),
+            f"{ALARM} (linux-armv7 6.2.10-1), 6.2.11-1-ARCH (linux-armv7 6.2.10-1)",
+        ),
         (Evidence("/boot/zImage", ("6.9.1-1-ARCH", "6.9.2-1-ARCH")), "6.9.1-1-ARCH, 6.9.2-1-ARCH"),
         (
             Evidence("/boot/zImage", ("a", "b", "c"), pkgbase=("a", "b")),
             "a, b",
         ),
     ],
-    ids=["two packages own it", "two directories", "two with pkgbase"],
+    ids=["two packages own it", "its package ships two", "two directories", "two with pkgbase"],
 )
 def test_choose_lists_every_candidate_when_nothing_chooses(ev: Evidence, listed: str) -> None:
     with pytest.raises(UserError) as info:
@@ -248,6 +275,32 @@ def zimage(version: str, compression: str) -> bytes:
 @pytest.mark.parametrize("compression", ["xz", "gzip"])
 def test_image_version_of_a_compressed_zimage(compression: str) -> None:
     assert kernel.image_version(zimage("6.2.10-1-ARCH", compression)) == "6.2.10-1-ARCH"
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip"])
+def test_image_version_stops_decompressing_at_the_bound(
+    compression: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # A few KiB that unpack to megabytes of zeros before the banner: read no further
+    # than MAX_UNPACKED, however small the compressed input that holds them.
+    monkeypatch.setattr(kernel, "MAX_UNPACKED", 4 * 1024 * 1024)
+    image = b"\x00" * (24 * 1024 * 1024) + banner("6.2.10-1-ARCH")
+    if compression == "xz":
+        packed = lzma.compress(image, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    else:
+        packed = gzip.compress(image, mtime=0)
+    assert len(packed) < 1024 * 1024  # one read of the old code's 1 MiB input chunks
+    assert kernel.image_version(b"\x00\x00\xa0\xe1" * 200 + packed) is None
+
+
+@pytest.mark.parametrize("compression", ["xz", "gzip"])
+def test_image_version_finds_a_banner_across_two_decompressed_chunks(compression: str) -> None:
+    image = os.urandom(1024 * 1024 - 20) + banner("6.2.10-1-ARCH") + os.urandom(4096)
+    if compression == "xz":
+        packed = lzma.compress(image, format=lzma.FORMAT_XZ, check=lzma.CHECK_CRC32)
+    else:
+        packed = gzip.compress(image, mtime=0)
+    assert kernel.image_version(b"\x00\x00\xa0\xe1" * 200 + packed) == "6.2.10-1-ARCH"
 
 
 def test_image_version_of_an_uncompressed_image_and_of_nothing() -> None:

@@ -143,8 +143,9 @@ def test_init_script_passes_the_parameters_to_insmod() -> None:
 
 
 def test_init_script_refuses_a_parameter_with_control_characters() -> None:
-    with pytest.raises(UserError, match="has control characters"):
+    with pytest.raises(UserError, match="has control characters") as caught:
         scripts.init_script(["kernel/nbd.ko"], "6.9", {"nbd": ["x=1\nreboot"]})
+    assert caught.value.hint and "module_options" in caught.value.hint
 
 
 @pytest.mark.integration

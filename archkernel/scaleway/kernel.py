@@ -115,7 +115,11 @@ def choose(ev: Evidence, configured: str | None) -> Found:
             return Found(chosen, f"pacman: {label} owns {ev.kernel}", label)
         shown = [f"{v} ({lab})" for v, lab in listed] or [o.label for o in ev.owners]
         raise _several(shown, ev)
-    notes = ("no package in pacman's database owns it",)
+    notes = (
+        (f"{ev.owners[0].label} owns it but ships no usr/lib/modules/<version>/",)
+        if ev.owners
+        else ("no package in pacman's database owns it",)
+    )
     if ev.pkgbase:
         if len(ev.pkgbase) == 1:
             return Found(ev.pkgbase[0], "the only module directory with a pkgbase", notes=notes)
@@ -177,20 +181,39 @@ def _banner_in(stream: bytes, *, xz: bool) -> str | None:
     import lzma  # only when no package names the kernel: not on every boot
     import zlib
 
-    decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ) if xz else zlib.decompressobj(31)
-    seen, tail, chunk = 0, b"", 1 << 20
-    pos = 0
+    chunk = 1 << 20
+    seen, tail = 0, b""
     try:
-        while pos < len(stream) and seen < MAX_UNPACKED:
-            out = decoder.decompress(stream[pos : pos + chunk])
-            pos += chunk
-            seen += len(out)
-            m = _BANNER.search(tail + out)
-            if m:
-                return m.group(1).decode()
-            tail = out[-256:]
-            if getattr(decoder, "eof", False):
-                break
+        if xz:
+            xz_decoder = lzma.LZMADecompressor(lzma.FORMAT_XZ)
+            pos = 0
+            # At most `chunk` bytes out per call: 1 MiB of xz can hold gigabytes of zeros.
+            while seen < MAX_UNPACKED and not xz_decoder.eof:
+                if xz_decoder.needs_input:
+                    if pos >= len(stream):
+                        break
+                    block, pos = stream[pos : pos + chunk], pos + chunk
+                else:
+                    block = b""
+                out = xz_decoder.decompress(block, max_length=chunk)
+                seen += len(out)
+                m = _BANNER.search(tail + out)
+                if m:
+                    return m.group(1).decode()
+                tail = (tail + out)[-256:]
+        else:
+            gz_decoder = zlib.decompressobj(31)
+            pending = stream
+            while seen < MAX_UNPACKED and not gz_decoder.eof:
+                out = gz_decoder.decompress(pending, chunk)
+                pending = gz_decoder.unconsumed_tail
+                if not out and not pending:
+                    break  # the input ends before the stream does
+                seen += len(out)
+                m = _BANNER.search(tail + out)
+                if m:
+                    return m.group(1).decode()
+                tail = (tail + out)[-256:]
     except (lzma.LZMAError, zlib.error):
         return None
     return None

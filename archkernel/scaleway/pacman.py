@@ -79,11 +79,13 @@ def parse_sections(text: str) -> dict[str, list[str]]:
     """The `%SECTION%` blocks of a desc or files text: {"NAME": ["linux-armv7"], ...}.
 
     A section runs from its header to the next blank line; lines before any header are
-    ignored, as pacman ignores them.
+    ignored, as pacman ignores them. Lines end at a newline only, as pacman reads them: a
+    file name holding another line break (NEL, U+2028 ...) stays one (unsafe) entry rather
+    than naming a second path.
     """
     sections: dict[str, list[str]] = {}
     current: list[str] | None = None
-    for line in text.splitlines():
+    for line in (raw.rstrip("\r") for raw in text.split("\n")):
         if not line.strip():
             current = None
         elif line.startswith("%") and line.endswith("%") and len(line) > 2:

@@ -61,7 +61,10 @@ def init_script(
         words = list((params or {}).get(name, ()))
         for word in words:
             if not word.isprintable():
-                raise UserError(f"parameter {word!r} of module {name} has control characters")
+                raise UserError(
+                    f"parameter {word!r} of module {name} has control characters",
+                    "correct it in scaleway.module_options or on the kernel command line",
+                )
         failed = shlex.quote(f"archkernel: loading {name} failed")
         if not words:
             lines.append(f"echo {shlex.quote(f'archkernel: loading {name}')}")
