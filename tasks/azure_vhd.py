@@ -56,11 +56,25 @@ def build(s: Settings) -> list[Step]:
 
 def build_boottest(s: Settings) -> list[Step]:
     """azure_boottest: boot the VHD in QEMU with the firmware of its VM generation (and a
-    hybrid image with the other one too) and wait for the marker on the serial console.
+    hybrid image with the other one too) and wait for the marker on the serial console;
+    with `azure.boottest_mode = "provision"`, boot it on a stand-in Azure fabric and prove
+    that its agent provisioned it (`workdir/azure/provision.json`).
 
     Only a verified image boots: each boot reads step 9's report (it runs again when a new
     report comes) and refuses a VHD the report does not pass."""
     p = workspace.paths(s)
+    if s.azure.boottest_mode == "provision":
+        return [
+            Step.of(
+                functools.partial(boottest.provision, test=test),
+                verb=test.verb,
+                doc=f"boot the VHD with {test.firmware_name} on a stand-in Azure fabric; "
+                "prove the provisioning",
+                targets=[test.stamp],
+                file_dep=[p.vhd_stamp, p.report],
+            )
+            for test in boottest.boot_tests(s)
+        ]
     return [
         Step.of(
             functools.partial(boottest.boot, test=test),

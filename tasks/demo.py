@@ -26,6 +26,11 @@ with the VHD's path, its verify result and the boot result. Run it again to resu
 it stopped (or to do nothing, when all is done); edit DIR/settings.toml to try other
 settings (it is kept).
 
+With --profile functional the repository holds Debian 12's real systemd, udev, OpenSSH,
+sudo, Python, cloud-init and waagent repacked under Arch's names and layout
+(archkernel.demo.functional), DIR/settings.toml sets azure.boottest_mode = "provision",
+and the boot test proves the provisioning on a stand-in Azure fabric.
+
 scaleway_kexec: stand up a fake Scaleway C1 in DIR: a root tree with a kernel and a
 module tree, in.tftpd on 127.0.0.1 serving a mkimage-made bootscript and initrd, and
 recording stand-ins for kexec and systemctl first on PATH; run `archkernel run
@@ -37,6 +42,7 @@ EPILOG = """\
 examples:
   archkernel demo azure_vhd                       build and boot in ./archkernel-demo
   archkernel demo azure_vhd /var/tmp/demo -v      elsewhere, logging every command
+  archkernel demo azure_vhd --profile functional DIR   real services, provisioning proven
   archkernel demo scaleway_kexec                  the kexec workflow in ./archkernel-demo-c1
   ARCHKERNEL_AZURE__GENERATION=2 archkernel demo azure_vhd   a UEFI image (settings from
                                                   the environment apply as in `run`)
@@ -62,6 +68,13 @@ def add_parser(sub: Any, common: list[argparse.ArgumentParser]) -> None:
     )
     demo.add_argument("workflow", choices=list(DEMOS), help="azure_vhd or scaleway_kexec")
     demo.add_argument(
+        "--profile",
+        choices=("small", "functional"),
+        default="small",
+        help="azure_vhd: the small stand-in repository (default), or Debian's real services "
+        "repacked as Arch packages, with the provisioning boot test",
+    )
+    demo.add_argument(
         "dir",
         nargs="?",
         type=Path,
@@ -79,7 +92,7 @@ def run(args: argparse.Namespace) -> int:
     directory = Path(args.dir or DEMOS[args.workflow])
     flags = _verbosity(args)
     if args.workflow == "azure_vhd":
-        return azure_vhd(directory, flags)
+        return azure_vhd(directory, flags, getattr(args, "profile", "small"))
     return scaleway_kexec(directory, flags)
 
 
@@ -96,23 +109,46 @@ def _archkernel_run(workflow: str, settings: Path, flags: Sequence[str]) -> int:
     return main([*flags, "--settings", str(settings), "run", workflow])
 
 
-def azure_vhd(directory: Path, flags: Sequence[str]) -> int:
+def azure_vhd(directory: Path, flags: Sequence[str], profile: str = "small") -> int:
     """The repository, then azure_vhd and azure_boottest, then the summary."""
-    from archkernel.demo import azure, offline
+    from archkernel.demo import azure, functional, offline
     from archkernel.host.run import check_tools
     from archkernel.settings import load
 
     directory = directory.resolve()
-    settings_file = offline.write_settings(directory)
+    if profile == "functional":
+        settings_file = functional.build(directory).settings
+    else:
+        settings_file = offline.write_settings(directory)
     check_tools(azure.tools(load(settings_file).settings), "archkernel demo azure_vhd")
-    offline.build(directory)
+    if profile != "functional":
+        offline.build(directory)
     for workflow in ("azure_vhd", "azure_boottest"):
         code = _archkernel_run(workflow, settings_file, flags)
         if code != 0:
             return code
-    for line in azure.report(azure.outcome(load(settings_file).settings), settings_file):
+    settings = load(settings_file).settings
+    if settings.azure.boottest_mode == "provision":
+        for line in _provision_report(settings):
+            print(line)
+        return 0
+    for line in azure.report(azure.outcome(settings), settings_file):
         print(line)
     return 0
+
+
+def _provision_report(settings: Any) -> list[str]:
+    """The demo's last lines for a provisioning boot test: each proof of each boot."""
+    import json
+
+    from archkernel.azure import boottest
+
+    lines = ["archkernel demo azure_vhd: provisioning proven"]
+    for test in boottest.boot_tests(settings):
+        lines.append(f"  {test.firmware_name}: {test.stamp}")
+        for key, value in json.loads(test.stamp.read_text()).items():
+            lines.append(f"    {key}: {value}")
+    return lines
 
 
 def scaleway_kexec(directory: Path, flags: Sequence[str]) -> int:

@@ -139,7 +139,8 @@ def test_demo_help_has_both_workflows_and_examples(capsys):
         cli.main(["demo", "--help"])
     assert stop.value.code == 0
     out = capsys.readouterr().out
-    assert "usage: archkernel demo [-h] [-v] [-q] {azure_vhd,scaleway_kexec} [dir]" in out
+    assert "usage: archkernel demo [-h] [-v] [-q] [--profile {small,functional}]" in out
+    assert "{azure_vhd,scaleway_kexec} [dir]" in out
     assert "\nexamples:\n  archkernel demo azure_vhd " in out
     assert "\n  archkernel demo scaleway_kexec " in out
 

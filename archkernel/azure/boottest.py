@@ -3,6 +3,13 @@
 One step per boot (`boot_tests`): the firmware of the VM generation the image is for,
 and for a hybrid image the other one too. Each is one QEMU command (`qemu.Boot`: shown by
 a dry run as it runs) whose pid file lives in `workdir/azure/tmp/boottest`.
+
+With `azure.boottest_mode = "provision"` each boot is `provision` instead: the VM boots on
+a stand-in Azure fabric (archkernel.azure.fabric: the DVD with ovf-env.xml, the
+wireserver, IMDS, a network holding their addresses) and the boot passes only when the
+agent provisioned it: the host name and user from the DVD, SSH with the key, password
+login refused, Ready reported, a DHCP lease, `ClientAliveInterval 180`, a machine-id and
+host keys made on this boot. The proofs go to `workdir/azure/provision.json` and the log.
 """
 
 from __future__ import annotations
@@ -13,9 +20,12 @@ from pathlib import Path
 from typing import Literal
 
 from archkernel.azure.diskimage import remove_scratch, scratch
+from archkernel.azure.fabric import boot as fabric_boot
+from archkernel.azure.fabric import media, ovf
 from archkernel.azure.workspace import Paths, _json, paths
 from archkernel.errors import UserError
 from archkernel.host import qemu
+from archkernel.host.run import check_tools
 from archkernel.log import log
 from archkernel.plan import Do, Plan, reads
 from archkernel.settings import Settings
@@ -42,19 +52,27 @@ def boot_tests(settings: Settings) -> list[BootTest]:
     also with the other one, into `boottest-bios.log` or `boottest-uefi.log`."""
     az, p = settings.azure, paths(settings)
     first: Literal["bios", "uefi"] = "bios" if az.generation == 1 else "uefi"
-    tests = [BootTest(first, "boot", p.console, p.boottest)]
+    # A provisioning boot's stamp is its proofs: provision.json.
+    record = "provision" if az.boottest_mode == "provision" else "boottest"
+    tests = [BootTest(first, "boot", p.console, p.work / f"{record}.json")]
     if az.firmware == "hybrid":
         other: Literal["bios", "uefi"] = "uefi" if first == "bios" else "bios"
-        log_file, stamp = p.work / f"boottest-{other}.log", p.work / f"boottest-{other}.json"
+        log_file, stamp = p.work / f"boottest-{other}.log", p.work / f"{record}-{other}.json"
         tests.append(BootTest(other, f"boot_{other}", log_file, stamp))
     return tests
 
 
 def boottest_argv(settings: Settings, test: BootTest, firmware: qemu.Firmware | None) -> list[str]:
-    """The QEMU command of `test` (`firmware`: OVMF for a UEFI boot)."""
+    """The QEMU command of `test` (`firmware`: OVMF for a UEFI boot). A UEFI boot puts the
+    disk on NVMe, as Azure's generation 2 v6 sizes do; a BIOS boot on IDE."""
     p = paths(settings)
     return qemu.qemu_argv(
-        disk=p.vhd, disk_format="vpc", serial_log=test.console, memory=1024, firmware=firmware
+        disk=p.vhd,
+        disk_format="vpc",
+        serial_log=test.console,
+        memory=1024,
+        firmware=firmware,
+        disk_interface="nvme" if test.firmware == "uefi" else "ide",
     )
 
 
@@ -119,6 +137,83 @@ def boot(settings: Settings, *, test: BootTest) -> Plan:
             label=f"booting with {test.firmware_name}",
         ),
         Do(f"write {test.stamp}: the marker, how long it took, the firmware", stamp),
+    ]
+    plan.cleanup.append(remove_scratch(p, "boottest"))
+    return plan
+
+
+# --- provisioning mode -----------------------------------------------------------------------
+
+USER = "azureuser"  # the user ovf-env.xml asks for, as `az vm create` names it
+PROVISION_TOOLS = (qemu.QEMU, media.TOOL, "ssh", "ssh-keygen")
+
+
+def provisioning(settings: Settings, public_key: str) -> ovf.Provisioning:
+    """What the fabric hands the VM: a host name unlike the image's (so that the proof
+    shows the DVD was read), `USER` with `public_key`, password login disabled."""
+    hostname = f"provisioned-{settings.azure.hostname}"[:63].rstrip("-.")
+    return ovf.Provisioning.with_key(hostname, USER, public_key)
+
+
+@reads(
+    "azure.boottest_timeout",
+    "azure.boottest_ssh_key",
+    "azure.provisioning",
+    "azure.hostname",
+    "azure.generation",
+    "azure.output",
+)
+def provision(settings: Settings, *, test: BootTest) -> Plan:
+    """boot the VHD on a stand-in Azure fabric and prove that its agent provisioned it.
+
+    The proofs are written to `test.stamp` (provision.json), passed or not; the step fails
+    unless all pass. A UEFI boot needs OVMF (UserError, shown by a dry run).
+    """
+    az, p = settings.azure, paths(settings)
+    firmware = qemu.find_ovmf() if test.firmware == "uefi" else None
+    tmp = scratch(p, "boottest")
+    generation = 1 if test.firmware == "bios" else 2
+    key = az.boottest_ssh_key or tmp / "id_ed25519"
+
+    def boot() -> None:
+        check_tools(PROVISION_TOOLS, "the provisioning boot test")
+        if az.boottest_ssh_key is None:
+            fabric_boot.make_key(key)
+        public = Path(f"{key}.pub").read_text()
+        run = fabric_boot.ProvisionBoot(
+            qemu=boottest_argv(settings, test, firmware),
+            generation=generation,
+            console=test.console,
+            spec=provisioning(settings, public),
+            key=key,
+            agent=az.provisioning,
+            timeout=az.boottest_timeout,
+            scratch=tmp,
+            image_root=p.image_root if p.image_root.is_dir() else None,
+            label=f"provisioning with {test.firmware_name}",
+        )
+        try:
+            result = fabric_boot.provision_boot(run)
+        except fabric_boot.ProvisionFailed as failed:
+            if failed.result is not None:
+                _json(test.stamp, {**failed.result.record(), "ok": False})
+            raise
+        _json(test.stamp, {**result.record(), "ok": True})
+        log.info("provisioning proven in %.1fs with %s; %s", result.seconds,
+                 test.firmware_name, test.stamp)  # fmt: skip
+
+    plan = Plan()
+    plan.ops += [
+        Do(
+            f"check that {p.report} says {p.vhd.name} passed every check",
+            lambda: require_verified(p),
+        ),
+        Do(
+            f"boot {p.vhd.name} with {test.firmware_name} on a stand-in Azure fabric "
+            f"(DVD, wireserver, IMDS on 127.0.0.1); prove the {az.provisioning} provisioning "
+            f"over SSH as {USER}; write {test.stamp}",
+            boot,
+        ),
     ]
     plan.cleanup.append(remove_scratch(p, "boottest"))
     return plan

@@ -185,3 +185,29 @@ def copy_modules(src_moddir: Path, dest_moddir: Path, relpaths: list[str]) -> No
     for name in ("modules.order", "modules.builtin", "modules.builtin.modinfo"):
         if (src_moddir / name).is_file():
             shutil.copy2(src_moddir / name, dest_moddir / name)
+
+
+# --- unpacked package sets ------------------------------------------------------------------------
+
+
+def unpacked_packages(name: str, packages: Sequence[str], cache: Path | None = None) -> Path:
+    """`packages` (Debian package names) downloaded and unpacked together into one tree,
+    `CACHE/debian-NAME`; downloaded and unpacked on first use, like the kernel. The
+    stamp lists the .deb files it was made from. Concurrent callers wait for each other."""
+    cache = Path(cache) if cache is not None else cache_dir()
+    root = cache / f"debian-{name}"
+    if (root / STAMP).is_file():
+        return root
+    check_tools(("apt-get", "dpkg-deb"), f"downloading Debian's {name} packages")
+    with locked(cache / f".debian-{name}.lock"):
+        if (root / STAMP).is_file():
+            return root
+        debs = [apt_download(package, cache / "debs") for package in packages]
+        with temporary_directory(prefix=".unpack-", parent=str(cache)) as work:
+            tree = work / "root"
+            for deb in debs:
+                run(["dpkg-deb", "-x", deb, tree])
+            (tree / STAMP).write_text("".join(f"{deb.name}\n" for deb in debs))
+            remove_path(root)
+            os.rename(tree, root)
+    return root

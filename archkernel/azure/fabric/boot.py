@@ -1,0 +1,227 @@
+"""A VM booted on the fabric, and the proof that its agent provisioned it.
+
+`provision_argv` decides what the fabric adds to the boot's QEMU command (pure): the DVD
+where Azure attaches it (IDE for generation 1, SCSI for generation 2), the NIC on the
+fabric's network, and Azure's SMBIOS chassis asset tag (cloud-init's Azure datasource
+runs only where it finds it) and VM id. `provision_boot` stands the fabric up, boots,
+waits until the provisioned user logs in over SSH, runs the probes (`proofs`) and takes
+everything down again on any exit: QEMU first, then the servers.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import subprocess
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+from archkernel.azure.fabric import Fabric, network, ovf, proofs, standing_fabric
+from archkernel.errors import UserError
+from archkernel.host import qemu
+from archkernel.host.console import BootProgress, console_tail
+from archkernel.host.run import run
+from archkernel.log import log
+
+AZURE_ASSET_TAG = "7783-7084-3265-9085-8269-3286-77"
+POLL = 3.0
+# After the user first logs in, how long the VM still has to report Ready.
+READY_GRACE = 60.0
+SSH_TIMEOUT = 60.0
+
+
+def _drive(path: Path) -> str:
+    return str(path).replace(",", ",,")
+
+
+def dvd_argv(dvd: Path, generation: int) -> list[str]:
+    """The provisioning DVD as Azure attaches it: an ATAPI drive on IDE (generation 1)
+    or a SCSI CD-ROM (generation 2)."""
+    medium = f"file={_drive(dvd)},format=raw,media=cdrom,readonly=on"
+    if generation == 1:
+        return ["-drive", f"{medium},if=ide,index=2"]
+    return [
+        "-device", "virtio-scsi-pci,id=fabric-scsi",
+        "-drive", f"{medium},if=none,id=fabric-dvd",
+        "-device", "scsi-cd,drive=fabric-dvd,bus=fabric-scsi.0",
+    ]  # fmt: skip
+
+
+def provision_argv(base: list[str], fabric: Fabric, generation: int) -> list[str]:
+    """`base` (the boot test's QEMU command) on `fabric`."""
+    return [
+        *base,
+        *dvd_argv(fabric.dvd, generation),
+        *fabric.netdev_argv(),
+        "-smbios", f"type=3,asset={AZURE_ASSET_TAG}",
+        "-uuid", fabric.spec.vm_id,
+    ]  # fmt: skip
+
+
+def make_key(path: Path) -> Path:
+    """A new ed25519 key pair `path` and `path.pub`, no passphrase (never logged)."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.unlink(missing_ok=True)
+    run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", "archkernel-boottest", "-f", path])
+    return path
+
+
+@dataclass(frozen=True)
+class ProvisionBoot:
+    """One provisioning boot: what to boot, as whom, and where its files go."""
+
+    qemu: list[str]  # the boot test's command, without the fabric
+    generation: int
+    console: Path
+    spec: ovf.Provisioning
+    key: Path  # the private key whose .pub is in spec
+    agent: str
+    timeout: float
+    scratch: Path
+    image_root: Path | None = None
+    label: str = "provisioning boot"
+
+
+def _ssh(argv: list[str], timeout: float = SSH_TIMEOUT) -> subprocess.CompletedProcess[str]:
+    return run(argv, check=False, capture=True, stdin=b"", timeout=timeout)
+
+
+def _read(path: Path) -> str:
+    try:
+        return path.read_bytes().decode("utf-8", "replace")
+    except FileNotFoundError:
+        return ""
+
+
+@contextlib.contextmanager
+def _booted(boot: ProvisionBoot) -> Iterator[tuple[Fabric, qemu.QemuProcess]]:
+    with standing_fabric(boot.spec, boot.scratch) as fabric:
+        argv = provision_argv(boot.qemu, fabric, boot.generation)
+        boot.console.unlink(missing_ok=True)
+        with qemu.qemu_process(
+            argv, limit=boot.timeout + 300, pidfile=boot.scratch / "qemu.pid"
+        ) as vm:
+            yield fabric, vm
+
+
+def _wait_for_login(boot: ProvisionBoot, fabric: Fabric, vm: qemu.QemuProcess) -> str | None:
+    """Wait until the user logs in with the key (then until Ready, briefly); None if
+    they did, else why not."""
+    start, logged_in = time.monotonic(), None
+    progress = BootProgress(boot.label)
+    login = proofs.ssh_argv(boot.key, fabric.ports.ssh, boot.spec.username, "true")
+    try:
+        while True:
+            elapsed = time.monotonic() - start
+            progress.update(elapsed, _read(boot.console))
+            if not vm.running:
+                vm.raise_error()
+                return f"QEMU exited after {elapsed:.0f}s"
+            if logged_in is None and _ssh(login, timeout=30).returncode == 0:
+                logged_in = elapsed
+            if logged_in is not None and (
+                fabric.wireserver.ready_reported or elapsed > logged_in + READY_GRACE
+            ):
+                return None
+            if elapsed > boot.timeout:
+                return f"the user did not log in within {boot.timeout:g}s"
+            time.sleep(POLL)
+    finally:
+        progress.close()
+
+
+def _prove(boot: ProvisionBoot, fabric: Fabric, seconds: float) -> proofs.Proofs:
+    port, user = fabric.ports.ssh, boot.spec.username
+    probed = _ssh(proofs.ssh_argv(boot.key, port, user, proofs.PROBE))
+    found = proofs.parse_probe(probed.stdout) if probed.returncode == 0 else {}
+    wrong = make_key(boot.scratch / "wrong_key")
+    wrong_login = _ssh(proofs.ssh_argv(wrong, port, user, "true"))
+    password = _ssh(proofs.password_probe_argv(port, user))
+    return proofs.Proofs(
+        hostname=found.get("hostname", ""),
+        static_hostname=found.get("static_hostname", ""),
+        user_login=probed.returncode == 0,
+        in_wheel="wheel" in found.get("groups", "").split(),
+        wrong_key_refused=wrong_login.returncode != 0,
+        password_login_refused=proofs.password_refused(password.stderr),
+        ready_reported=fabric.wireserver.ready_reported,
+        dhcp_lease=proofs.has_lease(found, network.DHCP_START),
+        client_alive_interval=proofs.client_alive_interval(found),
+        fresh_identity=proofs.fresh_identity(found, boot.image_root),
+        agent=boot.agent,
+        seconds=round(seconds, 1),
+    )
+
+
+def agent_log(boot: ProvisionBoot, fabric: Fabric) -> str:
+    """The agent's last log lines, read over SSH; the console's lines naming it when SSH
+    does not work."""
+    logs = "/var/log/cloud-init.log" if boot.agent == "cloud-init" else "/var/log/waagent.log"
+    got = _ssh(proofs.ssh_argv(boot.key, fabric.ports.ssh, boot.spec.username,
+                               f"sudo -n tail -n 15 {logs}"), timeout=30)  # fmt: skip
+    if got.returncode == 0 and got.stdout.strip():
+        return got.stdout.rstrip()
+    words = ("cloud-init", "waagent", "WALinuxAgent", "Azure")
+    lines = [line for line in console_tail(_read(boot.console), 400).splitlines()
+             if any(w in line for w in words)]  # fmt: skip
+    return "\n".join(lines[-15:]) or "(no agent lines on the console)"
+
+
+def fabric_log(fabric: Fabric) -> str:
+    """What the VM asked of the wireserver and IMDS, one request a line."""
+    asked = [
+        f"{name} {r.method} {r.target} -> {r.status}"
+        for name, server in (("wireserver", fabric.wireserver), ("imds", fabric.imds))
+        for r in server.requests
+    ]
+    return "\n".join(asked[-20:]) or "(the VM asked neither the wireserver nor IMDS)"
+
+
+def _indent(text: str) -> str:
+    return "\n".join(f"    {line}" for line in text.splitlines()) or "    (nothing)"
+
+
+def provision_boot(boot: ProvisionBoot) -> proofs.Proofs:
+    """Boot on the fabric and prove the provisioning; UserError naming the failed proofs
+    (or why no proof could be made), with the console's and the agent's last lines.
+    The failed proofs are in the error's `result`."""
+    start = time.monotonic()
+    with _booted(boot) as (fabric, vm):
+        why = _wait_for_login(boot, fabric, vm)
+        result = _prove(boot, fabric, time.monotonic() - start)
+        for name, value in result.record().items():
+            log.info("provision proof %s: %s", name, value)
+        failed = result.failed(
+            expected_hostname=boot.spec.hostname, refuse_password=boot.spec.disable_password_auth
+        )
+        if not failed and why is None:
+            return result
+        details = (
+            f"console, last lines ({boot.console}):\n"
+            f"{_indent(console_tail(_read(boot.console)))}\n"
+            f"  agent ({boot.agent}), last lines:\n{_indent(agent_log(boot, fabric))}\n"
+            f"  asked of the fabric:\n{_indent(fabric_log(fabric))}"
+        )
+    named = [
+        f"hostname (running {result.hostname!r}, /etc/hostname {result.static_hostname!r}, "
+        f"ovf-env.xml {boot.spec.hostname!r})"
+        if name == "hostname"
+        else name
+        for name in failed
+    ]
+    error = ProvisionFailed(
+        f"provisioning not proven: {', '.join(named) or 'no proof'} failed"
+        + (f" ({why})" if why else "")
+        + f"\n  {details}",
+        "the proofs are in the log above; see the whole console log and check the agent's "
+        "configuration, the DVD modules (udf, sr_mod, cdrom, ata_piix) and sshd_config",
+    )
+    error.result = result
+    raise error
+
+
+class ProvisionFailed(UserError):
+    """A provisioning boot whose proofs did not all pass; `result` says which."""
+
+    result: proofs.Proofs | None = None

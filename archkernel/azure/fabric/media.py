@@ -1,0 +1,42 @@
+"""The provisioning DVD: a UDF image holding `ovf-env.xml`, as Azure attaches it.
+
+Made with `genisoimage -udf` (Debian's `genisoimage`): a UDF file system bridged with
+ISO 9660, which both agents mount (cloud-init looks for `udf` and `iso9660` devices,
+waagent mounts `/dev/sr0` as udf or iso9660). No mount, no root: the files are staged in
+a directory and written into the image. `media_argv` decides the command, `write_media`
+runs it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+from archkernel.host.files import temporary_directory
+from archkernel.host.run import run
+
+TOOL = "genisoimage"
+# The volume label Azure's provisioning media carry.
+LABEL = "rd_rdfe_stable"
+
+
+def media_argv(staging: Path, image: Path, label: str = LABEL) -> list[str]:
+    """The command that writes the UDF (+ ISO 9660) image `image` of directory `staging`."""
+    return [
+        TOOL, "-quiet", "-udf", "-rational-rock", "-joliet", "-input-charset", "utf-8",
+        "-volid", label, "-output", os.fspath(image), os.fspath(staging),
+    ]  # fmt: skip
+
+
+def write_media(files: Mapping[str, bytes], image: Path, label: str = LABEL) -> Path:
+    """Write a DVD image `image` holding `files` (name -> content) at its root."""
+    image.parent.mkdir(parents=True, exist_ok=True)
+    with temporary_directory(prefix="archkernel-dvd-") as staging:
+        for name, content in files.items():
+            if "/" in name or name in ("", ".", ".."):
+                raise ValueError(f"not a plain file name: {name!r}")
+            (staging / name).write_bytes(content)
+            (staging / name).chmod(0o644)
+        run(media_argv(staging, image, label))
+    return image
