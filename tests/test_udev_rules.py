@@ -12,6 +12,7 @@ import pytest
 
 from archkernel.azure import udev, udevrules
 from archkernel.azure.udevrules import Device, Node
+from tests.support.fabric import debian_agents
 
 RULES = [udev.azure_disk_rules(), udev.sriov_rules(), udev.ptp_rules()]
 OS_CHANNEL = "{00000000-0000-8899-0000-000000000000}"
@@ -188,3 +189,56 @@ def test_not_strict_skips_rules_it_cannot_judge_and_counts_them() -> None:
     dev = udevrules.apply(rules, scsi("sda", OS_CHANNEL, "0:0:0:0"), strict=False)
     assert dev.symlinks == ["kept"]
     assert dev.skipped == 1
+
+
+def test_parent_keys_with_not_equal_match_on_one_device() -> None:
+    # `ATTRS{vendor}!="Msft"`: some device of the chain has no such vendor (the disk's
+    # own block node has no vendor at all), as udev reads it.
+    rule = 'KERNEL=="sda", ATTRS{vendor}!="Msft", DRIVERS=="sd", SYMLINK+="not-msft"'
+    assert udevrules.apply([rule], scsi("sda", OS_CHANNEL, "0:0:0:0")).symlinks == []
+    rule = 'KERNEL=="sda", ATTRS{vendor}!="Other", DRIVERS=="sd", SYMLINK+="not-other"'
+    assert udevrules.apply([rule], scsi("sda", OS_CHANNEL, "0:0:0:0")).symlinks == ["not-other"]
+    # A missing attribute matches neither == nor != (udev reads no value to compare).
+    rule = 'KERNEL=="sda", ATTRS{ID_VENDOR}!="Msft", SYMLINK+="no-such-attribute"'
+    assert udevrules.apply([rule], scsi("sda", OS_CHANNEL, "0:0:0:0")).symlinks == []
+    rule = 'KERNEL=="sda", ATTR{size}!="0", SYMLINK+="no-size"'
+    assert udevrules.apply([rule], scsi("sda", OS_CHANNEL, "0:0:0:0")).symlinks == []
+    rule = 'KERNEL=="sda", KERNELS!="sda", SUBSYSTEMS=="vmbus", SYMLINK+="on-vmbus"'
+    assert udevrules.apply([rule], scsi("sda", OS_CHANNEL, "0:0:0:0")).symlinks == ["on-vmbus"]
+
+
+@pytest.mark.integration
+def test_a_distributions_real_rules_do_not_stop_the_check() -> None:
+    """Debian's own udev rules files, and those of its cloud-init and waagent packages
+    (ATTRS!=, TAG==, GROUP=, PROGRAM, IMPORT ...), run before and after the image's, not
+    strictly: nothing is refused and the Azure names come out as with the image's files
+    alone."""
+    system = sorted(Path("/usr/lib/udev/rules.d").glob("*.rules"))
+    assert len(system) > 10, "udev's rules files are missing: install udev"
+    agents = sorted((debian_agents() / "lib/udev/rules.d").glob("66-azure-*.rules"))
+    assert [p.name for p in agents] == ["66-azure-ephemeral.rules", "66-azure-storage.rules"]
+    system = sorted([*system, *agents], key=lambda p: p.name)
+    texts = [p.read_text() for p in system]
+    assert any('ATTRS{ID_VENDOR}!="Msft"' in t for t in texts)
+    everything = [*texts[: len(texts) // 2], *RULES, *texts[len(texts) // 2 :]]
+    for dev, expected in [
+        (scsi("sda", OS_CHANNEL, "0:0:0:0"), "disk/azure/os"),
+        (scsi("sdd", DATA_CHANNEL, "3:0:0:10"), "disk/azure/data/by-lun/10"),
+        (nvme(0, 1, "MSFT NVMe Accelerator v1.0", "SN1", part=2), "disk/azure/os-part2"),
+        (Device(Node("ptp0", "ptp", "", {"clock_name": "hyperv"})), "ptp_hyperv"),
+    ]:
+        out = udevrules.apply(everything, dev, strict=False)
+        assert expected in out.symlinks
+        assert out.skipped > 0
+    for driver in ("mlx5_core", "mana"):
+        out = udevrules.apply(everything, vf("eth1", driver), strict=False)
+        assert out.env.get("ID_NET_MANAGED_BY") == "unmanaged"
+    # The agents' own rules name the OS disk too, as on Azure: cloud-init's
+    # disk/cloud/azure_root, and waagent's disk/azure/root (`ATTRS{ID_VENDOR}!="Msft"` names
+    # no sysfs attribute, so its early GOTO is never taken).
+    os_disk = udevrules.apply(everything, scsi("sda", OS_CHANNEL, "0:0:0:0"), strict=False)
+    assert sorted(os_disk.symlinks) == [
+        "disk/azure/os",
+        "disk/azure/root",
+        "disk/cloud/azure_root",
+    ]

@@ -1,14 +1,14 @@
 """A small evaluator of udev rules over a recorded device, for verify and the tests.
 
 udev itself needs the device in sysfs; what the image's rules do on Azure's disks, clock
-and virtual functions (which no build machine has) is found here by running the rules
-over the properties and sysfs attributes such a device shows udev (`Device`). It knows
-the keys archkernel's rules and the common persistent-storage rules use: ACTION,
-SUBSYSTEM, KERNEL, DRIVER, ENV{}, ATTR{}, the parent keys KERNELS, SUBSYSTEMS, DRIVERS,
-ATTRS{} (all matched on one device of the chain, as udev does), SYMLINK, GOTO and LABEL,
+and virtual functions (which no build machine has) is found here by running the rules over
+the properties and sysfs attributes such a device shows udev (`Device`). It knows the keys
+archkernel's rules and the common persistent-storage rules use: ACTION, SUBSYSTEM, KERNEL,
+DRIVER, ENV{}, ATTR{}, the parent keys KERNELS, SUBSYSTEMS, DRIVERS, ATTRS{} (all matched,
+with `==` or `!=`, on one device of the chain, as udev does), SYMLINK, GOTO and LABEL,
 with the `%n` `%k` `$env{}` `$kernel` `$number` substitutions. Any other key raises
-`UnsupportedRule`: a rule it cannot judge is never silently passed over. Not `strict`
-(for a whole image's rules: the distribution's use PROGRAM, IMPORT, RUN ...), a rule that
+`UnsupportedRule`: a rule it cannot judge is never silently passed over. Not `strict` (for
+a whole image's rules: the distribution's use PROGRAM, IMPORT, RUN ...), a rule that
 matches on a key it does not know is skipped, and assignments it does not know (RUN, TAG,
 OPTIONS, IMPORT) are left out; `Device.skipped` counts the rules so skipped.
 """
@@ -126,7 +126,10 @@ def _own_match(key: Key, dev: Device) -> bool:
     elif key.name == "ENV" and key.arg is not None:
         found = dev.env.get(key.arg)
     elif key.name == "ATTR" and key.arg is not None:
-        hit = _attr_matches(key.value, n.attrs.get(key.arg))
+        value = n.attrs.get(key.arg)
+        if value is None:  # udev: a missing attribute matches neither == nor !=
+            return False
+        hit = _attr_matches(key.value, value)
         return hit if key.op == "==" else not hit
     else:
         raise UnsupportedRule(f"{key.name} {key.op} is not supported")
@@ -141,15 +144,19 @@ def _parent_match(keys: list[Key], dev: Device) -> bool:
     for node in [dev.node, *dev.parents]:
         ok = True
         for key in keys:
-            if key.op != "==":
-                raise UnsupportedRule(f"{key.name}{key.op} is not supported")
             if key.name == "ATTRS":
-                ok = _attr_matches(key.value, node.attrs.get(key.arg or ""))
+                value = node.attrs.get(key.arg or "")
+                if value is None:  # no such attribute: neither == nor != matches
+                    ok = False
+                    break
+                hit = _attr_matches(key.value, value)
             else:
                 found = {"KERNELS": node.kernel, "SUBSYSTEMS": node.subsystem}.get(
                     key.name, node.driver
                 )
-                ok = _glob(key.value, found)
+                hit = _glob(key.value, found)
+            # `!=`: this device of the chain must not match (udev's own rule).
+            ok = hit if key.op == "==" else not hit
             if not ok:
                 break
         if ok:
