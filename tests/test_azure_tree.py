@@ -16,7 +16,7 @@ import pytest
 from archkernel.azure import config as conf
 from archkernel.azure import pacman, preflight, tree, users, workspace
 from archkernel.errors import UserError
-from archkernel.plan import Plan, Run, declared_settings, describe
+from archkernel.plan import Plan, Run, declared_settings, describe, execute
 from archkernel.settings import AzureUser, Settings, validate
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHk0ZXN0a2V5Zm9yYXJjaGtlcm5lbHRlc3RzMDAwMDAw a@b"
@@ -200,6 +200,21 @@ def test_agent_enables_cloud_init_units(tmp_path: Path) -> None:
     assert tree.agent(s).commands() == [
         ("systemctl", f"--root={root}", "enable", "cloud-init.service", "cloud-final.service")
     ]
+
+
+def test_cloud_init_sets_the_host_name_after_d_bus(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Arch's cloud-init runs `hostnamectl --transient set-hostname`: it needs the bus.
+    s = settings(tmp_path)
+    root = configured(s, "sshd.service", "cloud-init.service")
+    monkeypatch.setattr(tree, "_enable", lambda plan, tree_, units: None)
+    execute(tree.agent(s))
+    for unit in ("cloud-init.service", "cloud-init-network.service"):
+        dropin = root / f"etc/systemd/system/{unit}.d/10-archkernel-dbus.conf"
+        lines = dropin.read_text().splitlines()
+        assert "[Unit]" in lines
+        assert "After=dbus.socket" in lines and "Wants=dbus.socket" in lines
 
 
 def test_agent_enables_waagent_for_extensions(tmp_path: Path) -> None:

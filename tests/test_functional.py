@@ -9,6 +9,7 @@ import pytest
 
 from archkernel.demo import functional
 from archkernel.demo.package import Staging
+from archkernel.errors import UserError
 
 
 @pytest.mark.parametrize(
@@ -77,3 +78,11 @@ def test_groups() -> None:
     assert functional.group_of("waagent") == "walinuxagent"
     assert functional.group_of("libssl3") == functional.RUNTIME
     assert functional.group_of("base-files") is None
+
+
+def test_cloud_init_units_lose_debians_lines_only() -> None:
+    unit = "[Unit]\nDefaultDependencies=no\nBefore=sysinit.target\nBefore=sshd.service\n"
+    lines = ("DefaultDependencies=no", "Before=sysinit.target")
+    assert functional.without_lines(unit, lines, "u") == "[Unit]\nBefore=sshd.service\n"
+    with pytest.raises(UserError, match=r"no longer has Before=sysinit\.target"):
+        functional.without_lines("[Unit]\nDefaultDependencies=no\n", lines, "u")

@@ -36,6 +36,11 @@ WAAGENT_UNIT = "waagent.service"
 WAAGENT_DROPIN = "etc/systemd/system/waagent.service.d/10-archkernel-udev.conf"
 SSHD_DROPIN = "etc/ssh/sshd_config.d/10-archkernel-azure.conf"
 CLOUD_INIT_DROPIN = "etc/cloud/cloud.cfg.d/90-archkernel-azure.cfg"
+# cloud-init's network stage: cloud-init.service up to 24.2, cloud-init-network.service since.
+CLOUD_INIT_NETWORK_UNITS = ("cloud-init.service", "cloud-init-network.service")
+CLOUD_INIT_DBUS_DROPINS = tuple(
+    f"etc/systemd/system/{unit}.d/10-archkernel-dbus.conf" for unit in CLOUD_INIT_NETWORK_UNITS
+)
 WAAGENT_CONF = "etc/waagent.conf"
 # Where systemd units are found in a root tree, distribution's first.
 UNIT_DIRS = ("usr/lib/systemd/system", "etc/systemd/system")
@@ -267,6 +272,17 @@ def waagent_dropin() -> str:
     return (
         "# Written by archkernel: the agent looks for the provisioning DVD once, at start.\n"
         "[Unit]\nWants=systemd-udev-settle.service\nAfter=systemd-udev-settle.service\n"
+    )
+
+
+def cloud_init_dbus_dropin() -> str:
+    """cloud-init's network stage after D-Bus. On Arch it sets the running host name (the
+    one from the provisioning media) with `hostnamectl`, which needs the system bus; Arch's
+    rendering of the unit does not order it after D-Bus (SUSE's does), and without it the
+    VM keeps the image's host name until its next boot."""
+    return (
+        "# Written by archkernel: cloud-init sets the host name with hostnamectl (D-Bus).\n"
+        "[Unit]\nWants=dbus.socket\nAfter=dbus.socket\n"
     )
 
 

@@ -328,6 +328,11 @@ def agent(settings: Settings) -> Plan:
             f"write {conf.CLOUD_INIT_DROPIN} (Azure's datasource only)",
             lambda: _owned_write(tree / conf.CLOUD_INIT_DROPIN, conf.cloud_init_cfg()),
         )
+        for dropin in conf.CLOUD_INIT_DBUS_DROPINS:
+            plan.do(
+                f"write {dropin} (after D-Bus: hostnamectl)",
+                functools.partial(_owned_write, tree / dropin, conf.cloud_init_dbus_dropin()),
+            )
     if wants_agent:
         if not (found / conf.WAAGENT_CONF).is_file() or conf.WAAGENT_UNIT not in available:
             raise UserError(

@@ -38,11 +38,12 @@ from archkernel.demo.debian import apt, apt_download, cache_dir, debian_kernel_t
 from archkernel.demo.linux import linux_package
 from archkernel.demo.package import Package, Staging, package_paths, write_package
 from archkernel.demo.standins import BUSYBOX_DEB, FILES, STANDINS, stage_busybox
+from archkernel.errors import UserError
 from archkernel.host.files import remove_path, temporary_directory, write_text
 from archkernel.host.run import check_tools, run
 from archkernel.log import complete_step
 
-FUNCTIONAL_VERSION = "12-1"  # Debian 12, repack 1
+FUNCTIONAL_VERSION = "12-2"  # Debian 12, repack 2 (units rendered as Arch renders them)
 ROOTS = (
     "systemd", "systemd-sysv", "systemd-resolved", "udev", "dbus", "openssh-server", "sudo",
     "cloud-init", "waagent", "python3", "isc-dhcp-client", "iproute2", "bash", "coreutils",
@@ -243,6 +244,25 @@ PAM_COMMON = {
     "session required pam_unix.so\n",
 }
 UNITS = "usr/lib/systemd/system"
+# The lines of Debian's cloud-init units that Arch's rendering of the same templates lacks.
+ARCH_CLOUD_INIT_UNITS = {
+    "cloud-init-local.service": ("DefaultDependencies=no", "Before=sysinit.target"),
+    "cloud-init.service": ("Before=sysinit.target", "After=networking.service"),
+}
+
+
+def without_lines(text: str, lines: Iterable[str], what: str) -> str:
+    """`text` without the whole lines `lines`; each must be there (a new Debian release
+    that moved them must not go unnoticed)."""
+    have = text.splitlines()
+    missing = [line for line in lines if line not in have]
+    if missing:
+        raise UserError(
+            f"{what}: Debian's unit no longer has {', '.join(missing)}",
+            "update archkernel.demo.functional.ARCH_CLOUD_INIT_UNITS for this release",
+        )
+    drop = set(lines)
+    return "".join(line + "\n" for line in have if line not in drop)
 
 
 def fix_package(name: str, s: Staging) -> None:
@@ -270,6 +290,11 @@ def fix_package(name: str, s: Staging) -> None:
         # the build's drop-in.
         shutil.copy2(FILES / "cloud-init/etc/cloud/cloud.cfg", root / "etc/cloud/cloud.cfg")
         remove_path(root / "etc/cloud/cloud.cfg.d/90_dpkg.cfg")
+        # cloud-init renders its units per distribution: Debian's run before sysinit.target,
+        # Arch's do not (upstream's templates give those lines to Debian and Ubuntu only).
+        for unit, lines in ARCH_CLOUD_INIT_UNITS.items():
+            path = root / UNITS / unit
+            path.write_text(without_lines(path.read_text(), lines, unit))
     elif name == "glibc":
         shutil.copy2(FILES / "glibc/etc/locale.gen", root / "etc/locale.gen")
     elif name == RUNTIME:
