@@ -363,7 +363,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the `archkernel` console script."""
     try:
         parser = _parser()
-        args = parser.parse_args(argv)
+        args, extra = parser.parse_known_args(argv)
+        if extra:
+            _late_positional(parser, args, extra)
         quiet, verbose = getattr(args, "quiet", False), getattr(args, "verbose", 0)
         logmod.setup(-1 if quiet else verbose)
         os.environ["ARCHKERNEL_VERBOSE"] = str(-1 if quiet else verbose)
@@ -385,6 +387,23 @@ def main(argv: Sequence[str] | None = None) -> int:
         os.dup2(devnull, sys.stdout.fileno())
         os.close(devnull)
         return BROKEN_PIPE_STATUS
+
+
+def _late_positional(
+    parser: argparse.ArgumentParser, args: argparse.Namespace, extra: list[str]
+) -> None:
+    """argparse reads `demo azure_vhd --profile functional DIR` as if DIR came with the
+    workflow (no DIR), then leaves DIR over: take it as DIR. Anything else left over is
+    an error, as `parse_args` would say."""
+    if (
+        getattr(args, "command", None) == "demo"
+        and getattr(args, "dir", None) is None
+        and len(extra) == 1
+        and not extra[0].startswith("-")
+    ):
+        args.dir = Path(extra[0])
+        return
+    parser.error(f"unrecognized arguments: {' '.join(extra)}")
 
 
 def _main(parser: argparse.ArgumentParser, args: argparse.Namespace) -> int:

@@ -145,6 +145,33 @@ def test_demo_help_has_both_workflows_and_examples(capsys):
     assert "\n  archkernel demo scaleway_kexec " in out
 
 
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["demo", "azure_vhd", "--profile", "functional", "DIR"],
+        ["demo", "--profile", "functional", "azure_vhd", "DIR"],
+        ["demo", "azure_vhd", "DIR", "--profile", "functional"],
+    ],
+)
+def test_demo_reads_dir_wherever_the_profile_is(argv, monkeypatch):
+    seen = []
+
+    def azure_vhd(directory, flags, profile):
+        seen.append((directory, profile))
+        return 0
+
+    monkeypatch.setattr("tasks.demo.azure_vhd", azure_vhd)
+    assert cli.main(argv) == 0
+    assert seen == [(Path("DIR"), "functional")]
+
+
+def test_demo_refuses_a_second_directory(capsys):
+    with pytest.raises(SystemExit) as stop:
+        cli.main(["demo", "azure_vhd", "--profile", "functional", "A", "B"])
+    assert stop.value.code == 2
+    assert "unrecognized arguments: A B" in capsys.readouterr().err
+
+
 def test_demo_refuses_settings_of_its_own(tmp_path, capsys):
     assert cli.main(["--settings", str(tmp_path / "x.toml"), "demo", "azure_vhd"]) == 1
     assert "archkernel demo writes and uses its own settings" in capsys.readouterr().err
