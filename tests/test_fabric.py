@@ -1,4 +1,4 @@
-"""The Azure fabric stand-in: ovf-env.xml, the DVD, the wireserver, IMDS, the relay.
+"""The Azure fabric stand-in: ovf-env.xml, the DVD, the wireserver, IMDS, the network.
 
 The documents and answers are checked by the agents that consume them on Azure: Debian's
 cloud-init (its Azure datasource and its wireserver shim) and waagent's wire protocol
@@ -7,8 +7,9 @@ client, run on the host against the stand-in (tests/support/fabric.py).
 
 from __future__ import annotations
 
+import os
+import shutil
 import subprocess
-import sys
 import urllib.error
 import urllib.request
 from collections.abc import Iterator
@@ -17,7 +18,19 @@ from xml.etree import ElementTree
 
 import pytest
 
-from archkernel.azure.fabric import imds, media, network, ovf, standing_fabric, wireserver
+from archkernel.azure.fabric import (
+    Fabric,
+    hostplugin,
+    imds,
+    media,
+    namespace,
+    network,
+    ovf,
+    proofs,
+    standing_fabric,
+    wireserver,
+)
+from archkernel.errors import UserError
 from tests.support.fabric import debian_agents, run_agent_code
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnTQmvTqg2Ll2SdbVUzJ6o2Bz6VjfNcpM4sXyUmzeKR t@x"
@@ -39,7 +52,7 @@ def wire() -> Iterator[wireserver.Wireserver]:
 @pytest.fixture
 def metadata() -> Iterator[imds.Imds]:
     document = imds.instance_document(
-        SPEC, mac="52:54:00:12:34:56", address="168.63.129.100", subnet=("168.0.0.0", 7)
+        SPEC, mac="52:54:00:12:34:56", address="10.0.0.4", subnet=("10.0.0.0", 24)
     )
     with imds.Imds(document) as server:
         yield server
@@ -203,6 +216,9 @@ def test_cloud_init_reports_ready(
     root = ElementTree.fromstring(report.body)
     assert root.findtext("Container/ContainerId") == "container-7"
     assert root.findtext("Container/RoleInstanceList/Role/InstanceId") == "instance-9"
+    # cloud-init fetched the goal state too, but is not taken for waagent.
+    assert any(r.query.get("comp") == "goalstate" for r in wire.requests)
+    assert not wire.asked_by("WALinuxAgent")
 
 
 @pytest.mark.integration
@@ -246,6 +262,38 @@ def test_waagent_protocol_reports_ready(
     assert seen == ["container-7", "instance-9", "archkernel-boottest"]
     assert wire.health_reports() == ["Ready"]
     assert all(r.status == 200 for r in wire.requests)
+    assert wire.asked_by("WALinuxAgent")  # its User-Agent: the boot test tells it apart
+
+
+@pytest.mark.integration
+def test_waagent_takes_the_goal_state_when_the_host_plugin_has_no_fast_track(
+    agents: Path, wire: wireserver.Wireserver, tmp_path: Path
+) -> None:
+    # Fast Track on, as in the image: waagent asks the HostGAPlugin for vmSettings first.
+    with hostplugin.HostPlugin() as plugin:
+        seen = run_agent_code(
+            agents,
+            f"""
+            import json, os
+            from azurelinuxagent.common import conf
+            conf.__conf__.values["Lib.Dir"] = os.getcwd()
+            conf.__conf__.values["Debug.EnableFastTrack"] = "y"
+            from azurelinuxagent.common.protocol import hostplugin
+            hostplugin.HOST_PLUGIN_PORT = {plugin.port}  # the stand-in's, on loopback
+            from azurelinuxagent.common.protocol.wire import WireProtocol
+            protocol = WireProtocol("127.0.0.1:{wire.port}")
+            protocol.client._set_host_plugin(
+                hostplugin.HostPluginProtocol("127.0.0.1", "container-7", "instance-9.1.xml"))
+            protocol.detect()
+            state = protocol.client.get_goal_state()
+            print(json.dumps([state.container_id, protocol.client.get_host_plugin().get_health()]))
+            """,
+            tmp_path,
+        )
+        asked = [(r.method, r.path, r.status) for r in plugin.requests]
+    assert seen == ["container-7", True]
+    assert ("GET", "/vmSettings", 404) in asked
+    assert ("GET", "/health", 200) in asked
 
 
 # --- IMDS -------------------------------------------------------------------------------------
@@ -294,59 +342,149 @@ def test_cloud_init_reads_imds(agents: Path, metadata: imds.Imds, tmp_path: Path
     assert asked.headers["metadata"] == "true"
 
 
-# --- the relay and the network ----------------------------------------------------------------
+# --- the network -------------------------------------------------------------------------------
 
 
-@pytest.mark.integration
-def test_relay_hands_a_connection_to_the_server(wire: wireserver.Wireserver) -> None:
-    request = b"GET /machine/?comp=goalstate HTTP/1.1\r\nHost: 168.63.129.16\r\n\r\n"
-    result = subprocess.run(
-        [sys.executable, str(network.RELAY), str(wire.port)],
-        input=request,
-        capture_output=True,
-        timeout=30,
-        check=True,
-    )
-    head, _, body = result.stdout.partition(b"\r\n\r\n")
-    assert head.startswith(b"HTTP/1.1 200")
-    assert ElementTree.fromstring(body).findtext("Container/ContainerId") == "container-7"
-    assert [r.target for r in wire.requests] == ["/machine/?comp=goalstate"]
-
-
-def test_netdev_puts_both_addresses_in_the_network() -> None:
-    argv = network.netdev_argv(network.Ports(8001, 8002, 2222), python="/usr/bin/python3")
-    assert argv[0] == "-netdev" and argv[2] == "-device"
-    options = argv[1].split(",")
-    assert options[:6] == [
-        "user",
-        "id=fabric",
-        "restrict=on",
-        "net=168.0.0.0/7",
-        "host=168.63.129.2",
-        "dhcpstart=168.63.129.100",
+def test_the_namespace_holds_the_fabric_addresses_and_the_gateway() -> None:
+    ns = "archkernel-fabric-1-abc"
+    assert network.setup_argv(ns) == [
+        ["ip", "netns", "add", ns],
+        ["ip", "-n", ns, "link", "set", "lo", "up"],
+        ["ip", "-n", ns, "address", "add", "168.63.129.16/32", "dev", "lo"],
+        ["ip", "-n", ns, "address", "add", "169.254.169.254/32", "dev", "lo"],
+        ["ip", "-n", ns, "tuntap", "add", "dev", "fabric0", "mode", "tap"],
+        ["ip", "-n", ns, "address", "add", "10.0.0.1/24", "dev", "fabric0"],
+        ["ip", "-n", ns, "link", "set", "fabric0", "up"],
     ]
-    relay = str(network.RELAY)
-    assert f"guestfwd=tcp:168.63.129.16:80-cmd:/usr/bin/python3 {relay} 8001" in options
-    assert f"guestfwd=tcp:169.254.169.254:80-cmd:/usr/bin/python3 {relay} 8002" in options
-    assert "hostfwd=tcp:127.0.0.1:2222-:22" in options
-    assert argv[3] == "virtio-net-pci,netdev=fabric,mac=52:54:00:12:34:56"
+    assert network.teardown_argv(ns) == ["ip", "netns", "delete", ns]
 
 
-def test_netdev_escapes_commas_in_the_command() -> None:
-    (_, netdev, *_) = network.netdev_argv(network.Ports(1, 2, 3), python="/opt/a,b/python3")
-    assert "cmd:/opt/a,,b/python3 " in netdev
+def test_dhcp_answers_as_azure_does(tmp_path: Path) -> None:
+    net = network.Network("archkernel-fabric-1-abc", tmp_path)
+    argv = network.dnsmasq_argv(net)
+    assert argv[:5] == ["ip", "netns", "exec", "archkernel-fabric-1-abc", "dnsmasq"]
+    # Only DHCP, only on the tap device, nothing read from the build machine.
+    for option in ("--conf-file=/dev/null", "--port=0", "--interface=fabric0"):
+        assert option in argv
+    assert "--dhcp-range=10.0.0.4,10.0.0.4,255.255.255.0,infinite" in argv
+    assert f"--dhcp-leasefile={tmp_path}/dnsmasq.leases" in argv
+    # Routes to the wireserver, IMDS and the default route; the wireserver's address.
+    assert (
+        "--dhcp-option-force=121,168.63.129.16/32,10.0.0.1,169.254.169.254/32,10.0.0.1,"
+        "0.0.0.0/0,10.0.0.1"
+    ) in argv
+    assert "--dhcp-option-force=245,168.63.129.16" in argv
+
+
+def test_the_nic_is_on_the_tap_device() -> None:
+    assert network.netdev_argv() == [
+        "-netdev", "tap,id=fabric,ifname=fabric0,script=no,downscript=no",
+        "-device", "virtio-net-pci,netdev=fabric,mac=52:54:00:12:34:56",
+    ]  # fmt: skip
+
+
+def test_stale_namespaces_are_those_of_ended_runs() -> None:
+    names = [
+        "archkernel-fabric-100-a1b2c3",
+        "archkernel-fabric-200-a1b2c3",
+        "archkernel-fabric-x-1",
+        "someone-else-300-a1b2c3",
+    ]
+    assert namespace.stale_namespaces(names, alive={200}) == ["archkernel-fabric-100-a1b2c3"]
+
+
+def test_without_root_the_fabric_network_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 1000)
+    with pytest.raises(UserError) as refused:
+        namespace.require()
+    assert "needs root" in str(refused.value)
+    assert 'boottest_mode = "console"' in (refused.value.hint or "")
+
+
+def test_a_missing_dnsmasq_is_named_with_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: 0)
+    monkeypatch.setattr(namespace, "missing_tools", lambda tools: ["dnsmasq"])
+    with pytest.raises(UserError) as refused:
+        namespace.require()
+    assert str(refused.value).startswith("the provisioning boot test needs dnsmasq\n")
+    assert "'dnsmasq-base' on Debian/Ubuntu" in (refused.value.hint or "")
+
+
+def _netns() -> list[str]:
+    listed = subprocess.run(["ip", "netns", "list"], capture_output=True, text=True, check=True)
+    return [line.split()[0] for line in listed.stdout.splitlines() if line.strip()]
+
+
+def _inside(fabric: Fabric, url: str, *headers: str) -> tuple[int, bytes]:
+    """GET `url` from inside the VM's network, as the VM would (curl-less: wget)."""
+    argv = ["wget", "-q", "-O", "-", *(f"--header={h}" for h in headers), url]
+    got = subprocess.run(fabric.inside(argv), capture_output=True, timeout=30, check=False)
+    return got.returncode, got.stdout
 
 
 @pytest.mark.integration
-def test_standing_fabric_stops_its_servers(tmp_path: Path) -> None:
+@pytest.mark.root
+def test_the_fabric_answers_at_azures_addresses_and_leaves_nothing(tmp_path: Path) -> None:
+    if os.geteuid() != 0 or shutil.which("dnsmasq") is None or shutil.which("wget") is None:
+        pytest.skip("needs root, dnsmasq and wget")
     with standing_fabric(SPEC, tmp_path) as fabric:
-        ports = (fabric.ports.wireserver, fabric.ports.imds)
+        netns = fabric.network.netns
+        assert netns in _netns()
         assert fabric.dvd.is_file()
-        url = (
-            f"http://127.0.0.1:{ports[1]}/metadata/instance/compute/name?api-version=1&format=text"
-        )
-        assert _get(url, {"Metadata": "true"}) == (200, b"vm-under-test")
-        assert fabric.imds.document["compute"]["vmId"] == SPEC.vm_id
-    for port in ports:
-        with pytest.raises(urllib.error.URLError):
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/", timeout=5)
+        imds_url = "http://169.254.169.254/metadata/instance/compute/name?api-version=1&format=text"
+        assert _inside(fabric, imds_url, "Metadata: true") == (0, b"vm-under-test")
+        code, body = _inside(fabric, "http://168.63.129.16/?comp=versions")
+        assert code == 0 and b"<Version>2012-11-30</Version>" in body
+        addresses = subprocess.run(
+            fabric.inside(["ip", "-o", "-4", "address", "show"]), capture_output=True, text=True
+        ).stdout
+        assert "fabric0    inet 10.0.0.1/24" in addresses
+        dnsmasq_pid = int(fabric.network.dhcp_pidfile.read_text())
+        assert Path(f"/proc/{dnsmasq_pid}").exists()
+        # The build machine's own network is untouched.
+        host = subprocess.run(["ip", "-o", "address"], capture_output=True, text=True).stdout
+        assert "168.63.129.16" not in host and "fabric0" not in host
+    assert netns not in _netns()
+    assert not Path(f"/proc/{dnsmasq_pid}").exists()
+    assert [r.path for r in fabric.imds.requests] == ["/metadata/instance/compute/name"]
+
+
+# --- the proofs an agent's way of provisioning decides --------------------------------------
+
+
+def _proven(**changes: object) -> proofs.Proofs:
+    values: dict[str, object] = {
+        "hostname": "h",
+        "static_hostname": "h",
+        "user_login": True,
+        "in_wheel": True,
+        "wrong_key_refused": True,
+        "password_login_refused": True,
+        "ready_reported": True,
+        "dhcp_lease": True,
+        "client_alive_interval": 180,
+        "fresh_identity": True,
+        "agent": "cloud-init",
+        "seconds": 1.0,
+        "sudo": True,
+        "waagent_goal_state": None,
+    }
+    values.update(changes)
+    return proofs.Proofs(**values)  # type: ignore[arg-type]
+
+
+@pytest.mark.parametrize(
+    ("change", "failed"),
+    [
+        ({"agent": "waagent", "in_wheel": False, "waagent_goal_state": True}, []),
+        ({"in_wheel": False}, ["in_wheel"]),
+        ({"sudo": False}, ["sudo"]),
+        ({"waagent_goal_state": False}, ["waagent_goal_state"]),
+        ({"agent": "waagent", "waagent_goal_state": False}, ["waagent_goal_state"]),
+    ],
+)
+def test_waagent_is_proven_by_sudo_and_its_goal_state(
+    change: dict[str, object], failed: list[str]
+) -> None:
+    result = _proven(**change)
+    assert result.failed(expected_hostname="h", refuse_password=True) == failed

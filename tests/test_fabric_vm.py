@@ -1,11 +1,13 @@
-"""The fabric as a VM sees it: the DVD, DHCP on 168.0.0.0/7, the wireserver and IMDS at
-their fixed addresses through QEMU's guestfwd and the relay.
+"""The fabric as a VM sees it: the DVD, Azure's DHCP (the address, the routes of option 121
+to the wireserver and IMDS, the wireserver's address in option 245), the wireserver and
+IMDS at their fixed addresses, all in the boot's own network namespace.
 
 A busybox initramfs on Debian's kernel plays a minimal agent, as Microsoft's "no agent"
-page describes one: it loads the DVD and NIC drivers, takes a DHCP lease, mounts the
-DVD as UDF and reads ovf-env.xml, asks IMDS for its name, fetches the goal state and
-posts a Ready health report built from it. The servers' records and the console prove
-each hop. One boot per VM generation's DVD attachment (IDE, SCSI).
+page describes one: it loads the DVD and NIC drivers, takes a DHCP lease and installs
+only the routes DHCP gave it, mounts the DVD as UDF and reads ovf-env.xml, asks IMDS for
+its name, fetches the goal state and posts a Ready health report built from it. The
+servers' records and the console prove each hop. One boot per VM generation's DVD
+attachment (IDE, SCSI).
 """
 
 from __future__ import annotations
@@ -24,7 +26,7 @@ from archkernel.demo.c1 import modules_closure
 from archkernel.host import qemu
 from tests.support.kernel import debian_kernel_tree, kernel_image, module_dir
 
-pytestmark = [pytest.mark.integration, pytest.mark.vm]
+pytestmark = [pytest.mark.integration, pytest.mark.vm, pytest.mark.root]
 
 DONE = "FABRIC-DONE"
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnTQmvTqg2Ll2SdbVUzJ6o2Bz6VjfNcpM4sXyUmzeKR t@x"
@@ -34,10 +36,19 @@ MODULES = {
     2: ["virtio_pci", "virtio_scsi", "sr_mod", "udf", "virtio_net"],
 }
 
+# Only the routes of option 121 (no default route from option 3): the wireserver and IMDS
+# are reachable only if DHCP named them.
 UDHCPC_SCRIPT = """#!/bin/sh
 if [ "$1" = bound ]; then
     ifconfig "$interface" "$ip" netmask "$subnet" up
     echo "FABRIC: ip=$ip"
+    echo "FABRIC: opt245=$opt245"
+    set -- $staticroutes
+    while [ $# -ge 2 ]; do
+        echo "FABRIC: route $1 via $2"
+        ip route add "$1" via "$2" dev "$interface"
+        shift 2
+    done
 fi
 """
 
@@ -53,7 +64,7 @@ fail() { echo "FABRIC-FAIL: $1"; poweroff -f; }
 for m in $(cat /modules); do insmod "/$m" || fail "insmod $m"; done
 sleep 2
 ifconfig lo up; ifconfig eth0 up || fail "no eth0"
-udhcpc -i eth0 -n -q -t 10 -T 2 -s /udhcpc.script || fail "no DHCP lease"
+udhcpc -i eth0 -n -q -t 10 -T 2 -O staticroutes -O 245 -s /udhcpc.script || fail "no DHCP lease"
 mount -t udf -o ro /dev/sr0 /dvd || fail "mount DVD"
 echo "FABRIC: ovf-hostname=$(sed -n 's/.*<wa:HostName>\([^<]*\)<.*/\1/p' /dvd/ovf-env.xml)"
 wget -q -O /imds.txt --header 'Metadata: true' \
@@ -118,11 +129,15 @@ def test_a_minimal_agent_provisions_through_the_fabric(generation: int, tmp_path
             memory=512,
             serial_log=console,
         )
-        argv = boot.provision_argv(base, fabric, generation)
+        argv = fabric.inside(boot.provision_argv(base, fabric, generation))
         qemu.boot_and_wait(argv, console, DONE, 180)
         wire, imds = fabric.wireserver, fabric.imds
         text = console.read_text(errors="replace")
-        assert "FABRIC: ip=168.63.129.100" in text
+        assert "FABRIC: ip=10.0.0.4" in text
+        assert "FABRIC: route 168.63.129.16/32 via 10.0.0.1" in text
+        assert "FABRIC: route 169.254.169.254/32 via 10.0.0.1" in text
+        assert "FABRIC: route 0.0.0.0/0 via 10.0.0.1" in text
+        assert "fabric: opt245=a83f8110" in text.lower()  # 168.63.129.16 in hex
         assert "FABRIC: ovf-hostname=vm-on-the-fabric" in text
         assert "FABRIC: imds-name=vm-on-the-fabric" in text
         assert f"FABRIC: container={wire.state.container_id}" in text
@@ -171,13 +186,19 @@ def test_a_vm_without_ssh_fails_the_proofs_and_leaves_nothing(tmp_path: Path) ->
     assert "(QEMU exited after" in message
     assert "FABRIC-DONE" in message  # the console's last lines
     assert "wireserver POST /machine?comp=health -> 200" in message
+    assert "DHCPACK(fabric0) 10.0.0.4 52:54:00:12:34:56" in message  # the DHCP server's log
     result = failed.value.result
     assert result is not None and result.ready_reported and not result.user_login
     assert result.wrong_key_refused  # nothing logs in at all
-    # QEMU and both servers are gone.
+    # QEMU, both servers, dnsmasq and the namespace are gone.
     pidfile = str(tmp_path / "scratch" / "qemu.pid").encode()
     assert not [p for p in Path("/proc").glob("[0-9]*") if pidfile in _cmdline(p)]
     assert not [t.name for t in threading.enumerate() if t.name in ("wireserver", "imds")]
+    dhcp = str(tmp_path / "scratch" / "network" / "dnsmasq.pid").encode()
+    assert not [p for p in Path("/proc").glob("[0-9]*") if dhcp in _cmdline(p)]
+    netns = Path("/run/netns")
+    mine = f"archkernel-fabric-{os.getpid()}-"
+    assert not [n for n in (os.listdir(netns) if netns.is_dir() else []) if n.startswith(mine)]
 
 
 def _cmdline(proc: Path) -> bytes:

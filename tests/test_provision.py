@@ -145,12 +145,13 @@ def test_dvd_goes_where_azure_attaches_it() -> None:
 
 def test_provision_argv_adds_dvd_nic_and_azure_smbios(tmp_path: Path) -> None:
     spec = ovf.Provisioning.with_key("h", "u", "ssh-ed25519 AAAA k")
-    fabric = Fabric(spec, tmp_path / "d.iso", None, None, network.Ports(1, 2, 3))  # type: ignore[arg-type]
+    fabric = Fabric(spec, tmp_path / "d.iso", None, None, network.Network("ns", tmp_path))  # type: ignore[arg-type]
     argv = boot.provision_argv(["qemu-system-x86_64", "-m", "1024"], fabric, 1)
     assert argv[:3] == ["qemu-system-x86_64", "-m", "1024"]
     assert argv[argv.index("-smbios") + 1] == "type=3,asset=7783-7084-3265-9085-8269-3286-77"
     assert argv[argv.index("-uuid") + 1] == spec.vm_id
-    assert argv[argv.index("-netdev") + 1].startswith("user,id=fabric,restrict=on,")
+    # The NIC is on the fabric's tap device (in its network namespace), not slirp.
+    assert argv[argv.index("-netdev") + 1] == "tap,id=fabric,ifname=fabric0,script=no,downscript=no"
 
 
 def test_provision_mode_makes_provision_steps(tmp_path: Path) -> None:

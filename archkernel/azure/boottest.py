@@ -159,6 +159,7 @@ def provisioning(settings: Settings, public_key: str) -> ovf.Provisioning:
     "azure.boottest_timeout",
     "azure.boottest_ssh_key",
     "azure.provisioning",
+    "azure.extensions",
     "azure.hostname",
     "azure.generation",
     "azure.output",
@@ -191,6 +192,7 @@ def provision(settings: Settings, *, test: BootTest) -> Plan:
             scratch=tmp,
             image_root=p.image_root if p.image_root.is_dir() else None,
             label=f"provisioning with {test.firmware_name}",
+            extensions=az.extensions,
         )
         try:
             result = fabric_boot.provision_boot(run)
@@ -210,7 +212,8 @@ def provision(settings: Settings, *, test: BootTest) -> Plan:
         ),
         Do(
             f"boot {p.vhd.name} with {test.firmware_name} on a stand-in Azure fabric "
-            f"(DVD, wireserver, IMDS on 127.0.0.1); prove the {az.provisioning} provisioning "
+            "(DVD, wireserver, IMDS, Azure's DHCP in a network namespace of its own); "
+            f"prove the {az.provisioning} provisioning "
             f"over SSH as {USER}; write {test.stamp}",
             boot,
         ),

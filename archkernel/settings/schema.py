@@ -309,8 +309,9 @@ class AzureSettings(Section):
     boottest_mode: Literal["console", "provision"] = setting(
         "console",
         "console: wait for boottest_marker on the serial console; provision: boot with a "
-        "local Azure fabric (DVD, wireserver, IMDS) and prove over SSH that the agent "
-        "provisioned host name, user and key (workdir/azure/provision.json)",
+        "local Azure fabric (DVD, wireserver, IMDS, Azure's DHCP in a network namespace: "
+        "needs root, ip and dnsmasq) and prove over SSH that the agent provisioned host "
+        "name, user and key (workdir/azure/provision.json)",
     )
     boottest_ssh_key: OneLinePath | None = setting(
         None,

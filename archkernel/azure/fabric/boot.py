@@ -3,14 +3,16 @@
 `provision_argv` decides what the fabric adds to the boot's QEMU command (pure): the DVD
 where Azure attaches it (IDE for generation 1, SCSI for generation 2), the NIC on the
 fabric's network, and Azure's SMBIOS chassis asset tag (cloud-init's Azure datasource
-runs only where it finds it) and VM id. `provision_boot` stands the fabric up, boots,
-waits until the provisioned user logs in over SSH, runs the probes (`proofs`) and takes
-everything down again on any exit: QEMU first, then the servers.
+runs only where it finds it) and VM id. `provision_boot` stands the fabric up, boots
+QEMU inside the fabric's network namespace, waits until the provisioned user logs in over
+SSH (from inside the namespace too), runs the probes (`proofs`) and takes everything down
+again on any exit: QEMU first, then the servers, DHCP and the namespace.
 """
 
 from __future__ import annotations
 
 import contextlib
+import re
 import subprocess
 import time
 from collections.abc import Iterator
@@ -29,6 +31,7 @@ POLL = 3.0
 # After the user first logs in, how long the VM still has to report Ready.
 READY_GRACE = 60.0
 SSH_TIMEOUT = 60.0
+WAAGENT = "WALinuxAgent"  # its User-Agent's product name
 
 
 def _drive(path: Path) -> str:
@@ -81,6 +84,12 @@ class ProvisionBoot:
     scratch: Path
     image_root: Path | None = None
     label: str = "provisioning boot"
+    # waagent installed beside cloud-init for extensions: it must take the goal state too.
+    extensions: bool = False
+
+
+def _waagent_expected(boot: ProvisionBoot) -> bool:
+    return boot.agent == "waagent" or boot.extensions
 
 
 def _ssh(argv: list[str], timeout: float = SSH_TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -97,7 +106,7 @@ def _read(path: Path) -> str:
 @contextlib.contextmanager
 def _booted(boot: ProvisionBoot) -> Iterator[tuple[Fabric, qemu.QemuProcess]]:
     with standing_fabric(boot.spec, boot.scratch) as fabric:
-        argv = provision_argv(boot.qemu, fabric, boot.generation)
+        argv = fabric.inside(provision_argv(boot.qemu, fabric, boot.generation))
         boot.console.unlink(missing_ok=True)
         with qemu.qemu_process(
             argv, limit=boot.timeout + 300, pidfile=boot.scratch / "qemu.pid"
@@ -106,11 +115,11 @@ def _booted(boot: ProvisionBoot) -> Iterator[tuple[Fabric, qemu.QemuProcess]]:
 
 
 def _wait_for_login(boot: ProvisionBoot, fabric: Fabric, vm: qemu.QemuProcess) -> str | None:
-    """Wait until the user logs in with the key (then until Ready, briefly); None if
-    they did, else why not."""
+    """Wait until the user logs in with the key (then, briefly, until Ready is reported
+    and, where waagent runs, it took the goal state); None if they did, else why not."""
     start, logged_in = time.monotonic(), None
     progress = BootProgress(boot.label)
-    login = proofs.ssh_argv(boot.key, fabric.ports.ssh, boot.spec.username, "true")
+    login = fabric.inside(proofs.ssh_argv(boot.key, network.GUEST, boot.spec.username, "true"))
     try:
         while True:
             elapsed = time.monotonic() - start
@@ -120,9 +129,10 @@ def _wait_for_login(boot: ProvisionBoot, fabric: Fabric, vm: qemu.QemuProcess) -
                 return f"QEMU exited after {elapsed:.0f}s"
             if logged_in is None and _ssh(login, timeout=30).returncode == 0:
                 logged_in = elapsed
-            if logged_in is not None and (
-                fabric.wireserver.ready_reported or elapsed > logged_in + READY_GRACE
-            ):
+            settled = fabric.wireserver.ready_reported and (
+                not _waagent_expected(boot) or fabric.wireserver.asked_by(WAAGENT)
+            )
+            if logged_in is not None and (settled or elapsed > logged_in + READY_GRACE):
                 return None
             if elapsed > boot.timeout:
                 return f"the user did not log in within {boot.timeout:g}s"
@@ -132,12 +142,12 @@ def _wait_for_login(boot: ProvisionBoot, fabric: Fabric, vm: qemu.QemuProcess) -
 
 
 def _prove(boot: ProvisionBoot, fabric: Fabric, seconds: float) -> proofs.Proofs:
-    port, user = fabric.ports.ssh, boot.spec.username
-    probed = _ssh(proofs.ssh_argv(boot.key, port, user, proofs.PROBE))
+    host, user = network.GUEST, boot.spec.username
+    probed = _ssh(fabric.inside(proofs.ssh_argv(boot.key, host, user, proofs.PROBE)))
     found = proofs.parse_probe(probed.stdout) if probed.returncode == 0 else {}
     wrong = make_key(boot.scratch / "wrong_key")
-    wrong_login = _ssh(proofs.ssh_argv(wrong, port, user, "true"))
-    password = _ssh(proofs.password_probe_argv(port, user))
+    wrong_login = _ssh(fabric.inside(proofs.ssh_argv(wrong, host, user, "true")))
+    password = _ssh(fabric.inside(proofs.password_probe_argv(host, user)))
     return proofs.Proofs(
         hostname=found.get("hostname", ""),
         static_hostname=found.get("static_hostname", ""),
@@ -146,11 +156,15 @@ def _prove(boot: ProvisionBoot, fabric: Fabric, seconds: float) -> proofs.Proofs
         wrong_key_refused=wrong_login.returncode != 0,
         password_login_refused=proofs.password_refused(password.stderr),
         ready_reported=fabric.wireserver.ready_reported,
-        dhcp_lease=proofs.has_lease(found, network.DHCP_START),
+        dhcp_lease=proofs.has_lease(found, network.GUEST),
         client_alive_interval=proofs.client_alive_interval(found),
         fresh_identity=proofs.fresh_identity(found, boot.image_root),
         agent=boot.agent,
         seconds=round(seconds, 1),
+        sudo=found.get("sudo") == "yes",
+        waagent_goal_state=(
+            fabric.wireserver.asked_by(WAAGENT) if _waagent_expected(boot) else None
+        ),
     )
 
 
@@ -158,8 +172,9 @@ def agent_log(boot: ProvisionBoot, fabric: Fabric) -> str:
     """The agent's last log lines, read over SSH; the console's lines naming it when SSH
     does not work."""
     logs = "/var/log/cloud-init.log" if boot.agent == "cloud-init" else "/var/log/waagent.log"
-    got = _ssh(proofs.ssh_argv(boot.key, fabric.ports.ssh, boot.spec.username,
-                               f"sudo -n tail -n 15 {logs}"), timeout=30)  # fmt: skip
+    tail = f"sudo -n tail -n 15 {logs}"
+    got = _ssh(fabric.inside(proofs.ssh_argv(boot.key, network.GUEST, boot.spec.username, tail)),
+               timeout=30)  # fmt: skip
     if got.returncode == 0 and got.stdout.strip():
         return got.stdout.rstrip()
     words = ("cloud-init", "waagent", "WALinuxAgent", "Azure")
@@ -169,13 +184,25 @@ def agent_log(boot: ProvisionBoot, fabric: Fabric) -> str:
 
 
 def fabric_log(fabric: Fabric) -> str:
-    """What the VM asked of the wireserver and IMDS, one request a line."""
+    """What the VM asked of the wireserver, its host plugin and IMDS, one request a line."""
+    servers = [("wireserver", fabric.wireserver), ("hostplugin", fabric.hostplugin),
+               ("imds", fabric.imds)]  # fmt: skip
     asked = [
         f"{name} {r.method} {r.target} -> {r.status}"
-        for name, server in (("wireserver", fabric.wireserver), ("imds", fabric.imds))
+        for name, server in servers
+        if server is not None
         for r in server.requests
     ]
     return "\n".join(asked[-20:]) or "(the VM asked neither the wireserver nor IMDS)"
+
+
+def dhcp_log(fabric: Fabric) -> str:
+    """What the fabric's DHCP server answered, its last exchanges."""
+    # dnsmasq's exchanges: `... dnsmasq-dhcp[PID]: XID DHCPACK(fabric0) 10.0.0.4 MAC`
+    exchange = re.compile(r"\]: (\d+ )?DHCP[A-Z]+\(")
+    lines = [line for line in _read(fabric.network.dhcp_log).splitlines()
+             if exchange.search(line)]  # fmt: skip
+    return "\n".join(lines[-6:]) or "(the VM asked nothing of DHCP)"
 
 
 def _indent(text: str) -> str:
@@ -201,7 +228,8 @@ def provision_boot(boot: ProvisionBoot) -> proofs.Proofs:
             f"console, last lines ({boot.console}):\n"
             f"{_indent(console_tail(_read(boot.console)))}\n"
             f"  agent ({boot.agent}), last lines:\n{_indent(agent_log(boot, fabric))}\n"
-            f"  asked of the fabric:\n{_indent(fabric_log(fabric))}"
+            f"  asked of the fabric:\n{_indent(fabric_log(fabric))}\n"
+            f"  DHCP ({fabric.network.dhcp_log}):\n{_indent(dhcp_log(fabric))}"
         )
     named = [
         f"hostname (running {result.hostname!r}, /etc/hostname {result.static_hostname!r}, "

@@ -11,6 +11,7 @@ other path (all recorded).
 from __future__ import annotations
 
 import json
+import socket
 from typing import Any
 
 from archkernel.azure.fabric.ovf import Provisioning
@@ -78,8 +79,8 @@ class Imds(FabricServer):
 
     name = "imds"
 
-    def __init__(self, document: dict[str, Any]) -> None:
-        super().__init__()
+    def __init__(self, document: dict[str, Any], sock: socket.socket | None = None) -> None:
+        super().__init__(sock)
         self.document = document
 
     def respond(self, request: Recorded) -> Reply:

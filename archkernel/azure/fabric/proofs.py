@@ -30,6 +30,7 @@ PROBE = r"""
 echo "hostname=$(cat /proc/sys/kernel/hostname)"
 echo "static_hostname=$(cat /etc/hostname 2>/dev/null)"
 echo "groups=$(id -nG)"
+echo "sudo=$(sudo -n true 2>/dev/null && echo yes)"
 echo "clientaliveinterval=$(sudo -n sshd -T 2>/dev/null | sed -n 's/^clientaliveinterval //p')"
 echo "lease=$(cat /run/systemd/netif/leases/* 2>/dev/null | sed -n 's/^ADDRESS=//p' | head -n 1)"
 echo "networkctl=$(networkctl status eth0 --no-pager 2>/dev/null | grep -c 'DHCP4')"
@@ -38,21 +39,21 @@ echo "host_key=$(cat /etc/ssh/ssh_host_ed25519_key.pub 2>/dev/null | cut -d' ' -
 """
 
 
-def ssh_argv(key: Path, port: int, user: str, command: str) -> list[str]:
-    """Log in to the VM's forwarded SSH port as `user` with `key` and run `command`."""
+def ssh_argv(key: Path, host: str, user: str, command: str) -> list[str]:
+    """Log in to the VM at `host` (port 22) as `user` with `key` and run `command`."""
     return [
         "ssh", *SSH_OPTIONS, "-o", "PasswordAuthentication=no", "-i", os.fspath(key),
-        "-p", str(port), f"{user}@127.0.0.1", command,
+        f"{user}@{host}", command,
     ]  # fmt: skip
 
 
-def password_probe_argv(port: int, user: str) -> list[str]:
+def password_probe_argv(host: str, user: str) -> list[str]:
     """Ask sshd for password login without offering a key; never sends a password
     (BatchMode): sshd's refusal lists the methods it still offers."""
     return [
         "ssh", *SSH_OPTIONS, "-o", "PubkeyAuthentication=no",
         "-o", "PreferredAuthentications=password,keyboard-interactive",
-        "-p", str(port), f"{user}@127.0.0.1", "true",
+        f"{user}@{host}", "true",
     ]  # fmt: skip
 
 
@@ -106,13 +107,23 @@ class Proofs:
     fresh_identity: bool
     agent: str
     seconds: float
+    # The user may act as root (`sudo -n true`). After the fields above so that records
+    # made without it still construct; `boot` always sets it.
+    sudo: bool = True
+    # Where waagent runs (its own provisioning, or beside cloud-init for extensions):
+    # whether it took the goal state from the wireserver; None where it does not run.
+    waagent_goal_state: bool | None = None
 
     def failed(self, *, expected_hostname: str, refuse_password: bool) -> list[str]:
         """The names of the proofs that failed."""
         checks = {
             "hostname": self.hostname == expected_hostname,
             "user_login": self.user_login,
-            "in_wheel": self.in_wheel,
+            # waagent grants sudo through /etc/sudoers.d/waagent and puts nobody in wheel
+            # (on any distribution); cloud-init gives Arch's default user's groups, wheel.
+            "in_wheel": self.in_wheel or self.agent == "waagent",
+            "sudo": self.sudo,
+            "waagent_goal_state": self.waagent_goal_state is not False,
             "wrong_key_refused": self.wrong_key_refused,
             "password_login_refused": self.password_login_refused or not refuse_password,
             "ready_reported": self.ready_reported,

@@ -2,13 +2,15 @@
 request it answers.
 
 `Recorded` is one request as the guest sent it. `FabricServer` runs a
-`ThreadingHTTPServer` on 127.0.0.1 (port chosen by the kernel) in a daemon thread from
+`ThreadingHTTPServer` on 127.0.0.1 (port chosen by the kernel), or on a listening socket
+it is given (the fabric's: inside the VM's network namespace), in a daemon thread from
 `start()` to `stop()` (or as a context manager); its handler class answers through
 `respond(request) -> Reply`, which each server (wireserver, IMDS) defines.
 """
 
 from __future__ import annotations
 
+import socket
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -106,15 +108,20 @@ def _handler(respond: Responder, log: Log, name: str) -> type[BaseHTTPRequestHan
 
 
 class FabricServer:
-    """An HTTP server on 127.0.0.1 that answers with `respond` and records into `log`."""
+    """An HTTP server that answers with `respond` and records into `log`: on `sock` (a
+    listening socket, closed by `stop`) or else on 127.0.0.1."""
 
     name = "fabric"
 
-    def __init__(self) -> None:
+    def __init__(self, sock: socket.socket | None = None) -> None:
         self.log = Log()
-        self._server = ThreadingHTTPServer(
-            ("127.0.0.1", 0), _handler(self.respond, self.log, self.name)
-        )
+        handler = _handler(self.respond, self.log, self.name)
+        if sock is None:
+            self._server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+        else:
+            self._server = ThreadingHTTPServer(sock.getsockname(), handler, bind_and_activate=False)
+            self._server.socket.close()
+            self._server.socket = sock
         self._server.daemon_threads = True
         self._thread = threading.Thread(
             target=self._server.serve_forever, name=self.name, daemon=True

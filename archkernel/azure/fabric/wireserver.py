@@ -15,6 +15,7 @@ Anything else is answered 404 and recorded too, so a test sees what an agent wan
 
 from __future__ import annotations
 
+import socket
 from dataclasses import dataclass
 from xml.etree import ElementTree
 
@@ -34,6 +35,7 @@ class GoalState:
     incarnation: int = 1
     role_name: str = "archkernel-boottest"
     deployment_name: str = "archkernel-boottest"
+    address: str = "10.0.0.4"  # the VM's, as the shared configuration names it
 
 
 def _xml(root: ElementTree.Element) -> bytes:
@@ -100,7 +102,7 @@ def shared_config_xml(state: GoalState) -> bytes:
         "SharedConfig", version="1.0.0.0", goalStateIncarnation=str(state.incarnation)
     )
     _el(root, "Deployment", name=state.deployment_name, guid=state.container_id)
-    _el(_el(root, "Instances"), "Instance", id=state.instance_id, address="168.63.129.100")
+    _el(_el(root, "Instances"), "Instance", id=state.instance_id, address=state.address)
     return _xml(root)
 
 
@@ -123,8 +125,13 @@ class Wireserver(FabricServer):
 
     name = "wireserver"
 
-    def __init__(self, state: GoalState, base: str = f"http://{ADDRESS}:80") -> None:
-        super().__init__()
+    def __init__(
+        self,
+        state: GoalState,
+        base: str = f"http://{ADDRESS}:80",
+        sock: socket.socket | None = None,
+    ) -> None:
+        super().__init__(sock)
         self.state = state
         # Where the goal state says its documents are: the address the VM sees.
         self.base = base
@@ -160,6 +167,16 @@ class Wireserver(FabricServer):
             for r in self.requests
             if r.method == "POST" and r.query.get("comp") == "health" and r.status == 200
         ]
+
+    def asked_by(self, product: str) -> bool:
+        """Whether an agent whose User-Agent names `product` (`WALinuxAgent/2.7...`) got
+        the goal state."""
+        return any(
+            r.headers.get("user-agent", "").startswith(f"{product}/")
+            and r.query.get("comp") == "goalstate"
+            and r.status == 200
+            for r in self.requests
+        )
 
     @property
     def ready_reported(self) -> bool:
