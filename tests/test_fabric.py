@@ -143,20 +143,39 @@ def test_waagent_reads_ovf_env(agents: Path, tmp_path: Path) -> None:
 
 
 @pytest.mark.integration
-def test_dvd_is_udf_holding_ovf_env(tmp_path: Path) -> None:
-    image = media.write_media({"ovf-env.xml": ovf.ovf_env(SPEC)}, tmp_path / "dvd.iso")
-    info = subprocess.run(["udfinfo", image], capture_output=True, text=True, check=True)
-    assert "label=rd_rdfe_stable" in info.stdout.splitlines()
-    # The ISO 9660 bridge, read by another tool: the file, byte for byte.
+def test_dvd_is_udf_only_holding_ovf_env(tmp_path: Path) -> None:
+    # genisoimage's own image, as read by another tool through its ISO 9660 side: the file,
+    # byte for byte, and nothing else.
+    staging = tmp_path / "staging"
+    staging.mkdir()
+    (staging / "ovf-env.xml").write_bytes(ovf.ovf_env(SPEC))
+    bridged = tmp_path / "bridged.iso"
+    subprocess.run(media.media_argv(staging, bridged), check=True)
     extracted = subprocess.run(
-        ["isoinfo", "-R", "-i", image, "-x", "/ovf-env.xml"], capture_output=True, check=True
+        ["isoinfo", "-R", "-i", bridged, "-x", "/ovf-env.xml"], capture_output=True, check=True
     ).stdout
     assert extracted == ovf.ovf_env(SPEC)
-    # No file of the build machine in it.
     listing = subprocess.run(
-        ["isoinfo", "-R", "-f", "-i", image], capture_output=True, text=True, check=True
+        ["isoinfo", "-R", "-f", "-i", bridged], capture_output=True, text=True, check=True
     ).stdout
     assert listing.split() == ["/ovf-env.xml"]
+
+    # What the fabric attaches: UDF only, as Azure's media (an image without the udf
+    # module must not read it through ISO 9660).
+    image = media.write_media({"ovf-env.xml": ovf.ovf_env(SPEC)}, tmp_path / "dvd.iso")
+    info = subprocess.run(["udfinfo", image], capture_output=True, text=True, check=True)
+    lines = info.stdout.splitlines()
+    assert "label=rd_rdfe_stable" in lines and "numfiles=1" in lines
+    probed = subprocess.run(
+        ["blkid", "-p", "-o", "value", "-s", "TYPE", image], capture_output=True, text=True
+    )
+    assert probed.stdout.strip() == "udf"
+    iso = subprocess.run(["isoinfo", "-d", "-i", image], capture_output=True, text=True)
+    assert iso.returncode != 0 and "NOT in ISO 9660 format" in iso.stdout + iso.stderr
+    # Only the descriptor changed: the file's data is where genisoimage put it.
+    assert ovf.ovf_env(SPEC) in image.read_bytes()
+    with pytest.raises(ValueError, match="no ISO 9660 primary volume descriptor"):
+        media.udf_only(image)
 
 
 def test_dvd_refuses_paths() -> None:
@@ -391,6 +410,26 @@ def test_stale_namespaces_are_those_of_ended_runs() -> None:
         "someone-else-300-a1b2c3",
     ]
     assert namespace.stale_namespaces(names, alive={200}) == ["archkernel-fabric-100-a1b2c3"]
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_a_killed_runs_namespace_goes_with_what_still_runs_in_it() -> None:
+    # A run killed outright leaves its namespace and dnsmasq (here: a sleep) behind; the
+    # next run's network removes both.
+    dead = 4_000_000  # above pid_max: no process has it
+    name = f"archkernel-fabric-{dead}-abcdef"
+    subprocess.run(["ip", "netns", "add", name], check=True)
+    left = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "600"])
+    try:
+        subprocess.run(["ip", "netns", "pids", name], check=True, capture_output=True)
+        namespace._remove_stale()
+        assert left.wait(timeout=20) != 0  # killed, not ended
+        assert name not in _netns()
+    finally:
+        left.kill()
+        left.wait()
+        subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
 
 
 def test_without_root_the_fabric_network_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -8,10 +8,11 @@ fabric: the DVD with ovf-env.xml, Azure's DHCP (routes to the wireserver and IMD
 245), the wireserver and IMDS, in a network namespace of the boot's own. Each test reads
 the proofs the step wrote (`provision.json`) and asserts every one.
 
-- waagent provisions by itself, generation 1 (SeaBIOS, the DVD on IDE);
+- waagent provisions by itself;
 - cloud-init provisions with waagent installed beside it for extensions
-  (`extensions = true`: waagent hands provisioning to cloud-init), generation 2 (OVMF,
-  the DVD on SCSI).
+  (`extensions = true`: waagent hands provisioning to cloud-init);
+each image is hybrid and boots twice: generation 1 (SeaBIOS, the DVD on IDE) and
+generation 2 (OVMF, the DVD on SCSI, the OS disk on NVMe).
 """
 
 from __future__ import annotations
@@ -25,9 +26,14 @@ from pathlib import Path
 
 import pytest
 
+from archkernel.azure import boottest
+from archkernel.azure.fabric import boot as fabric_boot
+from archkernel.azure.fabric import ovf
 from archkernel.demo import functional
 from archkernel.demo.offline import OfflineRepo
 from archkernel.errors import UserError
+from archkernel.host import qemu
+from archkernel.settings import load
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm, pytest.mark.root]
 
@@ -66,22 +72,45 @@ def functional_repo(tmp_path_factory: pytest.TempPathFactory) -> OfflineRepo:
         pytest.skip(f"the functional repository cannot be built here: {exc}")
 
 
-def provisioned(repo: OfflineRepo, directory: Path, extra: str) -> tuple[dict[str, object], str]:
-    """Build an image from `repo` with the functional settings plus `extra` (TOML lines of
-    [azure]) and run the provisioning boot test on it; its provision.json and console."""
+def built(repo: OfflineRepo, directory: Path, extra: str) -> Path:
+    """An image built from `repo` in `directory` with the functional settings plus `extra`
+    (TOML lines of [azure]); its settings file."""
     directory.mkdir()
     text = repo.settings.read_text().replace(
         'pacman_conf = "pacman.conf"', f'pacman_conf = "{repo.pacman_conf}"'
     )
     settings = directory / "settings.toml"
     settings.write_text(text + extra)
-    built = archkernel(settings, "run", "azure_vhd", timeout=1200)
-    assert built.returncode == 0, built.stderr[-4000:]
-    booted = archkernel(settings, "run", "azure_boottest", timeout=1500)
-    work = directory / "build" / "azure"
-    console = (work / "boottest.log").read_text(errors="replace")
+    done = archkernel(settings, "run", "azure_vhd", timeout=1200)
+    assert done.returncode == 0, done.stderr[-4000:]
+    return settings
+
+
+def provisioned(settings: Path) -> list[tuple[dict[str, object], str]]:
+    """The provisioning boot test run on the hybrid image `settings` built: its proofs and
+    console, generation 1 (SeaBIOS, DVD on IDE) then generation 2 (OVMF, DVD on SCSI, the
+    OS disk on NVMe)."""
+    booted = archkernel(settings, "run", "azure_boottest", timeout=2400)
+    work = settings.parent / "build" / "azure"
     assert booted.returncode == 0, booted.stderr[-6000:]
-    return json.loads((work / "provision.json").read_text()), console
+    generation = load(settings, env={}).settings.azure.generation
+    first, other = ("", "-uefi") if generation == 1 else ("-bios", "")
+    return [
+        (
+            json.loads((work / f"provision{suffix}.json").read_text()),
+            (work / f"boottest{suffix}.log").read_text(errors="replace"),
+        )
+        for suffix in (first, other)
+    ]
+
+
+@pytest.fixture(scope="module")
+def waagent_image(functional_repo: OfflineRepo, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """The waagent image (generation 1, booting BIOS and UEFI): provisioned below, and
+    the seeds' base."""
+    directory = tmp_path_factory.mktemp("waagent") / "image"
+    extra = 'provisioning = "waagent"\ngeneration = 1\nboot = "hybrid"\n'
+    return built(functional_repo, directory, extra)
 
 
 def assert_provisioned(proofs: dict[str, object], agent: str) -> None:
@@ -103,22 +132,142 @@ def assert_provisioned(proofs: dict[str, object], agent: str) -> None:
     assert proofs["ok"] is True
 
 
-def test_waagent_provisions_generation_1(functional_repo: OfflineRepo, tmp_path: Path) -> None:
-    proofs, console = provisioned(
-        functional_repo, tmp_path / "waagent", 'provisioning = "waagent"\ngeneration = 1\n'
-    )
-    assert_provisioned(proofs, "waagent")
-    # It found the wireserver by the route DHCP gave (option 121) and provisioned itself.
-    assert "Route to 168.63.129.16 exists" in console
-    assert "Using waagent for provisioning" in console
+def test_waagent_provisions_both_generations(waagent_image: Path) -> None:
+    for proofs, console in provisioned(waagent_image):
+        assert_provisioned(proofs, "waagent")
+        # It found the wireserver by the route DHCP gave (option 121), provisioned itself.
+        assert "Route to 168.63.129.16 exists" in console
+        assert "Using waagent for provisioning" in console
 
 
-def test_cloud_init_provisions_generation_2_with_waagent_beside_it(
+def test_cloud_init_provisions_both_generations_with_waagent_beside_it(
     functional_repo: OfflineRepo, tmp_path: Path
 ) -> None:
-    proofs, console = provisioned(
-        functional_repo, tmp_path / "cloud-init", "generation = 2\nextensions = true\n"
+    extra = 'generation = 2\nboot = "hybrid"\nextensions = true\n'
+    settings = built(functional_repo, tmp_path / "cloud-init", extra)
+    for proofs, console in provisioned(settings):
+        assert_provisioned(proofs, "cloud-init")
+        # waagent, installed for extensions, left provisioning to cloud-init.
+        assert "Using cloud-init for provisioning" in console
+
+
+# --- the old scripts' failures, brought back on purpose ---------------------------------------
+# The waagent image (generation 1: the agent of the old scripts, and the one that needs the
+# DVD: cloud-init 22.4 provisions from IMDS's osProfile when it cannot read the DVD); each
+# seed is a copy of its VHD changed by debugfs (no mount), booted on the fabric by the
+# library as the boot test does. Each must fail the proof that names it, for its own reason.
+
+SEED_TIMEOUT = 150.0  # the unchanged image provisions in ~70 s on 2 cores under TCG
+
+
+@pytest.fixture(scope="module")
+def seed_base(waagent_image: Path) -> Path:
+    return waagent_image.parent / "build" / "azure" / "archlinux-azure.vhd"
+
+
+def root_fs(vhd: Path) -> str:
+    """debugfs's name for the root file system inside `vhd` (the partition named root)."""
+    table = json.loads(
+        subprocess.run(["sfdisk", "--json", vhd], capture_output=True, check=True).stdout
     )
-    assert_provisioned(proofs, "cloud-init")
-    # waagent, installed for extensions, left provisioning to cloud-init.
-    assert "Using cloud-init for provisioning" in console
+    (root,) = [p for p in table["partitiontable"]["partitions"] if p.get("name") == "root"]
+    return f"{vhd}?offset={root['start'] * 512}"
+
+
+def debugfs_read(vhd: Path, request: str) -> str:
+    done = subprocess.run(
+        ["debugfs", "-R", request, root_fs(vhd)], capture_output=True, text=True, check=True
+    )
+    return done.stdout
+
+
+def seeded(vhd: Path, tmp_path: Path, commands: str, files: dict[str, str] | None = None) -> Path:
+    """A sparse copy of `vhd` whose root file system had debugfs `commands` run on it
+    (run in `tmp_path`, where `files` are written first for debugfs's `write`)."""
+    copy = tmp_path / "seeded.vhd"
+    subprocess.run(["cp", "--sparse=always", vhd, copy], check=True)
+    for name, text in (files or {}).items():
+        (tmp_path / name).write_text(text)
+    script = tmp_path / "debugfs.cmds"
+    script.write_text(commands)
+    done = subprocess.run(
+        ["debugfs", "-w", "-f", script, root_fs(copy)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "not found" not in done.stderr and "Could not" not in done.stderr, done.stderr
+    return copy
+
+
+def seed_boot(
+    disk: Path, tmp_path: Path, timeout: float = SEED_TIMEOUT
+) -> fabric_boot.ProvisionFailed:
+    """Boot `disk` on the fabric as the boot test does (waagent, generation 1); the
+    failure it must end in."""
+    key = fabric_boot.make_key(tmp_path / "key")
+    console = tmp_path / "console.log"
+    boot = fabric_boot.ProvisionBoot(
+        qemu=qemu.qemu_argv(disk=disk, disk_format="vpc", serial_log=console, memory=1024),
+        generation=1,
+        console=console,
+        spec=ovf.Provisioning.with_key(HOSTNAME, boottest.USER, Path(f"{key}.pub").read_text()),
+        key=key,
+        agent="waagent",
+        timeout=timeout,
+        scratch=tmp_path / "scratch",
+    )
+    (tmp_path / "scratch").mkdir()
+    with pytest.raises(fabric_boot.ProvisionFailed) as failed:
+        fabric_boot.provision_boot(boot)
+    assert failed.value.result is not None
+    return failed.value
+
+
+def test_without_the_dvd_modules_nobody_is_provisioned(seed_base: Path, tmp_path: Path) -> None:
+    modules = "/usr/lib/modules"
+    listing = debugfs_read(seed_base, f"ls {modules}")
+    (version,) = {w for w in listing.split() if w[:1].isdigit() and "." in w and "-" in w}
+    udf = f"{modules}/{version}/kernel/fs/udf/udf.ko"
+    disk = seeded(seed_base, tmp_path, f"rm {udf}\n")
+    failed = seed_boot(disk, tmp_path)
+    result = failed.result
+    assert result is not None
+    assert not result.user_login and result.hostname != HOSTNAME
+    assert "user_login" in str(failed) and "udf" in str(failed)
+    # The VM did boot, the DVD was not read: the failure is the modules', not a slow boot.
+    assert "login:" in (tmp_path / "console.log").read_text(errors="replace")
+
+
+def test_without_client_alive_interval_the_proof_fails(seed_base: Path, tmp_path: Path) -> None:
+    dropin = "/etc/ssh/sshd_config.d/10-archkernel-azure.conf"
+    shown = debugfs_read(seed_base, f"cat {dropin}")
+    assert "ClientAliveInterval 180" in shown
+    kept = "".join(line + "\n" for line in shown.splitlines() if "ClientAlive" not in line)
+    disk = seeded(
+        seed_base,
+        tmp_path,
+        f"rm {dropin}\ncd /etc/ssh/sshd_config.d\nwrite 10-archkernel-azure.conf "
+        "10-archkernel-azure.conf\n",
+        {"10-archkernel-azure.conf": kept},
+    )
+    failed = seed_boot(disk, tmp_path, timeout=420.0)
+    result = failed.result
+    assert result is not None
+    assert result.user_login and result.hostname == HOSTNAME and result.ready_reported
+    assert result.client_alive_interval != 180
+    assert "client_alive_interval failed" in str(failed)
+
+
+def test_with_the_agent_disabled_nothing_is_reported(seed_base: Path, tmp_path: Path) -> None:
+    wants = "/etc/systemd/system/multi-user.target.wants"
+    assert "waagent.service" in debugfs_read(seed_base, f"ls {wants}")
+    disk = seeded(seed_base, tmp_path, f"rm {wants}/waagent.service\n")
+    failed = seed_boot(disk, tmp_path)
+    result = failed.result
+    assert result is not None
+    assert not result.ready_reported and not result.user_login
+    assert "ready_reported" in str(failed)
+    assert "(the VM asked neither the wireserver nor IMDS)" in str(failed)
+    assert "login:" in (tmp_path / "console.log").read_text(errors="replace")

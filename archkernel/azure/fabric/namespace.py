@@ -78,7 +78,24 @@ def _remove_stale() -> None:
     alive = {int(p.name) for p in Path("/proc").iterdir() if p.name.isdigit()}
     for name in stale_namespaces(names, alive):
         log.info("removing the network namespace %s left by a killed run", name)
+        _stop_inside(name)
         run(network.teardown_argv(name), check=False)
+
+
+def _stop_inside(netns: str) -> None:
+    """End what still runs in `netns` (a killed run's dnsmasq outlives it, and keeps the
+    namespace alive after `ip netns delete`): SIGTERM, then SIGKILL."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        listed = run(network.pids_argv(netns), check=False, capture=True)
+        pids = [int(word) for word in listed.stdout.split() if word.isdigit()]
+        if not pids:
+            return
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(pid, sig)
+        deadline = time.monotonic() + STOP_GRACE
+        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
+            time.sleep(0.05)
 
 
 class Daemon:
@@ -163,6 +180,7 @@ def fabric_network(directory: Path, *, limit: float = 3600.0) -> Iterator[networ
     net = network.Network(namespace_name(), directory)
     with contextlib.ExitStack() as stack:
         stack.callback(run, network.teardown_argv(net.netns), check=False)
+        stack.callback(_stop_inside, net.netns)
         for argv in network.setup_argv(net.netns):
             run(argv)
         dhcp = Daemon("dnsmasq", network.dnsmasq_argv(net), net.dhcp_pidfile, limit)

@@ -81,6 +81,11 @@ def setup_argv(netns: str) -> list[list[str]]:
     ]
 
 
+def pids_argv(netns: str) -> list[str]:
+    """The command that lists the processes running in the namespace `netns`."""
+    return ["ip", "netns", "pids", netns]
+
+
 def teardown_argv(netns: str) -> list[str]:
     """The command that removes the namespace (its tap device goes with it)."""
     return ["ip", "netns", "delete", netns]
