@@ -26,12 +26,11 @@ from archkernel.azure.fabric import (
     namespace,
     network,
     ovf,
-    proofs,
     standing_fabric,
     wireserver,
 )
 from archkernel.errors import UserError
-from tests.support.fabric import debian_agents, run_agent_code
+from tests.support.fabric import debian_agents, passing_proofs, run_agent_code
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnTQmvTqg2Ll2SdbVUzJ6o2Bz6VjfNcpM4sXyUmzeKR t@x"
 SPEC = ovf.Provisioning.with_key("vm-under-test", "azureuser", KEY)
@@ -491,27 +490,6 @@ def test_the_fabric_answers_at_azures_addresses_and_leaves_nothing(tmp_path: Pat
 # --- the proofs an agent's way of provisioning decides --------------------------------------
 
 
-def _proven(**changes: object) -> proofs.Proofs:
-    values: dict[str, object] = {
-        "hostname": "h",
-        "static_hostname": "h",
-        "user_login": True,
-        "in_wheel": True,
-        "wrong_key_refused": True,
-        "password_login_refused": True,
-        "ready_reported": True,
-        "dhcp_lease": True,
-        "client_alive_interval": 180,
-        "fresh_identity": True,
-        "agent": "cloud-init",
-        "seconds": 1.0,
-        "sudo": True,
-        "waagent_goal_state": None,
-    }
-    values.update(changes)
-    return proofs.Proofs(**values)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("change", "failed"),
     [
@@ -525,5 +503,5 @@ def _proven(**changes: object) -> proofs.Proofs:
 def test_waagent_is_proven_by_sudo_and_its_goal_state(
     change: dict[str, object], failed: list[str]
 ) -> None:
-    result = _proven(**change)
+    result = passing_proofs(**change)
     assert result.failed(expected_hostname="h", refuse_password=True) == failed

@@ -15,6 +15,7 @@ from archkernel.azure import boottest
 from archkernel.azure.fabric import Fabric, boot, network, ovf, proofs
 from archkernel.settings import Settings, load
 from tasks.azure_vhd import build_boottest
+from tests.support.fabric import passing_proofs
 
 PROBE_OUTPUT = """\
 hostname=provisioned-archlinux
@@ -82,25 +83,6 @@ def test_identity_from_the_image_is_not_fresh(tmp_path: Path) -> None:
     assert not proofs.fresh_identity({"machine_id": "0" * 32, "host_key": ""}, None)
 
 
-def _proofs(**changes: object) -> proofs.Proofs:
-    values: dict[str, object] = {
-        "hostname": "h",
-        "static_hostname": "h",
-        "user_login": True,
-        "in_wheel": True,
-        "wrong_key_refused": True,
-        "password_login_refused": True,
-        "ready_reported": True,
-        "dhcp_lease": True,
-        "client_alive_interval": 180,
-        "fresh_identity": True,
-        "agent": "cloud-init",
-        "seconds": 1.0,
-    }
-    values.update(changes)
-    return proofs.Proofs(**values)  # type: ignore[arg-type]
-
-
 @pytest.mark.parametrize(
     ("change", "failed"),
     [
@@ -115,17 +97,17 @@ def _proofs(**changes: object) -> proofs.Proofs:
     ],
 )
 def test_each_proof_can_fail(change: dict[str, object], failed: list[str]) -> None:
-    result = _proofs(**change)
+    result = passing_proofs(**change)
     assert result.failed(expected_hostname="h", refuse_password=True) == failed
 
 
 def test_password_login_allowed_when_the_settings_allow_it() -> None:
-    result = _proofs(password_login_refused=False)
+    result = passing_proofs(password_login_refused=False)
     assert result.failed(expected_hostname="h", refuse_password=False) == []
 
 
 def test_record_has_the_documented_fields() -> None:
-    record = _proofs().record()
+    record = passing_proofs().record()
     for key in ("hostname", "user_login", "password_login_refused", "ready_reported"):
         assert key in record
     for key in ("dhcp_lease", "client_alive_interval", "agent", "seconds"):

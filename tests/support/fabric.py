@@ -18,6 +18,7 @@ from typing import Any
 
 import pytest
 
+from archkernel.azure.fabric import proofs
 from archkernel.demo import debian
 from archkernel.errors import UserError
 
@@ -57,3 +58,25 @@ def run_agent_code(tree: Path, code: str, tmp_path: Path) -> Any:
     )
     assert result.returncode == 0, f"agent code failed:\n{result.stderr[-3000:]}"
     return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def passing_proofs(**changes: object) -> proofs.Proofs:
+    """Proofs of a VM that cloud-init provisioned fully (host name "h"), with `changes`."""
+    values: dict[str, object] = {
+        "hostname": "h",
+        "static_hostname": "h",
+        "user_login": True,
+        "in_wheel": True,
+        "wrong_key_refused": True,
+        "password_login_refused": True,
+        "ready_reported": True,
+        "dhcp_lease": True,
+        "client_alive_interval": 180,
+        "fresh_identity": True,
+        "agent": "cloud-init",
+        "seconds": 1.0,
+        "sudo": True,
+        "waagent_goal_state": None,
+    }
+    values.update(changes)
+    return proofs.Proofs(**values)  # type: ignore[arg-type]
