@@ -114,21 +114,26 @@ def _initramfs(stage: Path, generation: int) -> bytes:
     ).stdout
 
 
+def minimal_vm_argv(tmp_path: Path, generation: int, console: Path) -> list[str]:
+    """QEMU booting Debian's kernel with the minimal agent's initramfs for `generation`."""
+    initrd = tmp_path / "initrd.cpio"
+    initrd.write_bytes(_initramfs(tmp_path / "stage", generation))
+    return qemu.qemu_argv(
+        kernel=kernel_image(debian_kernel_tree()),
+        initrd=initrd,
+        append="console=ttyS0 panic=-1 net.ifnames=0",
+        memory=512,
+        serial_log=console,
+    )
+
+
 @pytest.mark.parametrize("generation", [1, 2])
 def test_a_minimal_agent_provisions_through_the_fabric(generation: int, tmp_path: Path) -> None:
     if shutil.which(qemu.QEMU) is None or os.geteuid() != 0:
         pytest.skip("needs qemu-system-x86_64 and root (device nodes in the initramfs)")
-    initrd = tmp_path / "initrd.cpio"
-    initrd.write_bytes(_initramfs(tmp_path / "stage", generation))
     console = tmp_path / "console.log"
+    base = minimal_vm_argv(tmp_path, generation, console)
     with standing_fabric(SPEC, tmp_path / "fabric") as fabric:
-        base = qemu.qemu_argv(
-            kernel=kernel_image(debian_kernel_tree()),
-            initrd=initrd,
-            append="console=ttyS0 panic=-1 net.ifnames=0",
-            memory=512,
-            serial_log=console,
-        )
         argv = fabric.inside(boot.provision_argv(base, fabric, generation))
         qemu.boot_and_wait(argv, console, DONE, 180)
         wire, imds = fabric.wireserver, fabric.imds
@@ -154,16 +159,8 @@ def test_a_vm_without_ssh_fails_the_proofs_and_leaves_nothing(tmp_path: Path) ->
     # The minimal agent reports Ready, then powers off: nobody can log in.
     if shutil.which(qemu.QEMU) is None or os.geteuid() != 0:
         pytest.skip("needs qemu-system-x86_64 and root (device nodes in the initramfs)")
-    initrd = tmp_path / "initrd.cpio"
-    initrd.write_bytes(_initramfs(tmp_path / "stage", 1))
     console = tmp_path / "console.log"
-    base = qemu.qemu_argv(
-        kernel=kernel_image(debian_kernel_tree()),
-        initrd=initrd,
-        append="console=ttyS0 panic=-1 net.ifnames=0",
-        memory=512,
-        serial_log=console,
-    )
+    base = minimal_vm_argv(tmp_path, 1, console)
     key = boot.make_key(tmp_path / "key")
     spec = ovf.Provisioning.with_key(
         "vm-on-the-fabric", "azureuser", Path(f"{key}.pub").read_text()

@@ -21,7 +21,6 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -34,29 +33,18 @@ from archkernel.demo.offline import OfflineRepo
 from archkernel.errors import UserError
 from archkernel.host import qemu
 from archkernel.settings import load
+from tests.support.azure import archkernel as run_archkernel
 
 pytestmark = [pytest.mark.integration, pytest.mark.vm, pytest.mark.root]
 
-REPO = Path(__file__).resolve().parent.parent
 HOSTNAME = "provisioned-archkernel-test"  # boottest.provisioning: the image's, prefixed
 TOOLS = ("qemu-system-x86_64", "dnsmasq", "ip", "pacstrap", "ssh")
 
 
 def archkernel(settings: Path, *args: str, timeout: float) -> subprocess.CompletedProcess[str]:
-    """`archkernel --settings SETTINGS ARGS...` in a new process."""
-    env = {k: v for k, v in os.environ.items() if not k.startswith("ARCHKERNEL_")}
-    if "ARCHKERNEL_TEST_CACHE" in os.environ:
-        env["ARCHKERNEL_TEST_CACHE"] = os.environ["ARCHKERNEL_TEST_CACHE"]
-    env["PYTHONPATH"] = str(REPO)
-    return subprocess.run(
-        [sys.executable, "-m", "tasks.cli", "--settings", str(settings), *args],
-        cwd=REPO,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=timeout,
-        check=False,
-    )
+    """`archkernel --settings SETTINGS ARGS...` in a new process (the test cache kept)."""
+    cache = {k: v for k, v in os.environ.items() if k == "ARCHKERNEL_TEST_CACHE"}
+    return run_archkernel("--settings", str(settings), *args, env=cache, timeout=timeout)
 
 
 @pytest.fixture(scope="session")
