@@ -30,6 +30,7 @@ from archkernel.azure.fabric import (
     wireserver,
 )
 from archkernel.errors import UserError
+from archkernel.host import run
 from tests.support.fabric import debian_agents, passing_proofs, run_agent_code
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnTQmvTqg2Ll2SdbVUzJ6o2Bz6VjfNcpM4sXyUmzeKR t@x"
@@ -441,11 +442,13 @@ def test_without_root_the_fabric_network_is_refused(monkeypatch: pytest.MonkeyPa
 
 def test_a_missing_dnsmasq_is_named_with_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    monkeypatch.setattr(namespace, "missing_tools", lambda tools: ["dnsmasq"])
+    real_which = shutil.which
+    monkeypatch.setattr(run, "which", lambda t: None if t == "dnsmasq" else real_which(t))
     with pytest.raises(UserError) as refused:
         namespace.require()
-    assert str(refused.value).startswith("the provisioning boot test needs dnsmasq\n")
-    assert "'dnsmasq-base' on Debian/Ubuntu" in (refused.value.hint or "")
+    said = str(refused.value)
+    assert said.startswith("the provisioning boot test's network needs 1 missing tool(s): dnsmasq")
+    assert "'dnsmasq-base' on Debian/Ubuntu" in said
 
 
 def _netns() -> list[str]:

@@ -1,5 +1,6 @@
 """Processes a killed run left: working in a directory tree (a killed pacstrap's pacman or
-gpg-agent), or carrying the mark of a run that is gone (`stop_orphans`)."""
+gpg-agent), or carrying the mark of a run that is gone (`stop_orphans`); and ending
+processes (`terminate`: SIGTERM, then SIGKILL)."""
 
 from __future__ import annotations
 
@@ -62,18 +63,33 @@ def _name(pid: int) -> str:
         return "?"
 
 
-def _kill_and_wait(pids: list[int], timeout: float, message: str) -> None:
+def _signal_and_wait(pids: list[int], sig: signal.Signals, timeout: float) -> list[int]:
+    """Send `sig` to `pids` and wait up to `timeout` seconds for them to end; the pids
+    still running then."""
     for pid in pids:
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
+            os.kill(pid, sig)
     deadline = time.monotonic() + timeout
-    while not all(_gone(pid) for pid in pids):
-        if time.monotonic() > deadline:
-            raise UserError(
-                message,
-                "wait for them to end (they may be stuck on a file system), then run again",
-            )
+    while True:
+        left = [pid for pid in pids if not _gone(pid)]
+        if not left or time.monotonic() > deadline:
+            return left
         time.sleep(0.05)
+
+
+def _kill_and_wait(pids: list[int], timeout: float, message: str) -> None:
+    if _signal_and_wait(pids, signal.SIGKILL, timeout):
+        raise UserError(
+            message,
+            "wait for them to end (they may be stuck on a file system), then run again",
+        )
+
+
+def terminate(pids: list[int], grace: float = 5.0) -> list[int]:
+    """End `pids`: SIGTERM, then SIGKILL for those still running after `grace` seconds,
+    waiting as long again; the pids that would not end (stuck in the kernel)."""
+    left = _signal_and_wait(pids, signal.SIGTERM, grace)
+    return _signal_and_wait(left, signal.SIGKILL, grace) if left else []
 
 
 def stop_processes_in(tree: Path, timeout: float = 10.0) -> list[int]:

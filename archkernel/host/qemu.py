@@ -10,27 +10,22 @@ QEMU command it runs.
 Always TCG: KVM opens on the build machines but its guests hang. QEMU runs through
 `archkernel.host.run.run` in a worker thread, so it gets the same minimal environment, logging
 and error messages as every other command; its `-pidfile` is how we find the process to
-stop. The pid is only signalled while /proc shows that same command line, so a reused pid
-is never hit.
+stop (archkernel.host.background).
 """
 
 from __future__ import annotations
 
 import contextlib
 import os
-import signal
-import subprocess
-import threading
 import time
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 from archkernel.errors import UserError
+from archkernel.host.background import Background
 from archkernel.host.console import BootProgress, clean_console, console_tail
 from archkernel.host.files import temporary_directory
-from archkernel.host.run import render, run
-from archkernel.log import log
 from archkernel.plan import Run
 
 QEMU = "qemu-system-x86_64"
@@ -41,8 +36,6 @@ DISK_INTERFACES = ("ide", "scsi", "nvme")
 # The NVMe disk's serial number (the driver and udev show it).
 NVME_SERIAL = "archkernel-os"
 POLL_INTERVAL = 0.2
-# How long QEMU gets to exit after SIGTERM before SIGKILL.
-STOP_GRACE = 5.0
 
 
 def _drive_value(path: Path) -> str:
@@ -180,63 +173,11 @@ def pidfile_argv(argv: Sequence[str], pidfile: Path) -> list[str]:
     return [*argv, "-pidfile", os.fspath(pidfile)]
 
 
-class QemuProcess:
+class QemuProcess(Background):
     """A QEMU started by `qemu_process`: whether it still runs, and how it ended."""
 
     def __init__(self, argv: Sequence[str], pidfile: Path, limit: float) -> None:
-        self.argv = pidfile_argv(argv, pidfile)
-        self.pidfile = pidfile
-        self.limit = limit
-        self.result: subprocess.CompletedProcess[str] | None = None
-        self.error: BaseException | None = None
-        self._thread = threading.Thread(target=self._run, name="qemu", daemon=True)
-
-    def _run(self) -> None:
-        try:
-            # `limit` is a backstop: stop() normally ends QEMU long before.
-            self.result = run(self.argv, check=False, stdin=b"", timeout=self.limit)
-        except BaseException as exc:  # handed to the main thread by raise_error()
-            self.error = exc
-
-    def start(self) -> None:
-        """Start QEMU in the worker thread."""
-        log.debug("starting %s", render(self.argv))
-        self._thread.start()
-
-    @property
-    def running(self) -> bool:
-        """True until QEMU has exited (or failed to start)."""
-        return self._thread.is_alive()
-
-    def raise_error(self) -> None:
-        """Re-raise what stopped QEMU from running at all (e.g. not installed)."""
-        if self.error is not None:
-            raise self.error
-
-    def _pid(self) -> int | None:
-        """QEMU's pid, if its pidfile exists and /proc shows our command line for it."""
-        try:
-            pid = int(self.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        return pid if os.fsencode(self.pidfile) in cmdline.split(b"\0") else None
-
-    def stop(self) -> None:
-        """Stop QEMU (SIGTERM, then SIGKILL) and wait until it is gone."""
-        # QEMU writes its pidfile early; give it a moment if we are stopping at once.
-        deadline = time.monotonic() + STOP_GRACE
-        while self.running and self._pid() is None and time.monotonic() < deadline:
-            time.sleep(0.05)
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pid = self._pid() if self.running else None
-            if pid is None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            self._thread.join(STOP_GRACE)
-        # run()'s own timeout ends the thread in the worst case.
-        self._thread.join()
+        super().__init__("qemu", pidfile_argv(argv, pidfile), pidfile, limit)
 
 
 @contextlib.contextmanager
@@ -253,9 +194,6 @@ def qemu_process(
             pidfile = (
                 stack.enter_context(temporary_directory(prefix="archkernel-qemu-")) / "qemu.pid"
             )
-        else:
-            pidfile.parent.mkdir(parents=True, exist_ok=True)
-            pidfile.unlink(missing_ok=True)  # a killed run's: it may name a reused pid
         vm = QemuProcess(argv, pidfile, limit)
         vm.start()
         try:

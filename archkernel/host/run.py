@@ -98,6 +98,12 @@ PACKAGES: dict[str, tuple[str, str]] = {
     "chroot": ("coreutils", "coreutils"),
     "docker": ("docker", "docker.io"),
     "podman": ("podman", "podman"),
+    # the provisioning boot test (archkernel.azure.fabric)
+    "ip": ("iproute2", "iproute2"),
+    "dnsmasq": ("dnsmasq", "dnsmasq-base"),
+    "genisoimage": ("cdrkit (AUR)", "genisoimage"),
+    "ssh": ("openssh", "openssh-client"),
+    "ssh-keygen": ("openssh", "openssh-client"),
 }
 
 # What a child sees of our environment: enough to run, nothing that changes tools' output.

@@ -31,10 +31,6 @@ class Fabric:
     network: network.Network
     hostplugin: hostplugin.HostPlugin | None = None
 
-    def netdev_argv(self) -> list[str]:
-        """The QEMU options of the VM's NIC on this fabric."""
-        return network.netdev_argv()
-
     def inside(self, argv: list[str]) -> list[str]:
         """`argv` run inside the VM's network (QEMU, and SSH to the VM)."""
         return network.in_namespace(self.network.netns, argv)

@@ -56,7 +56,7 @@ def provision_argv(base: list[str], fabric: Fabric, generation: int) -> list[str
     return [
         *base,
         *dvd_argv(fabric.dvd, generation),
-        *fabric.netdev_argv(),
+        *network.netdev_argv(),
         "-smbios", f"type=3,asset={AZURE_ASSET_TAG}",
         "-uuid", fabric.spec.vm_id,
     ]  # fmt: skip

@@ -15,22 +15,21 @@ import ctypes
 import os
 import re
 import secrets
-import signal
 import socket
 import threading
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 from archkernel.azure.fabric import network
 from archkernel.errors import UserError
-from archkernel.host.run import missing_tools, run
+from archkernel.host.background import Background
+from archkernel.host.processes import terminate
+from archkernel.host.run import check_tools, run
 from archkernel.log import log
 
 NETNS_DIR = Path("/run/netns")
 CLONE_NEWNET = 0x40000000
-# tool -> (Arch package, Debian/Ubuntu package)
-TOOLS = {"ip": ("iproute2", "iproute2"), "dnsmasq": ("dnsmasq", "dnsmasq-base")}
+TOOLS = ("ip", "dnsmasq")
 START_WAIT = 10.0
 STOP_GRACE = 5.0
 
@@ -43,15 +42,7 @@ def require() -> None:
             "of its own with a tap device and a DHCP server",
             'run it as root, or set azure.boottest_mode = "console"',
         )
-    missing = missing_tools(TOOLS)
-    if missing:
-        raise UserError(
-            f"the provisioning boot test needs {', '.join(missing)}",
-            "; ".join(
-                f"{t}: install '{TOOLS[t][0]}' on Arch Linux or '{TOOLS[t][1]}' on Debian/Ubuntu"
-                for t in missing
-            ),
-        )
+    check_tools(TOOLS, "the provisioning boot test's network")
 
 
 def namespace_name(pid: int | None = None) -> str:
@@ -84,90 +75,9 @@ def _remove_stale() -> None:
 
 def _stop_inside(netns: str) -> None:
     """End what still runs in `netns` (a killed run's dnsmasq outlives it, and keeps the
-    namespace alive after `ip netns delete`): SIGTERM, then SIGKILL."""
-    for sig in (signal.SIGTERM, signal.SIGKILL):
-        listed = run(network.pids_argv(netns), check=False, capture=True)
-        pids = [int(word) for word in listed.stdout.split() if word.isdigit()]
-        if not pids:
-            return
-        for pid in pids:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-        deadline = time.monotonic() + STOP_GRACE
-        while time.monotonic() < deadline and any(Path(f"/proc/{p}").exists() for p in pids):
-            time.sleep(0.05)
-
-
-class Daemon:
-    """A long-running command (dnsmasq in the foreground) in a worker thread; `stop` ends
-    it through the pid file it writes."""
-
-    def __init__(self, name: str, argv: list[str], pidfile: Path, limit: float) -> None:
-        self.name, self.argv, self.pidfile, self.limit = name, argv, pidfile, limit
-        self.error: BaseException | None = None
-        self.stderr = ""
-        self._thread = threading.Thread(target=self._run, name=name, daemon=True)
-
-    def _run(self) -> None:
-        try:
-            result = run(self.argv, check=False, stdin=b"", timeout=self.limit)
-            self.stderr = result.stderr
-        except BaseException as exc:  # reported by start() or ignored after stop()
-            self.error = exc
-
-    @property
-    def running(self) -> bool:
-        return self._thread.is_alive()
-
-    def pid(self) -> int | None:
-        """The pid in the pid file, if /proc shows our command line for it."""
-        try:
-            pid = int(self.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        except (OSError, ValueError):
-            return None
-        return pid if os.fsencode(self.pidfile) in cmdline else None
-
-    def start(self) -> None:
-        """Start; return once the pid file names it (UserError if it ended first)."""
-        self.pidfile.unlink(missing_ok=True)
-        self._thread.start()
-        deadline = time.monotonic() + START_WAIT
-        while self.pid() is None:
-            if not self.running or time.monotonic() > deadline:
-                self.stop()
-                if self.error is not None:
-                    raise self.error
-                raise UserError(
-                    f"{self.name} did not start: "
-                    f"{self.stderr.strip() or f'no pid file within {START_WAIT:g}s'}",
-                    "see the command in the debug log (-v)",
-                )
-            time.sleep(0.05)
-
-    def _find(self) -> int | None:
-        """Its pid, from the pid file or, before it wrote one, from /proc."""
-        pid = self.pid()
-        if pid is not None:
-            return pid
-        marker = os.fsencode(self.pidfile)
-        for proc in Path("/proc").iterdir():
-            with contextlib.suppress(OSError):
-                if proc.name.isdigit() and marker in (proc / "cmdline").read_bytes():
-                    return int(proc.name)
-        return None
-
-    def stop(self) -> None:
-        """SIGTERM, then SIGKILL; wait until it is gone."""
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            pid = self._find() if self.running else None
-            if pid is None:
-                break
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(pid, sig)
-            self._thread.join(STOP_GRACE)
-        if self._thread.ident is not None:
-            self._thread.join()
+    namespace alive after `ip netns delete`)."""
+    listed = run(network.pids_argv(netns), check=False, capture=True)
+    terminate([int(word) for word in listed.stdout.split() if word.isdigit()], STOP_GRACE)
 
 
 @contextlib.contextmanager
@@ -183,9 +93,9 @@ def fabric_network(directory: Path, *, limit: float = 3600.0) -> Iterator[networ
         stack.callback(_stop_inside, net.netns)
         for argv in network.setup_argv(net.netns):
             run(argv)
-        dhcp = Daemon("dnsmasq", network.dnsmasq_argv(net), net.dhcp_pidfile, limit)
+        dhcp = Background("dnsmasq", network.dnsmasq_argv(net), net.dhcp_pidfile, limit)
         stack.callback(dhcp.stop)
-        dhcp.start()
+        dhcp.start(wait=START_WAIT)
         yield net
 
 
