@@ -134,3 +134,25 @@ def test_an_unreachable_resource_manager_is_a_user_error() -> None:
             arm.call("reading the disk d", fail)
         assert str(caught.value).startswith("reading the disk d failed: Resource Manager ")
         assert caught.value.hint and "arm_endpoint" in caught.value.hint
+
+
+def test_credentials_that_give_no_token_are_named_with_the_login_hint(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    from azure.identity import EnvironmentCredential
+    from azure.mgmt.compute import ComputeManagementClient
+
+    from archkernel.azure.publish import arm
+    from archkernel.errors import UserError
+
+    # The SDK's own credential with nothing to go on: as a token that can no longer be
+    # renewed mid-publish, it raises before any request leaves.
+    for name in ("AZURE_CLIENT_ID", "AZURE_TENANT_ID", "AZURE_CLIENT_SECRET", "AZURE_USERNAME"):
+        monkeypatch.delenv(name, raising=False)
+    client = ComputeManagementClient(EnvironmentCredential(), "sub", base_url="https://127.0.0.1:9")
+    with pytest.raises(UserError) as caught:
+        arm.call("reading the disk d", lambda: client.disks.get("rg", "d"))
+    said = str(caught.value)
+    assert said.startswith("reading the disk d failed: the Azure credentials gave no token: ")
+    assert "HTTP None" not in said
+    assert caught.value.hint and "az login" in caught.value.hint

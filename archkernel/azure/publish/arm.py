@@ -29,6 +29,16 @@ def text(value: Any) -> str:
     return str(getattr(value, "value", value))
 
 
+CREDENTIALS_HINT = (
+    "log in with `az login`, or set AZURE_CLIENT_ID/AZURE_TENANT_ID and a secret "
+    "or a federated token (GitHub Actions: azure/login with OIDC)"
+)
+
+
+def _first_line(exc: BaseException) -> str:
+    return redact(str(exc).splitlines()[0]) if str(exc) else ""
+
+
 def credential() -> Any:
     """Azure's default credential chain (the tests put a stand-in's here)."""
     identity = sdk("azure.identity")
@@ -48,9 +58,7 @@ def resolve_credentials(settings: Settings, scopes: list[str]) -> None:
             cred.get_token(s)
         except core.ClientAuthenticationError as exc:
             raise UserError(
-                f"no Azure credentials for {s}: {redact(str(exc).splitlines()[0])}",
-                "log in with `az login`, or set AZURE_CLIENT_ID/AZURE_TENANT_ID and a secret "
-                "or a federated token (GitHub Actions: azure/login with OIDC)",
+                f"no Azure credentials for {s}: {_first_line(exc)}", CREDENTIALS_HINT
             ) from None
 
 
@@ -73,9 +81,14 @@ def call(what: str, fn: Callable[[], T]) -> T:
     try:
         return fn()
     except core.HttpResponseError as exc:
-        first = str(exc).splitlines()[0] if str(exc) else ""
+        if isinstance(exc, core.ClientAuthenticationError) and exc.status_code is None:
+            # The credential got (or renewed) no token: Resource Manager was not asked.
+            raise UserError(
+                f"{what} failed: the Azure credentials gave no token: {_first_line(exc)}",
+                CREDENTIALS_HINT,
+            ) from None
         raise UserError(
-            f"{what} failed: HTTP {exc.status_code} {redact(first)}",
+            f"{what} failed: HTTP {exc.status_code} {_first_line(exc)}",
             "check the subscription, resource group and your role on them "
             "(Contributor on the resource group is enough)",
         ) from None
