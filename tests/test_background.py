@@ -7,9 +7,11 @@ its command line, as QEMU (`-pidfile PATH`) and dnsmasq (`--pid-file=PATH`) do.
 
 from __future__ import annotations
 
+import os
 import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -18,7 +20,8 @@ from archkernel.errors import UserError
 from archkernel.host.background import Background
 from archkernel.host.processes import terminate
 
-# argv[1] is `--pid-file=PATH` or `-pidfile PATH`; then: "ignore" SIGTERM, or "exit" at once.
+# argv[1] is `--pid-file=PATH` or `-pidfile PATH`; then: "ignore" SIGTERM, "exit" at once,
+# or be "slow" to write the pid file.
 PROGRAM = """\
 import os, signal, sys, time
 args = sys.argv[1:]
@@ -28,6 +31,8 @@ if "ignore" in args:
 if "exit" in args:
     print("no address to listen on", file=sys.stderr)
     sys.exit(3)
+if "slow" in args:
+    time.sleep(600)
 with open(path, "w") as f:
     f.write(str(os.getpid()))
 time.sleep(600)
@@ -68,13 +73,14 @@ def test_one_that_ignores_sigterm_is_killed(tmp_path: Path) -> None:
     assert job.result is not None and job.result.returncode == -signal.SIGKILL
 
 
-def test_stopped_at_once_it_is_still_found_and_ended(tmp_path: Path) -> None:
+def test_stopped_before_its_pid_file_it_is_found_by_its_command_line(tmp_path: Path) -> None:
     pidfile = tmp_path / "daemon.pid"
-    job = Background("hasty", program(pidfile), pidfile, limit=600)
+    # `limit` would end it after 60 s; found in /proc, it gets SIGTERM at once.
+    job = Background("hasty", program(pidfile, "slow"), pidfile, limit=60)
     job.start()
-    job.stop()  # may come before the pid file: found by its command line then
-    assert not job.running
-    assert job.result is not None and job.result.returncode < 0
+    job.stop()
+    assert not job.running and not pidfile.exists()
+    assert job.result is not None and job.result.returncode == -signal.SIGTERM
 
 
 def test_one_that_ends_before_its_pid_file_is_an_error_quoting_it(tmp_path: Path) -> None:
@@ -94,18 +100,24 @@ def test_a_missing_program_is_raised_as_it_is(tmp_path: Path) -> None:
 
 def test_a_pid_file_naming_another_process_is_not_trusted(tmp_path: Path) -> None:
     pidfile = tmp_path / "daemon.pid"
-    other = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(600)"])
+    job = Background("job", program(pidfile, "slow", equals=False), pidfile, limit=60)
+    job.start()
+    # Another run's command naming the same pid file (not our child: a shell left it
+    # running on its own) writes it.
+    subprocess.run(["sh", "-c", '"$@" & exit 0', "sh", *program(pidfile)], check=True)
+    deadline = time.monotonic() + 30  # bounds the test, not a speed expected of it
+    while not pidfile.exists() or not pidfile.read_text():
+        assert time.monotonic() < deadline, "the other command wrote no pid file"
+        time.sleep(0.05)
+    other = int(pidfile.read_text())
     try:
-        job = Background("stale", ["true"], pidfile, limit=60)
-        pidfile.write_text(str(other.pid))  # a killed run's, naming a reused pid
         assert job.pid() is None
-        job.start()  # removes the stale file first
-        assert not pidfile.exists()
-        job.stop()
-        assert other.poll() is None  # not signalled
+        job.stop()  # finds the job by its command line, as our child
+        assert not job.running
+        assert job.result is not None and job.result.returncode == -signal.SIGTERM
+        assert Path(f"/proc/{other}/cmdline").read_bytes().endswith(f"={pidfile}\0".encode())
     finally:
-        other.kill()
-        other.wait()
+        os.kill(other, signal.SIGKILL)
 
 
 def test_terminate_ends_each_with_sigterm_or_sigkill() -> None:
@@ -116,7 +128,7 @@ def test_terminate_ends_each_with_sigterm_or_sigkill() -> None:
         stdout=subprocess.PIPE,
     )  # fmt: skip
     assert stubborn.stdout is not None and stubborn.stdout.readline() == b"\n"  # ignoring now
-    assert terminate([polite.pid, stubborn.pid], grace=1.0) == []
+    assert terminate([polite.pid, stubborn.pid], grace=3.0) == []
     assert polite.wait(5) == -signal.SIGTERM
     assert stubborn.wait(5) == -signal.SIGKILL
     assert terminate([], grace=1.0) == []

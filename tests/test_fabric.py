@@ -442,8 +442,7 @@ def test_without_root_the_fabric_network_is_refused(monkeypatch: pytest.MonkeyPa
 
 def test_a_missing_dnsmasq_is_named_with_its_package(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(os, "geteuid", lambda: 0)
-    real_which = shutil.which
-    monkeypatch.setattr(run, "which", lambda t: None if t == "dnsmasq" else real_which(t))
+    monkeypatch.setattr(run, "which", lambda t: None if t == "dnsmasq" else f"/usr/bin/{t}")
     with pytest.raises(UserError) as refused:
         namespace.require()
     said = str(refused.value)

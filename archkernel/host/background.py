@@ -1,11 +1,11 @@
 """A long-running command in the background of this process: QEMU, the fabric's dnsmasq.
 
 The command runs in a worker thread through `run()` (so it dies with the thread that
-started it, and `limit` bounds it in the worst case) and writes its pid to a pid file.
-The pid it is stopped by is the pid file's, accepted only if /proc shows the pid file on
-that process's command line: a killed run's pid file may name a pid reused since. The
-child of the thread may be a wrapper that execs the command (`ip netns exec NS ...`), so
-the pid file, not the child's pid, says whom to signal.
+started it, and `limit` bounds it in the worst case), which waits for it and hands out
+no pid: the command writes its pid to a pid file, and that is how `stop` finds it. A pid
+is taken only from a child of this process whose command line names the pid file: a
+killed run's pid file may name a pid reused since, and another run's command may name
+the same file. Before the pid file is written, the same test over /proc finds it.
 """
 
 from __future__ import annotations
@@ -30,6 +30,18 @@ def _names(cmdline: bytes, pidfile: Path) -> bool:
     (`-pidfile PATH`) or as an option's value (`--pid-file=PATH`)."""
     path = os.fsencode(pidfile)
     return any(arg == path or arg.endswith(b"=" + path) for arg in cmdline.split(b"\0"))
+
+
+def _ours(pid: int, pidfile: Path) -> bool:
+    """Whether `pid` is a child of this process whose command line names `pidfile`."""
+    try:
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+        stat = Path(f"/proc/{pid}/stat").read_bytes()
+    except OSError:
+        return False
+    # The parent's pid: field 4, counted after the command name in parentheses.
+    fields = stat.rsplit(b")", 1)[-1].split()
+    return len(fields) > 1 and int(fields[1]) == os.getpid() and _names(cmdline, pidfile)
 
 
 class Background:
@@ -81,13 +93,12 @@ class Background:
             raise self.error
 
     def pid(self) -> int | None:
-        """The pid in the pid file, if /proc shows that process naming the pid file."""
+        """The pid in the pid file, if it is our child naming the pid file."""
         try:
             pid = int(self.pidfile.read_text().strip())
-            cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
         except (OSError, ValueError):
             return None
-        return pid if _names(cmdline, self.pidfile) else None
+        return pid if _ours(pid, self.pidfile) else None
 
     def _find(self) -> int | None:
         """Its pid, from the pid file or, before it wrote one, from /proc."""
@@ -95,23 +106,24 @@ class Background:
         if pid is not None:
             return pid
         for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and _names((proc / "cmdline").read_bytes(), self.pidfile):
-                    return int(proc.name)
-            except OSError:  # gone meanwhile
-                continue
+            if proc.name.isdigit() and _ours(int(proc.name), self.pidfile):
+                return int(proc.name)
         return None
 
     def stop(self) -> None:
-        """SIGTERM, then SIGKILL; wait until it is gone."""
-        # Stopped at once, it may not have started the command yet: give it a moment.
-        deadline = time.monotonic() + STOP_GRACE
-        while self.running and time.monotonic() < deadline:
+        """SIGTERM, then SIGKILL; return once the worker thread has ended."""
+        said = False
+        start = time.monotonic()
+        # Stopped at once, it may not have started the command yet: look until it has,
+        # or the thread ended without it (run()'s timeout ends the thread at worst).
+        while self.running:
             pid = self._find()
             if pid is not None:
                 terminate([pid], STOP_GRACE)
                 break
-            time.sleep(0.05)
+            if not said and time.monotonic() - start > STOP_GRACE:
+                log.info("waiting for %s to start, to stop it", self.name)
+                said = True
+            self._thread.join(0.05)
         if self._thread.ident is not None:
-            # run()'s own timeout ends the thread in the worst case.
             self._thread.join()

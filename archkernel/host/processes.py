@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import select
 import signal
 import time
 from collections.abc import Callable, Iterable, Iterator
@@ -48,14 +49,6 @@ def _process_table() -> Iterator[tuple[int, list[str], str]]:
         yield int(entry.name), [os.fsdecode(a) for a in raw.split(b"\0") if a], root
 
 
-def _gone(pid: int) -> bool:
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"  # a zombie no longer runs
-
-
 def _name(pid: int) -> str:
     try:
         return Path(f"/proc/{pid}/comm").read_text().strip()
@@ -63,33 +56,59 @@ def _name(pid: int) -> str:
         return "?"
 
 
-def _signal_and_wait(pids: list[int], sig: signal.Signals, timeout: float) -> list[int]:
-    """Send `sig` to `pids` and wait up to `timeout` seconds for them to end; the pids
-    still running then."""
-    for pid in pids:
+@contextlib.contextmanager
+def _held(pids: list[int]) -> Iterator[dict[int, int]]:
+    """A pidfd for each of `pids` still running (Linux 5.3): a signal sent through it
+    reaches that process or none, never a later one given the same pid."""
+    handles: dict[int, int] = {}
+    try:
+        for pid in pids:
+            with contextlib.suppress(ProcessLookupError):
+                handles[pid] = os.pidfd_open(pid)
+        yield handles
+    finally:
+        for fd in handles.values():
+            os.close(fd)
+
+
+def _ended(fd: int) -> bool:
+    """Whether the process behind pidfd `fd` has ended (a zombie has)."""
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    return bool(poller.poll(0))
+
+
+def _signal_and_wait(handles: dict[int, int], sig: signal.Signals, timeout: float) -> list[int]:
+    """Send `sig` to the processes `handles` holds and wait up to `timeout` seconds for
+    them to end; the pids still running then."""
+    for fd in handles.values():
         with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, sig)
+            signal.pidfd_send_signal(fd, sig)
     deadline = time.monotonic() + timeout
     while True:
-        left = [pid for pid in pids if not _gone(pid)]
+        left = [pid for pid, fd in handles.items() if not _ended(fd)]
         if not left or time.monotonic() > deadline:
             return left
         time.sleep(0.05)
 
 
 def _kill_and_wait(pids: list[int], timeout: float, message: str) -> None:
-    if _signal_and_wait(pids, signal.SIGKILL, timeout):
-        raise UserError(
-            message,
-            "wait for them to end (they may be stuck on a file system), then run again",
-        )
+    with _held(pids) as handles:
+        if _signal_and_wait(handles, signal.SIGKILL, timeout):
+            raise UserError(
+                message,
+                "wait for them to end (they may be stuck on a file system), then run again",
+            )
 
 
 def terminate(pids: list[int], grace: float = 5.0) -> list[int]:
     """End `pids`: SIGTERM, then SIGKILL for those still running after `grace` seconds,
     waiting as long again; the pids that would not end (stuck in the kernel)."""
-    left = _signal_and_wait(pids, signal.SIGTERM, grace)
-    return _signal_and_wait(left, signal.SIGKILL, grace) if left else []
+    with _held(pids) as handles:
+        left = _signal_and_wait(handles, signal.SIGTERM, grace)
+        if not left:
+            return []
+        return _signal_and_wait({p: handles[p] for p in left}, signal.SIGKILL, grace)
 
 
 def stop_processes_in(tree: Path, timeout: float = 10.0) -> list[int]:
