@@ -139,6 +139,30 @@ def test_waagent_reads_ovf_env(agents: Path, tmp_path: Path) -> None:
     ]
 
 
+@pytest.mark.integration
+def test_without_a_user_waagent_refuses_the_document(agents: Path, tmp_path: Path) -> None:
+    spec = ovf.Provisioning("wa-host", None, SPEC.public_keys)
+    text = ovf.ovf_env(spec)
+    assert b"UserName" not in text and b"wa-host" in text
+    (tmp_path / "ovf-env.xml").write_bytes(text)
+    refused = run_agent_code(
+        agents,
+        """
+        import json
+        from azurelinuxagent.common.protocol.ovfenv import OvfEnv
+        try:
+            OvfEnv(open("ovf-env.xml").read())
+        except Exception as e:
+            print(json.dumps([type(e).__name__, str(e)]))
+        else:
+            print(json.dumps(None))
+        """,
+        tmp_path,
+    )
+    assert refused is not None
+    assert refused[0] == "ProtocolError" and "UserName not found" in refused[1]
+
+
 # --- the DVD ----------------------------------------------------------------------------------
 
 
@@ -255,6 +279,8 @@ def test_cloud_init_failure_report_is_not_ready(
     )
     assert wire.health_reports() == ["NotReady"]
     assert not wire.ready_reported
+    # The agent's own account of it, as the boot test quotes it in a failure.
+    assert wire.failures_reported() == ["ProvisioningFailed: x"]
 
 
 @pytest.mark.integration
@@ -280,8 +306,48 @@ def test_waagent_protocol_reports_ready(
     )
     assert seen == ["container-7", "instance-9", "archkernel-boottest"]
     assert wire.health_reports() == ["Ready"]
+    assert wire.failures_reported() == []
     assert all(r.status == 200 for r in wire.requests)
     assert wire.asked_by("WALinuxAgent")  # its User-Agent: the boot test tells it apart
+
+
+@pytest.mark.integration
+def test_waagent_failure_report_names_why(
+    agents: Path, wire: wireserver.Wireserver, tmp_path: Path
+) -> None:
+    run_agent_code(
+        agents,
+        f"""
+        import os
+        from azurelinuxagent.common import conf
+        conf.__conf__.values["Lib.Dir"] = os.getcwd()
+        conf.__conf__.values["Debug.EnableFastTrack"] = "n"
+        from azurelinuxagent.common.protocol.wire import WireProtocol
+        protocol = WireProtocol("127.0.0.1:{wire.port}")
+        protocol.detect()
+        # What waagent's provisioning handler sends when it fails (report_not_ready).
+        protocol.client.report_health("NotReady", "Provisioning", "Starting")
+        protocol.client.report_health("NotReady", "ProvisioningFailed", "UserName <not> found")
+        print("null")
+        """,
+        tmp_path,
+    )
+    assert wire.health_reports() == ["NotReady", "NotReady"]
+    assert wire.failures_reported() == ["ProvisioningFailed: UserName <not> found"]
+    assert not wire.ready_reported
+
+
+def test_a_report_without_a_description_names_its_sub_status() -> None:
+    body = (
+        b"<Health><Container><RoleInstanceList><Role><Health><State>NotReady</State>"
+        b"<Details><SubStatus>ProvisioningFailed</SubStatus></Details></Health></Role>"
+        b"</RoleInstanceList></Container></Health>"
+    )
+    report = wireserver.health_report(body)
+    assert report == wireserver.HealthReport("NotReady", "ProvisioningFailed")
+    assert report.failure == "ProvisioningFailed"
+    assert wireserver.HealthReport("NotReady", "Provisioning", "Starting").failure is None
+    assert wireserver.HealthReport("Ready").failure is None
 
 
 @pytest.mark.integration

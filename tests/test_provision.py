@@ -13,6 +13,7 @@ import pytest
 
 from archkernel.azure import boottest
 from archkernel.azure.fabric import Fabric, boot, network, ovf, proofs
+from archkernel.errors import UserError
 from archkernel.settings import Settings, load
 from tasks.azure_vhd import build_boottest
 from tests.support.fabric import passing_proofs
@@ -157,3 +158,26 @@ def test_provisioned_hostname_differs_from_the_image(tmp_path: Path) -> None:
         ovf.PublicKey("ssh-ed25519 AAAA k", "/home/azureuser/.ssh/authorized_keys"),
     )
     assert spec.disable_password_auth
+
+
+def _boot(tmp_path: Path, spec: ovf.Provisioning, user: str | None = None) -> boot.ProvisionBoot:
+    return boot.ProvisionBoot(
+        qemu=["qemu-system-x86_64"],
+        generation=1,
+        console=tmp_path / "console.log",
+        spec=spec,
+        key=tmp_path / "key",
+        agent="waagent",
+        timeout=60.0,
+        scratch=tmp_path,
+        user=user,
+    )
+
+
+def test_a_boot_without_anybody_to_log_in_as_is_refused(tmp_path: Path) -> None:
+    nobody = ovf.Provisioning("h", None)
+    with pytest.raises(UserError, match="nobody to log in as"):
+        _boot(tmp_path, nobody)
+    # A build-time user logs in when the DVD names nobody; the DVD's user otherwise.
+    assert _boot(tmp_path, nobody, user="admin").login == "admin"
+    assert _boot(tmp_path, ovf.Provisioning("h", "azureuser")).login == "azureuser"

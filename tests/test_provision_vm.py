@@ -17,6 +17,7 @@ generation 2 (OVMF, the DVD on SCSI, the OS disk on NVMe).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import shutil
@@ -190,21 +191,24 @@ def seeded(vhd: Path, tmp_path: Path, commands: str, files: dict[str, str] | Non
 
 
 def seed_boot(
-    disk: Path, tmp_path: Path, timeout: float = SEED_TIMEOUT
+    disk: Path, tmp_path: Path, timeout: float = SEED_TIMEOUT, *, user_on_dvd: bool = True
 ) -> fabric_boot.ProvisionFailed:
-    """Boot `disk` on the fabric as the boot test does (waagent, generation 1); the
+    """Boot `disk` on the fabric as the boot test does (waagent, generation 1), its key
+    for the boot test's user, who is named on the DVD unless `user_on_dvd` is false; the
     failure it must end in."""
     key = fabric_boot.make_key(tmp_path / "key")
     console = tmp_path / "console.log"
+    spec = ovf.Provisioning.with_key(HOSTNAME, boottest.USER, Path(f"{key}.pub").read_text())
     boot = fabric_boot.ProvisionBoot(
         qemu=qemu.qemu_argv(disk=disk, disk_format="vpc", serial_log=console, memory=1024),
         generation=1,
         console=console,
-        spec=ovf.Provisioning.with_key(HOSTNAME, boottest.USER, Path(f"{key}.pub").read_text()),
+        spec=spec if user_on_dvd else dataclasses.replace(spec, username=None),
         key=key,
         agent="waagent",
         timeout=timeout,
         scratch=tmp_path / "scratch",
+        user=boottest.USER,
     )
     (tmp_path / "scratch").mkdir()
     with pytest.raises(fabric_boot.ProvisionFailed) as failed:
@@ -259,3 +263,21 @@ def test_with_the_agent_disabled_nothing_is_reported(seed_base: Path, tmp_path: 
     assert "ready_reported" in str(failed)
     assert "(the VM asked neither the wireserver nor IMDS)" in str(failed)
     assert "login:" in (tmp_path / "console.log").read_text(errors="replace")
+
+
+def test_without_a_user_on_the_dvd_or_in_the_image_nobody_logs_in(
+    seed_base: Path, tmp_path: Path
+) -> None:
+    # The image has no build-time user ([azure.user] unset): no account but the system's.
+    passwd = debugfs_read(seed_base, "cat /etc/passwd").splitlines()
+    accounts = [line.split(":") for line in passwd if line.count(":") == 6]
+    assert accounts and not [a[0] for a in accounts if 1000 <= int(a[2]) < 65534]
+    disk = seeded(seed_base, tmp_path, "")  # the image unchanged, as a copy to boot
+    failed = seed_boot(disk, tmp_path, user_on_dvd=False)
+    result = failed.result
+    assert result is not None
+    assert not result.user_login and not result.ready_reported
+    assert "user_login" in str(failed) and "[azure.user]" in str(failed)
+    # waagent read the DVD, found no user and said so to the wireserver (NotReady).
+    assert "reported to the wireserver: ProvisioningFailed: " in str(failed)
+    assert "UserName not found" in str(failed)

@@ -86,6 +86,20 @@ class ProvisionBoot:
     label: str = "provisioning boot"
     # waagent installed beside cloud-init for extensions: it must take the goal state too.
     extensions: bool = False
+    # Who logs in with the key: the user ovf-env.xml names, unless set (a build-time
+    # user, when the DVD names none).
+    user: str | None = None
+
+    def __post_init__(self) -> None:
+        if not (self.user or self.spec.username):
+            raise UserError(
+                f"{self.label}: nobody to log in as",
+                "name the user in the provisioning document (ovf-env.xml) or the boot",
+            )
+
+    @property
+    def login(self) -> str:
+        return self.user or self.spec.username or ""
 
 
 def _waagent_expected(boot: ProvisionBoot) -> bool:
@@ -119,7 +133,7 @@ def _wait_for_login(boot: ProvisionBoot, fabric: Fabric, vm: qemu.QemuProcess) -
     and, where waagent runs, it took the goal state); None if they did, else why not."""
     start, logged_in = time.monotonic(), None
     progress = BootProgress(boot.label)
-    login = fabric.inside(proofs.ssh_argv(boot.key, network.GUEST, boot.spec.username, "true"))
+    login = fabric.inside(proofs.ssh_argv(boot.key, network.GUEST, boot.login, "true"))
     try:
         while True:
             elapsed = time.monotonic() - start
@@ -142,7 +156,7 @@ def _wait_for_login(boot: ProvisionBoot, fabric: Fabric, vm: qemu.QemuProcess) -
 
 
 def _prove(boot: ProvisionBoot, fabric: Fabric, seconds: float) -> proofs.Proofs:
-    host, user = network.GUEST, boot.spec.username
+    host, user = network.GUEST, boot.login
     probed = _ssh(fabric.inside(proofs.ssh_argv(boot.key, host, user, proofs.PROBE)))
     found = proofs.parse_probe(probed.stdout) if probed.returncode == 0 else {}
     wrong = make_key(boot.scratch / "wrong_key")
@@ -173,7 +187,7 @@ def agent_log(boot: ProvisionBoot, fabric: Fabric) -> str:
     does not work."""
     logs = "/var/log/cloud-init.log" if boot.agent == "cloud-init" else "/var/log/waagent.log"
     tail = f"sudo -n tail -n 15 {logs}"
-    got = _ssh(fabric.inside(proofs.ssh_argv(boot.key, network.GUEST, boot.spec.username, tail)),
+    got = _ssh(fabric.inside(proofs.ssh_argv(boot.key, network.GUEST, boot.login, tail)),
                timeout=30)  # fmt: skip
     if got.returncode == 0 and got.stdout.strip():
         return got.stdout.rstrip()
@@ -224,8 +238,11 @@ def provision_boot(boot: ProvisionBoot) -> proofs.Proofs:
         )
         if not failed and why is None:
             return result
+        # The agent's own account, when it reported its provisioning failed (NotReady).
+        reported = "; ".join(fabric.wireserver.failures_reported())
         details = (
-            f"console, last lines ({boot.console}):\n"
+            (f"the agent reported to the wireserver: {reported}\n  " if reported else "")
+            + f"console, last lines ({boot.console}):\n"
             f"{_indent(console_tail(_read(boot.console)))}\n"
             f"  agent ({boot.agent}), last lines:\n{_indent(agent_log(boot, fabric))}\n"
             f"  asked of the fabric:\n{_indent(fabric_log(fabric))}\n"
@@ -238,12 +255,20 @@ def provision_boot(boot: ProvisionBoot) -> proofs.Proofs:
         else name
         for name in failed
     ]
+    hint = (
+        "the proofs are in the log above; see the whole console log and check the agent's "
+        "configuration, the DVD modules (udf, sr_mod, cdrom, ata_piix) and sshd_config"
+    )
+    if "user_login" in failed:
+        hint += (
+            "; a build-time administrator ([azure.user] with an SSH key) can log in even "
+            "when provisioning makes nobody"
+        )
     error = ProvisionFailed(
         f"provisioning not proven: {', '.join(named) or 'no proof'} failed"
         + (f" ({why})" if why else "")
         + f"\n  {details}",
-        "the proofs are in the log above; see the whole console log and check the agent's "
-        "configuration, the DVD modules (udf, sr_mod, cdrom, ata_piix) and sshd_config",
+        hint,
     )
     error.result = result
     raise error

@@ -33,7 +33,7 @@ def instance_document(
             "name": spec.hostname,
             "offer": "",
             "osProfile": {
-                "adminUsername": spec.username,
+                "adminUsername": spec.username or "",
                 "computerName": spec.hostname,
                 "disablePasswordAuthentication": str(spec.disable_password_auth).lower(),
             },

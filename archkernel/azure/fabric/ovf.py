@@ -31,11 +31,13 @@ class Provisioning:
     """What the fabric hands the VM: its name, its user and how that user logs in.
 
     `password` is what Azure puts on the media: the user's password in clear (the agent
-    hashes it); None for a key-only user, the usual case.
+    hashes it); None for a key-only user, the usual case. `username` None leaves the user
+    out of the document (and of IMDS's osProfile): Azure always sends one, the fabric
+    can also show what an image does when none comes.
     """
 
     hostname: str
-    username: str
+    username: str | None
     public_keys: tuple[PublicKey, ...] = ()
     password: str | None = None
     disable_password_auth: bool = True
@@ -67,7 +69,8 @@ def ovf_env(spec: Provisioning) -> bytes:
     config = _sub(section, "LinuxProvisioningConfigurationSet")
     _sub(config, "ConfigurationSetType", "LinuxProvisioningConfiguration")
     _sub(config, "HostName", spec.hostname)
-    _sub(config, "UserName", spec.username)
+    if spec.username is not None:
+        _sub(config, "UserName", spec.username)
     if spec.password is not None:
         _sub(config, "UserPassword", spec.password)
     _sub(config, "DisableSshPasswordAuthentication", str(spec.disable_password_auth).lower())

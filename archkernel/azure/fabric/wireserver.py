@@ -8,7 +8,8 @@ protocol (version 2012-11-30):
   the DVD and from IMDS, so the goal state names no `Certificates` document and neither
   agent asks for one;
 - the documents it names: hosting environment, shared configuration, full configuration;
-- `POST /machine?comp=health`: the health report, `Ready` once provisioning is done;
+- `POST /machine?comp=health`: the health report, `Ready` once provisioning is done, or
+  `NotReady` with the agent's sub-status (`ProvisioningFailed`) and why;
 - `POST /machine?comp=roleProperties` and `?comp=telemetrydata`: accepted and recorded.
 Anything else is answered 404 and recorded too, so a test sees what an agent wanted.
 """
@@ -106,18 +107,42 @@ def shared_config_xml(state: GoalState) -> bytes:
     return _xml(root)
 
 
-def health_state(body: bytes) -> str | None:
-    """The `State` a health report's body gives (`Ready`, `NotReady`), or None."""
+@dataclass(frozen=True)
+class HealthReport:
+    """What a health report says: `Ready` or `NotReady`, and for `NotReady` the agent's
+    sub-status (`Provisioning`, `ProvisioningFailed`) and its description of it."""
+
+    state: str
+    substatus: str = ""
+    description: str = ""
+
+    @property
+    def failure(self) -> str | None:
+        """The agent's own account of a failed provisioning, or None."""
+        if self.state == "Ready" or not self.substatus.endswith("Failed"):
+            return None
+        return f"{self.substatus}: {self.description}".rstrip(": ")
+
+
+def health_report(body: bytes) -> HealthReport | None:
+    """The report a health POST's body holds (`Health/.../Role/Health`), or None when it
+    gives no `State`."""
     try:
         # The report comes from the VM under test, over loopback; expat expands no
         # external entities.
         root = ElementTree.fromstring(body)  # noqa: S314
     except ElementTree.ParseError:
         return None
+    found: dict[str, str] = {}
     for element in root.iter():
-        if element.tag.rsplit("}", 1)[-1] == "State" and element.text:
-            return element.text.strip()
-    return None
+        name = element.tag.rsplit("}", 1)[-1]
+        if name in ("State", "SubStatus", "Description") and element.text:
+            found.setdefault(name, element.text.strip())
+    if not found.get("State"):
+        return None
+    return HealthReport(
+        found["State"], found.get("SubStatus", ""), found.get("Description", "")[:500]
+    )
 
 
 class Wireserver(FabricServer):
@@ -153,20 +178,30 @@ class Wireserver(FabricServer):
                 return Reply(200, documents[path](self.state), XML)
         if request.method == "POST" and path == "/machine":
             if comp == "health":
-                if health_state(request.body) is None:
+                if health_report(request.body) is None:
                     return Reply(400, b"no health State in the report")
                 return Reply(200)
             if comp in ("roleProperties", "telemetrydata"):
                 return Reply(200)
         return Reply(404, b"not served by the fabric stand-in")
 
-    def health_reports(self) -> list[str]:
-        """The `State` of every health report received, in order."""
+    def reports(self) -> list[HealthReport]:
+        """Every health report received, in order."""
         return [
-            health_state(r.body) or ""
+            report
             for r in self.requests
             if r.method == "POST" and r.query.get("comp") == "health" and r.status == 200
+            for report in [health_report(r.body)]
+            if report is not None
         ]
+
+    def health_reports(self) -> list[str]:
+        """The `State` of every health report received, in order."""
+        return [report.state for report in self.reports()]
+
+    def failures_reported(self) -> list[str]:
+        """The agent's accounts of its failed provisioning (`ProvisioningFailed: ...`)."""
+        return [f for report in self.reports() if (f := report.failure) is not None]
 
     def asked_by(self, product: str) -> bool:
         """Whether an agent whose User-Agent names `product` (`WALinuxAgent/2.7...`) got
