@@ -5,7 +5,10 @@ azure-storage-blob clients against the Resource Manager stand-in
 The requests are asserted against Microsoft.Compute's documented REST API: paths,
 api-version, bodies (`creationData.createOption: Upload`, `uploadSizeBytes`, grantAccess's
 `access`/`fileFormat`, the image definition's identifier and features, the version's
-source and target regions), and the order (revoke before the version; delete last).
+source and target regions), and the order (revoke after the footer, before the version;
+delete last). The stand-in keeps the disk states as Azure documents them: a disk in
+ActiveUpload is granted again to go on with its upload; revoking before the footer is
+refused.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import json
 import logging
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
+from azure.storage.blob import BlobClient
 
 from archkernel.azure.publish import arm
 from archkernel.errors import UserError
@@ -70,6 +75,10 @@ arm_endpoint = "{standin.url}"
     return load(tmp_path / "settings.toml", env={}, cwd=tmp_path).settings
 
 
+def record_of(tmp_path: Path) -> dict[str, Any]:
+    return dict(json.loads((tmp_path / "build/azure/publish.json").read_text()))
+
+
 def run_all(settings: Settings) -> None:
     """Each step's plan, made and carried out on settings that record what is read: no
     step reads a setting it did not declare (its up-to-date check would miss it)."""
@@ -97,10 +106,9 @@ def test_gallery_publish_end_to_end(
         ("GET", DISK),
         ("PUT", DISK),
         ("GET", DISK),  # the long-running PUT's final GET
-        ("GET", DISK),  # the upload step: an access a killed run left?
+        ("GET", DISK),  # the upload step: finished by a run before this one?
         ("POST", f"{DISK}/beginGetAccess"),
-        ("GET", DISK),  # after the upload: still ActiveUpload, so revoke
-        ("POST", f"{DISK}/endGetAccess"),
+        ("POST", f"{DISK}/endGetAccess"),  # after the footer: the disk is Unattached
         ("GET", f"{PREFIX}/galleries/archgallery"),
         ("PUT", f"{PREFIX}/galleries/archgallery"),
         ("GET", f"{PREFIX}/galleries/archgallery"),
@@ -169,28 +177,54 @@ def test_gallery_publish_end_to_end(
         assert "sig=" not in text and "standin-token" not in text
 
 
-def test_the_access_is_revoked_after_a_failed_upload(
-    standin: arm_standin.StandIn, tmp_path: Path
+def test_a_failed_upload_is_not_revoked_and_the_next_run_goes_on_with_it(
+    standin: arm_standin.StandIn, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     verified(tmp_path / "build", 16 * MiB, random_chunks({0: MiB}))
     settings = settings_for(tmp_path, standin)
     steps = azure_publish.build(settings)
     for step in steps[:2]:
         execute(step.plan(settings))
-    standin.sas_seconds.extend([-60] * 10)  # every SAS handed out has expired
+    standin.sas_seconds.extend([-60] * 6)  # every SAS this run is handed has expired
 
-    with pytest.raises(UserError, match="after 5 new SAS"):
+    with caplog.at_level(logging.INFO), pytest.raises(UserError, match="after 5 new SAS"):
         execute(steps[2].plan(settings))
 
+    # Renewed by granting again, never revoked: revoking would end the upload for good.
     access = [r.path.rsplit("/", 1)[1] for r in standin.calls("POST")]
-    assert access[-1] == "endGetAccess"
-    assert access.count("beginGetAccess") == access.count("endGetAccess") == 6
-    assert standin.disk_state(DISK) == "ReadyToUpload"
+    assert access == ["beginGetAccess"] * 6
+    assert standin.disk_state(DISK) == "ActiveUpload"
+    assert "run the step again to go on with the upload" in caplog.text
+    assert not (tmp_path / "build/azure/publish-upload.json").exists()
 
-    # The next run uploads (the stand-in hands out valid SAS again) and goes on.
+    # The next run is granted a valid SAS, sends the rest, revokes, and goes on.
+    standin.requests.clear()
     for step in steps[2:]:
         execute(step.plan(settings))
-    assert json.loads((tmp_path / "build/azure/publish.json").read_text())["image_version"]
+    access = [r.path.rsplit("/", 1)[1] for r in standin.calls("POST")]
+    assert access == ["beginGetAccess", "endGetAccess"]
+    assert record_of(tmp_path)["image_version"]
+
+
+def test_a_run_that_ended_after_its_revoke_is_not_uploaded_again(
+    standin: arm_standin.StandIn, tmp_path: Path
+) -> None:
+    verified(tmp_path / "build", 8 * MiB, random_chunks({0: MiB}))
+    settings = settings_for(tmp_path, standin)
+    steps = azure_publish.build(settings)
+    for step in steps[:3]:
+        execute(step.plan(settings))
+    assert standin.disk_state(DISK) == "Unattached"
+    (tmp_path / "build/azure/publish-upload.json").unlink()  # killed before its record
+    standin.requests.clear()
+
+    execute(steps[2].plan(settings))
+
+    assert standin.calls("POST") == []  # Azure grants no write access to it any more
+    assert record_of(tmp_path)["upload"]["finished_by_an_earlier_run"] is True
+    for step in steps[3:]:
+        execute(step.plan(settings))
+    assert record_of(tmp_path)["image_version"]["id"] == VERSION
 
 
 @pytest.mark.parametrize("damage", ["footer", "report", "changed"])
@@ -229,7 +263,7 @@ def test_names_azure_refuses_are_refused_before_any_request(
     assert standin.requests == []
 
 
-def test_a_killed_runs_access_is_revoked_first_and_an_expired_sas_renewed(
+def test_a_killed_runs_upload_goes_on_through_a_new_grant_and_an_expired_sas_is_renewed(
     standin: arm_standin.StandIn, azurite: emulator.Azurite, tmp_path: Path
 ) -> None:
     vhd = verified(tmp_path / "build", 16 * MiB, random_chunks({0: 2 * MiB}))
@@ -237,9 +271,13 @@ def test_a_killed_runs_access_is_revoked_first_and_an_expired_sas_renewed(
     steps = azure_publish.build(settings)
     for step in steps[:2]:
         execute(step.plan(settings))
-    # A killed run: access granted, never revoked.
+    # A killed run: access granted, part of the data sent, never revoked.
     compute = arm.compute(settings)
-    arm.grant(compute, settings)
+    sas = arm.grant(compute, settings)
+    BlobClient.from_blob_url(sas).upload_page(vhd.read_bytes()[:MiB], offset=0, length=MiB)
+    assert standin.disk_state(DISK) == "ActiveUpload"
+    with pytest.raises(UserError, match="InvalidVhd"):  # Azure's answer before the footer
+        arm.revoke(compute, settings)
     assert standin.disk_state(DISK) == "ActiveUpload"
     standin.requests.clear()
     standin.sas_seconds.append(-60)  # the next SAS has expired already
@@ -247,11 +285,10 @@ def test_a_killed_runs_access_is_revoked_first_and_an_expired_sas_renewed(
     execute(steps[2].plan(settings))
 
     access = [r.path.rsplit("/", 1)[1] for r in standin.calls("POST")]
-    # Revoke the killed run's access, grant (expired), revoke + grant (renewal), revoke.
-    assert access == ["endGetAccess", "beginGetAccess", "endGetAccess", "beginGetAccess",
-                      "endGetAccess"]  # fmt: skip
-    record = json.loads((tmp_path / "build/azure/publish.json").read_text())
-    assert record["upload"]["renewals"] == 1
+    # Grant (expired), grant again (the renewal), revoke after the footer.
+    assert access == ["beginGetAccess", "beginGetAccess", "endGetAccess"]
+    upload = record_of(tmp_path)["upload"]
+    assert upload["renewals"] == 1 and upload["already"] == MiB  # the killed run's MiB
     blob = azurite.blob(arm_standin.DISK_CONTAINER, "archlinux-1.0.0-upload")
     assert blob.download_blob().readall() == vhd.read_bytes()
     assert standin.disk_state(DISK) == "Unattached"

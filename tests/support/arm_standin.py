@@ -9,10 +9,14 @@ poll says it is still running). A disk's data lives in Azurite: creating a disk 
 its page blob there, `beginGetAccess` hands out an Azurite SAS to it. Each request is
 recorded (method, path, api-version, JSON body; never the Authorization header's token).
 
-The disk states follow the upload page: ReadyToUpload -> ActiveUpload (grant) -> back
-after revoke; once the footer (the last 512 bytes) is written, revoking leaves it
-Unattached, the state an image version can be made from. (Assumption: Azure lets a
-partly uploaded disk be granted again, which the resumable upload relies on.)
+The disk states follow Microsoft's direct-upload page: ReadyToUpload -> ActiveUpload
+(grantAccess Write). "If your SAS expires during upload, and you haven't called
+revoke-access yet, you can get a new SAS to continue the upload using grant-access,
+again": a disk in ActiveUpload is granted again. Revoking ends the upload: with the
+footer written (the last 512 bytes, cookie `conectix`) the disk becomes Unattached, the
+state an image version can be made from, and is never granted write access again;
+without it Azure refuses (InvalidVhd, as Storage Explorer users quote it) and the disk
+stays in ActiveUpload.
 """
 
 from __future__ import annotations
@@ -266,7 +270,7 @@ class _Server(ThreadingHTTPServer):
             return h._error(404, "ResourceNotFound", f"{disk} was not found")
         props, name = found["properties"], found["name"]
         if grant:
-            if props["diskState"] != "ReadyToUpload":
+            if props["diskState"] not in ("ReadyToUpload", "ActiveUpload"):
                 return h._error(409, "OperationNotAllowed", f"disk state {props['diskState']}")
             if body.get("access") != "Write" or body.get("fileFormat") != "VHD":
                 return h._error(400, "InvalidParameter", "this stand-in grants VHD writes")
@@ -280,14 +284,23 @@ class _Server(ThreadingHTTPServer):
             loc = self._operation({"kind": "location", "result": {"accessSAS": sas}})
         else:
             if props["diskState"] == "ActiveUpload":
-                props["diskState"] = "Unattached" if self._footer_written(name) else "ReadyToUpload"
+                if not self._footer_written(name):
+                    return h._error(
+                        400,
+                        "InvalidVhd",
+                        f"The specified cookie value in VHD footer indicates that disk '{name}' "
+                        "is not a supported VHD. Disk is expected to have cookie value "
+                        "'conectix'.",
+                    )
+                props["diskState"] = "Unattached"
             loc = self._operation({"kind": "location", "result": None})
         return h._send(202, None, {"Location": loc, "retry-after-ms": "10"})
 
     def _footer_written(self, name: str) -> bool:
         client = self.standin.azurite.blob(DISK_CONTAINER, name)
         size = client.get_blob_properties().size
-        return any(r.end + 1 >= size for r in client.list_page_ranges() if not r.cleared)
+        footer: bytes = client.download_blob(offset=size - 512, length=512).readall()
+        return footer[:8] == b"conectix"
 
 
 _TYPES = {

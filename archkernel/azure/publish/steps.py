@@ -1,9 +1,11 @@
 """The steps of azure_publish (the order is in tasks/azure_publish.py).
 
 Target "gallery": 1 check, 2 disk (the managed disk to upload into), 3 upload (grant a
-write SAS, upload, revoke, even on failure), 4 gallery (gallery, image definition, image
-version), 5 cleanup (delete the upload disk; print the version's ID and an `az vm create`
-line). Target "blob": 1 check, 2 upload (to the page blob at azure.publish.blob_url).
+write SAS, upload, then revoke; a failed upload leaves the disk in ActiveUpload, which the
+next run goes on with through a new grant, as Azure documents), 4 gallery (gallery, image
+definition, image version), 5 cleanup (delete the upload disk; print the version's ID and
+an `az vm create` line). Target "blob": 1 check, 2 upload (to the page blob at
+azure.publish.blob_url).
 
 Each step records what it made in `workdir/azure/publish.json` (IDs, the blob's URL
 without its SAS, bytes sent, seconds) and writes its own stamp, the next step's input.
@@ -13,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +25,7 @@ from archkernel.azure.publish import arm, check, gallery, upload
 from archkernel.azure.publish.secrets import public_url, sdk
 from archkernel.host.files import write_if_changed, write_text
 from archkernel.log import log
-from archkernel.plan import Do, Plan, reads
+from archkernel.plan import Plan, reads
 from archkernel.settings import Settings
 
 
@@ -178,8 +181,14 @@ def _progress(total: int) -> upload.Progress:
     return upload.Progress(total)
 
 
-def _upload_and_record(settings: Settings, access: upload.Access, create: bool) -> None:
-    """Upload; a blob we create is marked with the VHD's sha256 (the disk has its tag)."""
+def _upload_and_record(
+    settings: Settings,
+    access: upload.Access,
+    create: bool,
+    finish: Callable[[], None] | None = None,
+) -> None:
+    """Upload, then `finish` (the gallery target's revoke); a blob we create is marked with
+    the VHD's sha256 (the disk has its tag). The step is recorded only after both."""
     vhd = workspace.paths(settings).vhd
     sent = upload.upload(
         vhd,
@@ -193,9 +202,14 @@ def _upload_and_record(settings: Settings, access: upload.Access, create: bool) 
         "uploaded %s to %s: %d of %d data bytes sent (%d held already), %.1f s",
         vhd.name, access.name, sent.bytes_sent, sent.data_bytes, sent.already, sent.seconds,
     )  # fmt: skip
-    result = {"destination": access.name, **sent.to_json()}
-    record(settings, "upload", result)
-    stamp(settings, "upload", {"destination": access.name, "vhd": _verified(settings)})
+    if finish is not None:
+        finish()
+    _record_upload(settings, access.name, sent.to_json())
+
+
+def _record_upload(settings: Settings, destination: str, result: dict[str, Any]) -> None:
+    record(settings, "upload", {"destination": destination, **result})
+    stamp(settings, "upload", {"destination": destination, "vhd": _verified(settings)})
 
 
 # --- the gallery target ---------------------------------------------------------------------
@@ -220,24 +234,22 @@ def disk(settings: Settings) -> Plan:
 
 
 def disk_access(settings: Settings, client: Any) -> upload.Access:
-    """The upload disk through a SAS from grantAccess; renewed by revoking and granting."""
+    """The upload disk through a SAS from grantAccess. An expired SAS is renewed by
+    granting again: Azure lets a disk in ActiveUpload be granted a new SAS to go on with
+    its upload, while revoking ends the upload for good (or is refused without the
+    footer)."""
     sas = [arm.grant(client, settings)]
-
-    def renew() -> None:
-        arm.revoke(client, settings)
-        sas.append(arm.grant(client, settings))
-
     blob = sdk("azure.storage.blob")
     return upload.Access(
         connect=lambda: blob.BlobClient.from_blob_url(sas[-1], **upload.CLIENT_OPTIONS),
         name=f"the disk {gallery.disk_name(settings)}",
-        renew=renew,
+        renew=lambda: sas.append(arm.grant(client, settings)),
     )
 
 
 @reads(*UPLOAD_SETTINGS)
 def upload_vhd(settings: Settings) -> Plan:
-    """upload the VHD's data (sparse, parallel, resumable); revoke the access, even on failure"""
+    """upload the VHD's data (sparse, parallel, resumable); then revoke the access"""
     pub = settings.azure.publish
     if pub.target == "blob":
         return Plan().do(
@@ -247,34 +259,38 @@ def upload_vhd(settings: Settings) -> Plan:
             lambda: _upload_and_record(settings, blob_access(settings), create=True),
         )
     name = gallery.disk_name(settings)
-    clients: list[Any] = []
-
-    def client() -> Any:
-        if not clients:
-            clients.append(arm.compute(settings))
-        return clients[0]
-
-    def revoke_left() -> None:
-        if arm.disk_state(client(), settings) == "ActiveUpload":
-            log.info("revoking the access a run before this one left on %s", name)
-            arm.revoke(client(), settings)
 
     def send() -> None:
-        _upload_and_record(settings, disk_access(settings, client()), create=False)
+        client = arm.compute(settings)
+        if arm.disk_state(client, settings) == "Unattached":
+            # Revoked by a run before this one, which ended before its record: the
+            # revoke took the footer, which is sent after all the data.
+            log.info("the disk %s holds the whole upload already (revoked)", name)
+            done = {**upload.Sent().to_json(), "finished_by_an_earlier_run": True}
+            _record_upload(settings, f"the disk {name}", done)
+            return
+        try:
+            _upload_and_record(
+                settings,
+                disk_access(settings, client),
+                create=False,
+                finish=lambda: arm.revoke(client, settings),
+            )
+        except BaseException:
+            log.info(
+                "the upload to %s stopped; the disk stays in ActiveUpload, its write access "
+                "until it expires (azure.publish.access_seconds): run the step again to go "
+                "on with the upload, or delete the disk",
+                name,
+            )
+            raise
 
-    def revoke() -> None:
-        if clients and arm.disk_state(client(), settings) == "ActiveUpload":
-            arm.revoke(client(), settings)
-
-    plan = Plan()
-    plan.do(f"revoke an access to {name} a killed run left", revoke_left)
-    plan.do(
-        f"grant write access to {name}; send the VHD's data extents the disk does not hold, "
-        f"{pub.parallel} writes at a time, then its footer",
+    return Plan().do(
+        f"grant write access to {name} (a killed run's upload goes on through a new grant); "
+        f"send the VHD's data extents the disk does not hold, {pub.parallel} writes at a "
+        "time, then its footer; revoke the access (the disk becomes Unattached)",
         send,
     )
-    plan.cleanup.append(Do(f"revoke the write access to {name}", revoke))
-    return plan
 
 
 @reads(*IMAGE_STEP_SETTINGS)
