@@ -221,7 +221,9 @@ def test_a_run_that_ended_after_its_revoke_is_not_uploaded_again(
     execute(steps[2].plan(settings))
 
     assert standin.calls("POST") == []  # Azure grants no write access to it any more
-    assert record_of(tmp_path)["upload"]["finished_by_an_earlier_run"] is True
+    upload = record_of(tmp_path)["upload"]
+    assert upload["finished_by_an_earlier_run"] is True and upload["bytes_sent"] == 0
+    assert upload["size"] == 8 * MiB + 512  # the VHD's, footer included
     for step in steps[3:]:
         execute(step.plan(settings))
     assert record_of(tmp_path)["image_version"]["id"] == VERSION
@@ -292,6 +294,31 @@ def test_a_killed_runs_upload_goes_on_through_a_new_grant_and_an_expired_sas_is_
     blob = azurite.blob(arm_standin.DISK_CONTAINER, "archlinux-1.0.0-upload")
     assert blob.download_blob().readall() == vhd.read_bytes()
     assert standin.disk_state(DISK) == "Unattached"
+
+
+def test_an_abandoned_upload_disk_is_deleted_and_made_again(
+    standin: arm_standin.StandIn, tmp_path: Path
+) -> None:
+    verified(tmp_path / "build", 8 * MiB, random_chunks({0: MiB}, seed=1))
+    settings = settings_for(tmp_path, standin)
+    steps = azure_publish.build(settings)
+    for step in steps[:2]:
+        execute(step.plan(settings))
+    standin.sas_seconds.extend([-60] * 6)
+    with pytest.raises(UserError, match="after 5 new SAS"):
+        execute(steps[2].plan(settings))
+    assert standin.disk_state(DISK) == "ActiveUpload"
+
+    # A new build instead: its upload disk must be made anew; the user deletes the old one.
+    verified(tmp_path / "build", 8 * MiB, random_chunks({0: MiB}, seed=2))
+    execute(steps[0].plan(settings))
+    with pytest.raises(UserError, match="is not this VHD's upload disk"):
+        execute(steps[2].plan(settings))  # step 3 checks the disk's tag itself too
+    arm.delete_disk(arm.compute(settings), settings)
+    for step in steps[1:]:
+        execute(step.plan(settings))
+    assert len(standin.calls("PUT", DISK)) == 2
+    assert record_of(tmp_path)["image_version"]["id"] == VERSION
 
 
 def test_an_upload_disk_of_another_vhd_is_not_reused(

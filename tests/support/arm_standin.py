@@ -12,11 +12,13 @@ recorded (method, path, api-version, JSON body; never the Authorization header's
 The disk states follow Microsoft's direct-upload page: ReadyToUpload -> ActiveUpload
 (grantAccess Write). "If your SAS expires during upload, and you haven't called
 revoke-access yet, you can get a new SAS to continue the upload using grant-access,
-again": a disk in ActiveUpload is granted again. Revoking ends the upload: with the
+again" (the page's 2019 text; its later versions no longer say it, and nothing says
+otherwise): a disk in ActiveUpload is granted again. Revoking ends the upload: with the
 footer written (the last 512 bytes, cookie `conectix`) the disk becomes Unattached, the
-state an image version can be made from, and is never granted write access again;
-without it Azure refuses (InvalidVhd, as Storage Explorer users quote it) and the disk
-stays in ActiveUpload.
+state an image version can be made from, and is never granted write access again (the
+disks FAQ: upload only into a new disk); without it Azure refuses (InvalidVhd, as
+Storage Explorer users quote it) and the disk stays in ActiveUpload, where it can still
+be deleted.
 """
 
 from __future__ import annotations
@@ -219,9 +221,8 @@ class _Server(ThreadingHTTPServer):
         if method == "PUT":
             return self._put(h, kind, path, body)
         if method == "DELETE":
-            found = resources.get(lower)
-            if found is not None and found["properties"].get("diskState") == "ActiveUpload":
-                return h._error(409, "OperationNotAllowed", "the disk is in ActiveUpload")
+            # A disk in ActiveUpload may be deleted too: Microsoft's answer to an upload
+            # that cannot be finished is to delete the disk and make it again.
             resources.pop(lower, None)
             loc = self._operation({"kind": "location", "result": None})
             return h._send(202, None, {"Location": loc, "retry-after-ms": "10"})

@@ -130,23 +130,34 @@ def get_disk(client: Any, settings: Settings) -> Any:
     )
 
 
+def upload_disk(client: Any, settings: Settings, upload_size: int, sha256: str) -> Any:
+    """The upload disk for this VHD (createOption Upload, its size, tagged with its
+    sha256) if it exists, else None; UserError for a disk of that name that is not it."""
+    pub = settings.azure.publish
+    name = gallery.disk_name(settings)
+    found = get_disk(client, settings)
+    if found is None:
+        return None
+    size = found.creation_data.upload_size_bytes
+    ours = (found.tags or {}).get(gallery.VHD_TAG) == sha256
+    if ours and text(found.creation_data.create_option) == "Upload" and size == upload_size:
+        return found
+    raise UserError(
+        f"a disk {name} exists in {pub.resource_group} and is not this VHD's upload disk "
+        f"(its tag {gallery.VHD_TAG} names another VHD, or none)",
+        "delete it, or choose another azure.publish.disk_name",
+    )
+
+
 def create_disk(client: Any, settings: Settings, upload_size: int, sha256: str) -> str:
     """The upload disk's ID: made (createOption Upload, tagged with the VHD's sha256), or
     the one a killed run made for the same VHD."""
     pub = settings.azure.publish
     name = gallery.disk_name(settings)
-    found = get_disk(client, settings)
+    found = upload_disk(client, settings, upload_size, sha256)
     if found is not None:
-        size = found.creation_data.upload_size_bytes
-        ours = (found.tags or {}).get(gallery.VHD_TAG) == sha256
-        if ours and text(found.creation_data.create_option) == "Upload" and size == upload_size:
-            log.info("the upload disk %s exists already (a run before this one made it)", name)
-            return str(found.id)
-        raise UserError(
-            f"a disk {name} exists in {pub.resource_group} and is not this VHD's upload disk "
-            f"(its tag {gallery.VHD_TAG} names another VHD, or none)",
-            "delete it, or choose another azure.publish.disk_name",
-        )
+        log.info("the upload disk %s exists already (a run before this one made it)", name)
+        return str(found.id)
     body = gallery.disk_body(settings, upload_size, sha256)
     poller = call(
         f"creating the disk {name}",

@@ -2,7 +2,7 @@
 
 Target "gallery": 1 check, 2 disk (the managed disk to upload into), 3 upload (grant a
 write SAS, upload, then revoke; a failed upload leaves the disk in ActiveUpload, which the
-next run goes on with through a new grant, as Azure documents), 4 gallery (gallery, image
+next run goes on with through a new grant), 4 gallery (gallery, image
 definition, image version), 5 cleanup (delete the upload disk; print the version's ID and
 an `az vm create` line). Target "blob": 1 check, 2 upload (to the page blob at
 azure.publish.blob_url).
@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -23,6 +22,7 @@ from typing import Any
 from archkernel.azure import workspace
 from archkernel.azure.publish import arm, check, gallery, upload
 from archkernel.azure.publish.secrets import public_url, sdk
+from archkernel.errors import UserError
 from archkernel.host.files import write_if_changed, write_text
 from archkernel.log import log
 from archkernel.plan import Plan, reads
@@ -181,14 +181,9 @@ def _progress(total: int) -> upload.Progress:
     return upload.Progress(total)
 
 
-def _upload_and_record(
-    settings: Settings,
-    access: upload.Access,
-    create: bool,
-    finish: Callable[[], None] | None = None,
-) -> None:
-    """Upload, then `finish` (the gallery target's revoke); a blob we create is marked with
-    the VHD's sha256 (the disk has its tag). The step is recorded only after both."""
+def _upload(settings: Settings, access: upload.Access, create: bool) -> dict[str, Any]:
+    """Upload; a blob we create is marked with the VHD's sha256 (the disk has its tag).
+    What was sent."""
     vhd = workspace.paths(settings).vhd
     sent = upload.upload(
         vhd,
@@ -202,9 +197,7 @@ def _upload_and_record(
         "uploaded %s to %s: %d of %d data bytes sent (%d held already), %.1f s",
         vhd.name, access.name, sent.bytes_sent, sent.data_bytes, sent.already, sent.seconds,
     )  # fmt: skip
-    if finish is not None:
-        finish()
-    _record_upload(settings, access.name, sent.to_json())
+    return sent.to_json()
 
 
 def _record_upload(settings: Settings, destination: str, result: dict[str, Any]) -> None:
@@ -235,9 +228,9 @@ def disk(settings: Settings) -> Plan:
 
 def disk_access(settings: Settings, client: Any) -> upload.Access:
     """The upload disk through a SAS from grantAccess. An expired SAS is renewed by
-    granting again: Azure lets a disk in ActiveUpload be granted a new SAS to go on with
-    its upload, while revoking ends the upload for good (or is refused without the
-    footer)."""
+    granting again: a disk in ActiveUpload is granted a new SAS to go on with its upload
+    (Microsoft's direct-upload page, 2019), while revoking ends the upload for good (or is
+    refused without the footer)."""
     sas = [arm.grant(client, settings)]
     blob = sdk("azure.storage.blob")
     return upload.Access(
@@ -252,38 +245,52 @@ def upload_vhd(settings: Settings) -> Plan:
     """upload the VHD's data (sparse, parallel, resumable); then revoke the access"""
     pub = settings.azure.publish
     if pub.target == "blob":
+
+        def send_blob() -> None:
+            access = blob_access(settings)
+            _record_upload(settings, access.name, _upload(settings, access, create=True))
+
         return Plan().do(
             f"upload the VHD's data extents to {public_url(pub.blob_url.get_secret_value())}"
             if pub.blob_url is not None
             else "upload the VHD's data extents to azure.publish.blob_url",
-            lambda: _upload_and_record(settings, blob_access(settings), create=True),
+            send_blob,
         )
     name = gallery.disk_name(settings)
 
     def send() -> None:
         client = arm.compute(settings)
-        if arm.disk_state(client, settings) == "Unattached":
-            # Revoked by a run before this one, which ended before its record: the
-            # revoke took the footer, which is sent after all the data.
+        vhd = _verified(settings)
+        found = arm.upload_disk(client, settings, vhd["size"], vhd["sha256"])
+        state = None if found is None else arm.text(found.disk_state)
+        if state == "Unattached":
+            # Revoked by a run before this one, which ended before its record: Azure
+            # took the footer, which is sent after all the data.
             log.info("the disk %s holds the whole upload already (revoked)", name)
-            done = {**upload.Sent().to_json(), "finished_by_an_earlier_run": True}
-            _record_upload(settings, f"the disk {name}", done)
-            return
-        try:
-            _upload_and_record(
-                settings,
-                disk_access(settings, client),
-                create=False,
-                finish=lambda: arm.revoke(client, settings),
+            done = upload.Sent(size=vhd["size"]).to_json()
+            _record_upload(
+                settings, f"the disk {name}", {**done, "finished_by_an_earlier_run": True}
             )
+            return
+        if state not in ("ReadyToUpload", "ActiveUpload"):
+            raise UserError(
+                f"the disk {name} is {state or 'gone'}, not ready for an upload",
+                "run azure_publish again from step 2 (it makes the disk when missing); a "
+                "disk in another state is in use: delete it or choose another disk_name",
+            )
+        access = disk_access(settings, client)
+        try:
+            sent = _upload(settings, access, create=False)
         except BaseException:
-            log.info(
-                "the upload to %s stopped; the disk stays in ActiveUpload, its write access "
-                "until it expires (azure.publish.access_seconds): run the step again to go "
-                "on with the upload, or delete the disk",
+            log.warning(
+                "the upload to %s stopped before its footer: the disk stays in ActiveUpload "
+                "and its write access valid until it expires (azure.publish.access_seconds); "
+                "run the step again to go on with the upload, or delete the disk",
                 name,
             )
             raise
+        arm.revoke(client, settings)
+        _record_upload(settings, access.name, sent)
 
     return Plan().do(
         f"grant write access to {name} (a killed run's upload goes on through a new grant); "
