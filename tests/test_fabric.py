@@ -350,6 +350,42 @@ def test_a_report_without_a_description_names_its_sub_status() -> None:
     assert wireserver.HealthReport("Ready").failure is None
 
 
+def _health(*roles: tuple[str, str, str]) -> bytes:
+    """A health report's body with one Role per (State, SubStatus, Description)."""
+    parts = "".join(
+        f"<Role><InstanceId>i</InstanceId><Health><State>{state}</State>"
+        f"<Details><SubStatus>{sub}</SubStatus><Description>{why}</Description></Details>"
+        "</Health></Role>"
+        for state, sub, why in roles
+    )
+    return f"<Health><Container><RoleInstanceList>{parts}</RoleInstanceList></Container></Health>".encode()
+
+
+def test_a_report_is_read_from_one_health_element_and_made_safe_to_show() -> None:
+    # Two roles: the first one's State, SubStatus and Description, never a mix.
+    mixed = _health(("NotReady", "Provisioning", ""), ("NotReady", "ProvisioningFailed", "x"))
+    assert wireserver.health_report(mixed) == wireserver.HealthReport("NotReady", "Provisioning")
+    # What the VM wrote cannot move the cursor, fake a line or run on.
+    hostile = _health(
+        ("NotReady", "ProvisioningFailed", "a&#13;&#10;fake&#x9b;2J&#x202e;" + "y" * 400)
+    )
+    report = wireserver.health_report(hostile)
+    assert report is not None and report.failure is not None
+    assert report.failure.startswith("ProvisioningFailed: a fake 2J yyy")
+    assert report.failure.isprintable() and report.failure.endswith("...")
+    assert len(report.description) == 300
+
+
+def test_the_same_failure_reported_again_is_quoted_once(wire: wireserver.Wireserver) -> None:
+    url = f"http://127.0.0.1:{wire.port}/machine?comp=health"
+    for why in ("first", "again", "again", "again"):
+        body = _health(("NotReady", "ProvisioningFailed", why))
+        with urllib.request.urlopen(urllib.request.Request(url, data=body, method="POST")) as r:
+            assert r.status == 200
+    assert wire.failures_reported() == ["ProvisioningFailed: first", "ProvisioningFailed: again"]
+    assert wire.failures_reported(most=1) == ["ProvisioningFailed: again"]
+
+
 @pytest.mark.integration
 def test_waagent_takes_the_goal_state_when_the_host_plugin_has_no_fast_track(
     agents: Path, wire: wireserver.Wireserver, tmp_path: Path

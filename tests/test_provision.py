@@ -181,3 +181,9 @@ def test_a_boot_without_anybody_to_log_in_as_is_refused(tmp_path: Path) -> None:
     # A build-time user logs in when the DVD names nobody; the DVD's user otherwise.
     assert _boot(tmp_path, nobody, user="admin").login == "admin"
     assert _boot(tmp_path, ovf.Provisioning("h", "azureuser")).login == "azureuser"
+
+
+def test_what_the_vm_wrote_is_quoted_safely() -> None:
+    quoted = boot._indent("login: \x1b[2Jok\r\nfake\x9b31m line\u202e\n" + "x" * 300)
+    assert quoted.splitlines() == ["    login: ok", "    fake 31m line", "    " + "x" * 197 + "..."]
+    assert boot._indent("") == "    (nothing)"

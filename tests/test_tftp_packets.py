@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import pytest
 
+from archkernel.formats.text import clean_text
 from archkernel.formats.tftp_packets import (
     Agreed,
     Malformed,
     Refused,
     ack,
-    clean_text,
     error,
     negotiate,
     parse_error,
@@ -161,3 +161,8 @@ def test_clean_text(raw: bytes, expected: str) -> None:
 
 def test_clean_text_limit() -> None:
     assert clean_text(b"abcdefghij", limit=8) == "abcde..."
+
+
+def test_clean_text_takes_text_already_decoded() -> None:
+    # A VM agent's report, quoted in a failure: no line of its own, no reordered text.
+    assert clean_text("UserName\r\nfake: line\u202e \x9b2J", limit=60) == ("UserName fake: line 2J")

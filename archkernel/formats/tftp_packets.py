@@ -2,9 +2,9 @@
 
 Pure functions for the client in `archkernel.host.tftp`: `read_request`, `ack` and `error`
 build what it sends; `HEADER`, `parse_error` and `parse_oack` read what a server sends;
-`negotiate` decides whether the options a server granted are acceptable; `clean_text`
-makes text from the server safe to print. Nothing from the network is trusted: a
-malformed packet raises `Malformed`, an unacceptable answer `Refused`.
+`negotiate` decides whether the options a server granted are acceptable; text from the
+server is shown through `archkernel.formats.text.clean_text`. Nothing from the network is
+trusted: a malformed packet raises `Malformed`, an unacceptable answer `Refused`.
 """
 
 from __future__ import annotations
@@ -13,6 +13,8 @@ import re
 import struct
 from collections.abc import Mapping
 from dataclasses import dataclass
+
+from archkernel.formats.text import clean_text
 
 # Opcodes.
 RRQ = 1
@@ -47,15 +49,8 @@ MAX_BLKSIZE = 65464  # RFC 2348
 # Every packet starts with its opcode; DATA, ACK and ERROR then carry a 16-bit number.
 HEADER = struct.Struct("!HH")
 # Text from a server is cut to this many characters before it is shown anywhere.
-MAX_TEXT = 200
 # A number in an option: RFC 2349's tsize is at most 2^64, so 20 digits are plenty.
 _NUMBER = re.compile(r"[0-9]{1,20}")
-# Terminal escape sequences, removed whole: CSI (ESC [ ... final byte), the strings
-# OSC, DCS, SOS, PM and APC (ESC ] P X ^ _ ... ended by BEL, ESC \ or the end of the
-# text) and the short ones (ESC, intermediate bytes, a final byte).
-_ESCAPE = re.compile(
-    r"\x1b(?:\[[0-?]*[ -/]*[@-~]?|[\]PX^_][^\x07\x1b]*(?:\x07|\x1b\\)?|[ -/]*[0-~])?"
-)
 # Option names and values are shown escaped (ascii()), cut to this many characters.
 _MAX_TOKEN = 40
 
@@ -163,21 +158,6 @@ def negotiate(requested: Mapping[str, int], granted: Mapping[str, str]) -> Agree
     if "tsize" in granted:
         agreed = Agreed(blksize=agreed.blksize, tsize=_number("tsize", granted["tsize"]))
     return agreed
-
-
-def clean_text(raw: bytes, limit: int = MAX_TEXT) -> str:
-    """Text from the network made safe for a log line or a terminal.
-
-    Decoded as UTF-8 (bad bytes become U+FFFD); terminal escape sequences are removed
-    whole; every other character that does not print (control characters such as CR, LF,
-    BEL and DEL, bidirectional overrides, unusual spaces) becomes a space; runs of spaces
-    shrink to one; the result is cut to `limit` characters, ending in "..." when cut.
-    """
-    text = _ESCAPE.sub("", raw.decode("utf-8", "replace"))
-    text = " ".join("".join(c if c.isprintable() else " " for c in text).split())
-    if len(text) > limit:
-        text = text[: limit - 3].rstrip() + "..."
-    return text
 
 
 def shown(token: str) -> str:

@@ -21,6 +21,7 @@ from pathlib import Path
 
 from archkernel.azure.fabric import Fabric, network, ovf, proofs, standing_fabric
 from archkernel.errors import UserError
+from archkernel.formats.text import clean_text
 from archkernel.host import qemu
 from archkernel.host.console import BootProgress, console_tail
 from archkernel.host.run import run
@@ -31,6 +32,8 @@ POLL = 3.0
 # After the user first logs in, how long the VM still has to report Ready.
 READY_GRACE = 60.0
 SSH_TIMEOUT = 60.0
+# How much of each line the VM wrote a failure quotes.
+QUOTE_WIDTH = 200
 WAAGENT = "WALinuxAgent"  # its User-Agent's product name
 
 
@@ -86,8 +89,8 @@ class ProvisionBoot:
     label: str = "provisioning boot"
     # waagent installed beside cloud-init for extensions: it must take the goal state too.
     extensions: bool = False
-    # Who logs in with the key: the user ovf-env.xml names, unless set (a build-time
-    # user, when the DVD names none).
+    # Who logs in with the key: the user ovf-env.xml names, unless set (needed when the
+    # DVD names nobody).
     user: str | None = None
 
     def __post_init__(self) -> None:
@@ -220,7 +223,11 @@ def dhcp_log(fabric: Fabric) -> str:
 
 
 def _indent(text: str) -> str:
-    return "\n".join(f"    {line}" for line in text.splitlines()) or "    (nothing)"
+    """Lines the VM wrote (its console, its agent's log, what it asked), indented, each
+    made safe to show (`clean_text`: no escape sequences, no control characters)."""
+    return "\n".join(f"    {clean_text(line, QUOTE_WIDTH)}" for line in text.splitlines()) or (
+        "    (nothing)"
+    )
 
 
 def provision_boot(boot: ProvisionBoot) -> proofs.Proofs:
@@ -259,10 +266,10 @@ def provision_boot(boot: ProvisionBoot) -> proofs.Proofs:
         "the proofs are in the log above; see the whole console log and check the agent's "
         "configuration, the DVD modules (udf, sr_mod, cdrom, ata_piix) and sshd_config"
     )
-    if "user_login" in failed:
+    if "user_login" in failed and boot.spec.username is None:
         hint += (
-            "; a build-time administrator ([azure.user] with an SSH key) can log in even "
-            "when provisioning makes nobody"
+            "; ovf-env.xml named no user: only a build-time administrator ([azure.user] "
+            "with an SSH key) could have logged in"
         )
     error = ProvisionFailed(
         f"provisioning not proven: {', '.join(named) or 'no proof'} failed"

@@ -32,8 +32,8 @@ class Provisioning:
 
     `password` is what Azure puts on the media: the user's password in clear (the agent
     hashes it); None for a key-only user, the usual case. `username` None leaves the user
-    out of the document (and of IMDS's osProfile): Azure always sends one, the fabric
-    can also show what an image does when none comes.
+    out of the document (IMDS's osProfile then names "" as adminUsername): Azure always
+    sends one, the fabric can also show what an image does when none comes.
     """
 
     hostname: str

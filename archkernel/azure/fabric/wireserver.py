@@ -21,6 +21,7 @@ from dataclasses import dataclass
 from xml.etree import ElementTree
 
 from archkernel.azure.fabric.server import FabricServer, Recorded, Reply
+from archkernel.formats.text import clean_text
 
 PROTOCOL_VERSION = "2012-11-30"
 ADDRESS = "168.63.129.16"
@@ -110,7 +111,8 @@ def shared_config_xml(state: GoalState) -> bytes:
 @dataclass(frozen=True)
 class HealthReport:
     """What a health report says: `Ready` or `NotReady`, and for `NotReady` the agent's
-    sub-status (`Provisioning`, `ProvisioningFailed`) and its description of it."""
+    sub-status (`Provisioning`, `ProvisioningFailed`) and its description of it, made
+    safe to show (`clean_text`: one line, bounded)."""
 
     state: str
     substatus: str = ""
@@ -121,28 +123,39 @@ class HealthReport:
         """The agent's own account of a failed provisioning, or None."""
         if self.state == "Ready" or not self.substatus.endswith("Failed"):
             return None
-        return f"{self.substatus}: {self.description}".rstrip(": ")
+        return f"{self.substatus}: {self.description}" if self.description else self.substatus
+
+
+def _text(element: ElementTree.Element, *path: str) -> str:
+    """The text of the element `path` names below `element` (local names, any
+    namespace), or ""."""
+    for name in path:
+        child = next((c for c in element if c.tag.rsplit("}", 1)[-1] == name), None)
+        if child is None:
+            return ""
+        element = child
+    return element.text or ""
 
 
 def health_report(body: bytes) -> HealthReport | None:
-    """The report a health POST's body holds (`Health/.../Role/Health`), or None when it
-    gives no `State`."""
+    """The report a health POST's body holds: the first `Health` element with a `State`
+    (`.../Role/Health`), its `Details/SubStatus` and `Details/Description`; None when
+    there is no `State`."""
     try:
         # The report comes from the VM under test, over loopback; expat expands no
         # external entities.
         root = ElementTree.fromstring(body)  # noqa: S314
     except ElementTree.ParseError:
         return None
-    found: dict[str, str] = {}
-    for element in root.iter():
-        name = element.tag.rsplit("}", 1)[-1]
-        if name in ("State", "SubStatus", "Description") and element.text:
-            found.setdefault(name, element.text.strip())
-    if not found.get("State"):
-        return None
-    return HealthReport(
-        found["State"], found.get("SubStatus", ""), found.get("Description", "")[:500]
-    )
+    for health in root.iter():
+        state = _text(health, "State").strip()
+        if state:
+            return HealthReport(
+                clean_text(state, 40),
+                clean_text(_text(health, "Details", "SubStatus"), 80),
+                clean_text(_text(health, "Details", "Description"), 300),
+            )
+    return None
 
 
 class Wireserver(FabricServer):
@@ -199,9 +212,11 @@ class Wireserver(FabricServer):
         """The `State` of every health report received, in order."""
         return [report.state for report in self.reports()]
 
-    def failures_reported(self) -> list[str]:
-        """The agent's accounts of its failed provisioning (`ProvisioningFailed: ...`)."""
-        return [f for report in self.reports() if (f := report.failure) is not None]
+    def failures_reported(self, most: int = 3) -> list[str]:
+        """The agent's accounts of its failed provisioning (`ProvisioningFailed: ...`),
+        each once (waagent retries and reports the same again), the last `most`."""
+        found = [f for report in self.reports() if (f := report.failure) is not None]
+        return list(dict.fromkeys(found))[-most:]
 
     def asked_by(self, product: str) -> bool:
         """Whether an agent whose User-Agent names `product` (`WALinuxAgent/2.7...`) got
