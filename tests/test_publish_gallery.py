@@ -29,6 +29,7 @@ from archkernel.plan import execute
 from archkernel.settings import Settings, load
 from archkernel.settings.audit import recording, undeclared
 from tasks import azure_publish
+from tasks.steps import Step
 from tests.support import arm_standin
 from tests.support import azurite as emulator
 from tests.support.publish import random_chunks, verified
@@ -77,6 +78,22 @@ arm_endpoint = "{standin.url}"
 
 def record_of(tmp_path: Path) -> dict[str, Any]:
     return dict(json.loads((tmp_path / "build/azure/publish.json").read_text()))
+
+
+def through_disk(tmp_path: Path, standin: arm_standin.StandIn) -> tuple[Settings, list[Step]]:
+    """Settings and steps for the VHD in tmp_path/build, run up to the upload disk."""
+    settings = settings_for(tmp_path, standin)
+    steps = azure_publish.build(settings)
+    for step in steps[:2]:
+        execute(step.plan(settings))
+    return settings, steps
+
+
+def failed_upload(standin: arm_standin.StandIn, settings: Settings, step: Step) -> None:
+    """Run the upload step with every SAS handed out expired: it fails after 5 renewals."""
+    standin.sas_seconds.extend([-60] * 6)
+    with pytest.raises(UserError, match="after 5 new SAS"):
+        execute(step.plan(settings))
 
 
 def run_all(settings: Settings) -> None:
@@ -181,14 +198,9 @@ def test_a_failed_upload_is_not_revoked_and_the_next_run_goes_on_with_it(
     standin: arm_standin.StandIn, tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     verified(tmp_path / "build", 16 * MiB, random_chunks({0: MiB}))
-    settings = settings_for(tmp_path, standin)
-    steps = azure_publish.build(settings)
-    for step in steps[:2]:
-        execute(step.plan(settings))
-    standin.sas_seconds.extend([-60] * 6)  # every SAS this run is handed has expired
-
-    with caplog.at_level(logging.INFO), pytest.raises(UserError, match="after 5 new SAS"):
-        execute(steps[2].plan(settings))
+    settings, steps = through_disk(tmp_path, standin)
+    with caplog.at_level(logging.INFO):
+        failed_upload(standin, settings, steps[2])  # every SAS it is handed has expired
 
     # Renewed by granting again, never revoked: revoking would end the upload for good.
     access = [r.path.rsplit("/", 1)[1] for r in standin.calls("POST")]
@@ -269,10 +281,7 @@ def test_a_killed_runs_upload_goes_on_through_a_new_grant_and_an_expired_sas_is_
     standin: arm_standin.StandIn, azurite: emulator.Azurite, tmp_path: Path
 ) -> None:
     vhd = verified(tmp_path / "build", 16 * MiB, random_chunks({0: 2 * MiB}))
-    settings = settings_for(tmp_path, standin)
-    steps = azure_publish.build(settings)
-    for step in steps[:2]:
-        execute(step.plan(settings))
+    settings, steps = through_disk(tmp_path, standin)
     # A killed run: access granted, part of the data sent, never revoked.
     compute = arm.compute(settings)
     sas = arm.grant(compute, settings)
@@ -300,13 +309,8 @@ def test_an_abandoned_upload_disk_is_deleted_and_made_again(
     standin: arm_standin.StandIn, tmp_path: Path
 ) -> None:
     verified(tmp_path / "build", 8 * MiB, random_chunks({0: MiB}, seed=1))
-    settings = settings_for(tmp_path, standin)
-    steps = azure_publish.build(settings)
-    for step in steps[:2]:
-        execute(step.plan(settings))
-    standin.sas_seconds.extend([-60] * 6)
-    with pytest.raises(UserError, match="after 5 new SAS"):
-        execute(steps[2].plan(settings))
+    settings, steps = through_disk(tmp_path, standin)
+    failed_upload(standin, settings, steps[2])
     assert standin.disk_state(DISK) == "ActiveUpload"
 
     # A new build instead: its upload disk must be made anew; the user deletes the old one.
@@ -325,10 +329,7 @@ def test_an_upload_disk_of_another_vhd_is_not_reused(
     standin: arm_standin.StandIn, tmp_path: Path
 ) -> None:
     verified(tmp_path / "build", 8 * MiB, random_chunks({0: MiB}, seed=1))
-    settings = settings_for(tmp_path, standin)
-    steps = azure_publish.build(settings)
-    for step in steps[:2]:
-        execute(step.plan(settings))
+    settings, steps = through_disk(tmp_path, standin)
     verified(tmp_path / "build", 8 * MiB, random_chunks({0: MiB}, seed=2))  # a new build
 
     execute(steps[0].plan(settings))
