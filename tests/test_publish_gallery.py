@@ -336,3 +336,17 @@ def test_an_upload_disk_of_another_vhd_is_not_reused(
     with pytest.raises(UserError, match="is not this VHD's upload disk"):
         execute(steps[1].plan(settings))
     assert len(standin.calls("PUT", DISK)) == 1
+
+
+def test_an_upload_disk_deleted_meanwhile_says_how_to_make_it_again(
+    standin: arm_standin.StandIn, tmp_path: Path
+) -> None:
+    verified(tmp_path / "build", 8 * MiB, random_chunks({0: MiB}))
+    settings, steps = through_disk(tmp_path, standin)
+    arm.delete_disk(arm.compute(settings), settings)
+    standin.requests.clear()
+    with pytest.raises(UserError) as caught:
+        execute(steps[2].plan(settings))
+    assert "the disk archlinux-1.0.0-upload is gone, not ready for an upload" in str(caught.value)
+    assert caught.value.hint and "archkernel run azure_publish --from 2" in caught.value.hint
+    assert standin.calls("POST") == []  # nothing granted

@@ -275,8 +275,8 @@ def upload_vhd(settings: Settings) -> Plan:
         if state not in ("ReadyToUpload", "ActiveUpload"):
             raise UserError(
                 f"the disk {name} is {state or 'gone'}, not ready for an upload",
-                "run azure_publish again from step 2 (it makes the disk when missing); a "
-                "disk in another state is in use: delete it or choose another disk_name",
+                "`archkernel run azure_publish --from 2` makes a missing disk again; a disk "
+                "in another state is in use: delete it or choose another azure.publish.disk_name",
             )
         access = disk_access(settings, client)
         try:
