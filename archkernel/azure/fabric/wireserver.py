@@ -17,6 +17,7 @@ Anything else is answered 404 and recorded too, so a test sees what an agent wan
 from __future__ import annotations
 
 import socket
+import threading
 from dataclasses import dataclass
 from xml.etree import ElementTree
 
@@ -173,6 +174,9 @@ class Wireserver(FabricServer):
         self.state = state
         # Where the goal state says its documents are: the address the VM sees.
         self.base = base
+        # The health reports accepted, read once as they come (the boot test polls them).
+        self._reports: list[HealthReport] = []
+        self._reports_lock = threading.Lock()
 
     def respond(self, request: Recorded) -> Reply:
         comp, path = request.query.get("comp"), request.path.rstrip("/")
@@ -191,22 +195,20 @@ class Wireserver(FabricServer):
                 return Reply(200, documents[path](self.state), XML)
         if request.method == "POST" and path == "/machine":
             if comp == "health":
-                if health_report(request.body) is None:
+                report = health_report(request.body)
+                if report is None:
                     return Reply(400, b"no health State in the report")
+                with self._reports_lock:
+                    self._reports.append(report)
                 return Reply(200)
             if comp in ("roleProperties", "telemetrydata"):
                 return Reply(200)
         return Reply(404, b"not served by the fabric stand-in")
 
     def reports(self) -> list[HealthReport]:
-        """Every health report received, in order."""
-        return [
-            report
-            for r in self.requests
-            if r.method == "POST" and r.query.get("comp") == "health" and r.status == 200
-            for report in [health_report(r.body)]
-            if report is not None
-        ]
+        """Every health report accepted, in order."""
+        with self._reports_lock:
+            return list(self._reports)
 
     def health_reports(self) -> list[str]:
         """The `State` of every health report received, in order."""
