@@ -19,7 +19,7 @@ from pathlib import Path
 
 from archkernel.errors import UserError
 from archkernel.host.processes import terminate
-from archkernel.host.run import render, run
+from archkernel.host.run import proc_stat, render, run
 from archkernel.log import log
 
 STOP_GRACE = 5.0
@@ -34,14 +34,13 @@ def _names(cmdline: bytes, pidfile: Path) -> bool:
 
 def _ours(pid: int, pidfile: Path) -> bool:
     """Whether `pid` is a child of this process whose command line names `pidfile`."""
+    fields = proc_stat(pid)  # the parent's pid is field 4
+    if len(fields) < 2 or int(fields[1]) != os.getpid():
+        return False
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_bytes()
+        return _names(Path(f"/proc/{pid}/cmdline").read_bytes(), pidfile)
     except OSError:
         return False
-    # The parent's pid: field 4, counted after the command name in parentheses.
-    fields = stat.rsplit(b")", 1)[-1].split()
-    return len(fields) > 1 and int(fields[1]) == os.getpid() and _names(cmdline, pidfile)
 
 
 class Background:

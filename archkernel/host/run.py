@@ -176,15 +176,20 @@ def wrapping(wrapper: CommandWrapper) -> Iterator[None]:
         _wrapper.reset(token)
 
 
-def process_identity(pid: int) -> str | None:
-    """`PID:START` (START: when it started, in clock ticks since boot), which no later
-    process with the same pid has; None if there is no such process."""
+def proc_stat(pid: int) -> list[bytes]:
+    """The fields of /proc/PID/stat after the command name (field 3, the state, first):
+    the name is in parentheses and may hold spaces. Empty if there is no such process."""
     try:
         stat = Path(f"/proc/{pid}/stat").read_bytes()
     except OSError:
-        return None
-    # Field 22, counted after the command name in parentheses (which may hold spaces).
-    fields = stat.rsplit(b")", 1)[-1].split()
+        return []
+    return stat.rsplit(b")", 1)[-1].split()
+
+
+def process_identity(pid: int) -> str | None:
+    """`PID:START` (START: when it started, in clock ticks since boot), which no later
+    process with the same pid has; None if there is no such process."""
+    fields = proc_stat(pid)  # START is field 22
     return f"{pid}:{int(fields[19])}" if len(fields) > 19 else None
 
 
