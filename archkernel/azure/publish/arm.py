@@ -14,7 +14,7 @@ from collections.abc import Callable
 from typing import Any, TypeVar
 
 from archkernel.azure.publish import gallery
-from archkernel.azure.publish.secrets import redact, sdk
+from archkernel.azure.publish.secrets import redact, redacted_first_line, sdk
 from archkernel.errors import UserError
 from archkernel.log import log
 from archkernel.settings import Settings
@@ -33,10 +33,6 @@ CREDENTIALS_HINT = (
     "log in with `az login`, or set AZURE_CLIENT_ID/AZURE_TENANT_ID and a secret "
     "or a federated token (GitHub Actions: azure/login with OIDC)"
 )
-
-
-def _first_line(exc: BaseException) -> str:
-    return redact(str(exc).splitlines()[0]) if str(exc) else ""
 
 
 def credential() -> Any:
@@ -58,7 +54,7 @@ def resolve_credentials(settings: Settings, scopes: list[str]) -> None:
             cred.get_token(s)
         except core.ClientAuthenticationError as exc:
             raise UserError(
-                f"no Azure credentials for {s}: {_first_line(exc)}", CREDENTIALS_HINT
+                f"no Azure credentials for {s}: {redacted_first_line(exc)}", CREDENTIALS_HINT
             ) from None
 
 
@@ -84,11 +80,11 @@ def call(what: str, fn: Callable[[], T]) -> T:
         if isinstance(exc, core.ClientAuthenticationError) and exc.status_code is None:
             # The credential got (or renewed) no token: Resource Manager was not asked.
             raise UserError(
-                f"{what} failed: the Azure credentials gave no token: {_first_line(exc)}",
+                f"{what} failed: the Azure credentials gave no token: {redacted_first_line(exc)}",
                 CREDENTIALS_HINT,
             ) from None
         raise UserError(
-            f"{what} failed: HTTP {exc.status_code} {_first_line(exc)}",
+            f"{what} failed: HTTP {exc.status_code} {redacted_first_line(exc)}",
             "check the subscription, resource group and your role on them "
             "(Contributor on the resource group is enough)",
         ) from None
@@ -165,11 +161,6 @@ def create_disk(client: Any, settings: Settings, upload_size: int, sha256: str) 
     )
     disk = call(f"creating the disk {name}", lambda: wait(poller, f"creating the disk {name}"))
     return str(disk.id)
-
-
-def disk_state(client: Any, settings: Settings) -> str | None:
-    found = get_disk(client, settings)
-    return None if found is None else text(found.disk_state)
 
 
 def grant(client: Any, settings: Settings) -> str:

@@ -32,6 +32,12 @@ def redact(text: str) -> str:
     return _BEARER.sub(r"\1<redacted>", text)
 
 
+def redacted_first_line(exc: BaseException) -> str:
+    """The first line of an SDK error's message, redacted (its later lines repeat the
+    request, URL and headers)."""
+    return redact(str(exc).splitlines()[0]) if str(exc) else ""
+
+
 def public_url(url: str) -> str:
     """`url` without its query string (where a SAS lives), fragment and user:password@."""
     parts = urlsplit(url)

@@ -22,7 +22,7 @@ from pathlib import Path
 from typing import Any, TextIO, TypeVar
 
 from archkernel.azure.publish import extents
-from archkernel.azure.publish.secrets import redact, sdk
+from archkernel.azure.publish.secrets import redact, redacted_first_line, sdk
 from archkernel.errors import UserError
 from archkernel.host.sparse import data_extents, pread_all
 from archkernel.log import log
@@ -193,7 +193,7 @@ class _Channel:
                 if status not in RETRYABLE:
                     raise UserError(
                         f"{what} to {self.access.name} failed: HTTP {status} "
-                        f"{redact(str(exc).splitlines()[0] if str(exc) else '')}"
+                        f"{redacted_first_line(exc)}"
                     ) from None
                 retry_after = _retry_after(exc)
             except self.transport_errors as exc:
