@@ -221,8 +221,33 @@ def test_agent_enables_waagent_for_extensions(tmp_path: Path) -> None:
     s = settings(tmp_path, extensions=True)
     root = configured(s, "cloud-init.service", "waagent.service", waagent=True)
     (command,) = tree.agent(s).commands()
-    assert command[-2:] == ("cloud-init.service", "waagent.service")
+    assert command[-3:] == (
+        "cloud-init.service",
+        "waagent.service",
+        "archkernel-waagent-wheel.path",
+    )
     assert str(root) in command[1]
+
+
+def test_waagents_administrators_join_wheel_through_a_path_unit(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    s = settings(tmp_path, provisioning="waagent")
+    root = configured(s, "sshd.service", "waagent.service", cloud=False, waagent=True)
+    (command,) = tree.agent(s).commands()
+    assert command[3:] == ("waagent.service", "archkernel-waagent-wheel.path")
+    monkeypatch.setattr(tree, "_enable", lambda plan, tree_, units: None)
+    execute(tree.agent(s))
+    units = root / "etc/systemd/system"
+    assert "PathChanged=/etc/sudoers.d/waagent" in (
+        (units / "archkernel-waagent-wheel.path").read_text().splitlines()
+    )
+    assert "ExecStart=/usr/local/lib/archkernel/waagent-wheel /etc/sudoers.d/waagent" in (
+        (units / "archkernel-waagent-wheel.service").read_text().splitlines()
+    )
+    program = root / "usr/local/lib/archkernel/waagent-wheel"
+    assert program.read_text().startswith("#!/bin/sh\n")
+    assert program.stat().st_mode & 0o777 == 0o755
 
 
 def test_agent_without_cloud_init_in_the_image_is_an_error(tmp_path: Path) -> None:

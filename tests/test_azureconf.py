@@ -129,10 +129,13 @@ def test_units_depend_on_provisioning() -> None:
     available = set(conf.BASE_UNITS + conf.CLOUD_INIT_UNITS + [conf.WAAGENT_UNIT])
     cloud = conf.units_to_enable(AzureSettings(), available)
     assert "cloud-init.service" in cloud and conf.WAAGENT_UNIT not in cloud
+    assert "archkernel-waagent-wheel.path" not in cloud
     both = conf.units_to_enable(AzureSettings(extensions=True), available)
     assert "cloud-init.service" in both and conf.WAAGENT_UNIT in both
     agent = conf.units_to_enable(AzureSettings(provisioning="waagent"), available)
     assert conf.WAAGENT_UNIT in agent and "cloud-init.service" not in agent
+    # Wherever waagent runs, the users it makes administrators join wheel.
+    assert "archkernel-waagent-wheel.path" in both and "archkernel-waagent-wheel.path" in agent
 
 
 def test_pacman_conf_keeps_the_mirror_placeholders() -> None:
@@ -388,10 +391,20 @@ def test_waagent_configuration_must_match_provisioning() -> None:
     az = AzureSettings(provisioning="waagent")
     facts = good_facts(az)
     facts.waagent_conf = conf.set_conf_values(WAAGENT_CONF, conf.waagent_values("cloud-init"))
-    facts.enabled_units = ["sshd.service", "waagent.service"]
+    facts.enabled_units = ["sshd.service", "waagent.service", "archkernel-waagent-wheel.path"]
     assert "waagent.conf matches provisioning" in failed(facts, az)
     facts.waagent_conf = conf.set_conf_values(WAAGENT_CONF, conf.waagent_values("waagent"))
     assert failed(facts, az) == []
+
+
+@pytest.mark.parametrize("extensions", [False, True])
+def test_waagents_administrators_must_join_wheel(extensions: bool) -> None:
+    provisioning = "cloud-init" if extensions else "waagent"
+    az = AzureSettings(provisioning=provisioning, extensions=extensions)
+    facts = good_facts(az)
+    facts.waagent_conf = conf.set_conf_values(WAAGENT_CONF, conf.waagent_values(provisioning))
+    facts.enabled_units += ["waagent.service"]
+    assert failed(facts, az) == ["waagent's administrators join wheel"]
 
 
 def test_partitions_must_be_aligned_and_inside() -> None:

@@ -12,7 +12,7 @@ import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
-from archkernel.azure import chrony, udev, users
+from archkernel.azure import admins, chrony, udev, users
 from archkernel.errors import UserError
 from archkernel.settings import AzureSettings
 
@@ -417,7 +417,7 @@ def units_to_enable(settings: AzureSettings, available: set[str]) -> list[str]:
     if settings.provisioning == "cloud-init":
         units += [u for u in CLOUD_INIT_UNITS if u in available]
     if settings.provisioning == "waagent" or settings.extensions:
-        units.append(WAAGENT_UNIT)
+        units += [WAAGENT_UNIT, admins.PATH_UNIT]
     return units
 
 

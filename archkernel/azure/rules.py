@@ -21,6 +21,7 @@ import re
 from dataclasses import dataclass, field
 from typing import Any
 
+from archkernel.azure import admins
 from archkernel.azure import config as conf
 from archkernel.image import disk, esp
 from archkernel.settings import AzureSettings
@@ -266,6 +267,11 @@ def _check_agent(report: Report, facts: TreeFacts, az: AzureSettings) -> None:
             f"differs: {wrong}" if wrong else "as expected",
         )
         report.add("waagent enabled", conf.WAAGENT_UNIT in units, "waagent.service")
+        report.add(
+            "waagent's administrators join wheel",
+            admins.PATH_UNIT in units,
+            f"{admins.PATH_UNIT} " + ("enabled" if admins.PATH_UNIT in units else "not enabled"),
+        )
     elif facts.waagent_conf is not None and conf.WAAGENT_UNIT in units:
         report.add(
             "waagent not provisioning", False, "waagent is enabled though cloud-init provisions"

@@ -13,8 +13,8 @@ import functools
 import uuid
 from pathlib import Path
 
+from archkernel.azure import admins, ids, pacman, users
 from archkernel.azure import config as conf
-from archkernel.azure import ids, pacman, users
 from archkernel.azure.workspace import (
     FIRMWARE_SETTINGS,
     PACKAGE_SETTINGS,
@@ -343,7 +343,8 @@ def agent(settings: Settings) -> Plan:
             )
         values = conf.waagent_values(az.provisioning)
         plan.do(
-            f"set {', '.join(values)} in {conf.WAAGENT_CONF}; write {conf.WAAGENT_DROPIN}",
+            f"set {', '.join(values)} in {conf.WAAGENT_CONF}; write {conf.WAAGENT_DROPIN} "
+            f"and {admins.PATH_UNIT} (its administrators join wheel)",
             lambda: _configure_waagent(tree, values),
         )
     units = conf.agent_units(az, available)
@@ -374,6 +375,8 @@ def _configure_waagent(tree: Path, values: dict[str, str]) -> None:
     agent_conf = tree / conf.WAAGENT_CONF
     write_text(agent_conf, conf.set_conf_values(agent_conf.read_text(), values))
     _owned_write(tree / conf.WAAGENT_DROPIN, conf.waagent_dropin())
+    for path, (text, mode) in admins.files().items():
+        _owned_write(tree / path, text, mode)
 
 
 # --- step 5 -----------------------------------------------------------------------------------
