@@ -597,14 +597,15 @@ def test_the_fabric_answers_at_azures_addresses_and_leaves_nothing(tmp_path: Pat
 @pytest.mark.parametrize(
     ("change", "failed"),
     [
-        ({"agent": "waagent", "in_wheel": False, "waagent_goal_state": True}, []),
+        ({"agent": "waagent", "waagent_goal_state": True}, []),
         ({"in_wheel": False}, ["in_wheel"]),
+        ({"agent": "waagent", "in_wheel": False}, ["in_wheel"]),
         ({"sudo": False}, ["sudo"]),
         ({"waagent_goal_state": False}, ["waagent_goal_state"]),
         ({"agent": "waagent", "waagent_goal_state": False}, ["waagent_goal_state"]),
     ],
 )
-def test_waagent_is_proven_by_sudo_and_its_goal_state(
+def test_waagent_is_proven_by_wheel_sudo_and_its_goal_state(
     change: dict[str, object], failed: list[str]
 ) -> None:
     result = passing_proofs(**change)

@@ -108,8 +108,9 @@ def assert_provisioned(proofs: dict[str, object], agent: str) -> None:
     assert proofs["static_hostname"] == HOSTNAME
     assert proofs["user_login"] is True
     assert proofs["sudo"] is True
-    # cloud-init gives Arch's default user's groups; waagent grants sudo in sudoers.d only.
-    assert proofs["in_wheel"] is (agent == "cloud-init")
+    # The login session's groups: cloud-init gives Arch's default user's; waagent's user
+    # joins wheel through the image's path unit.
+    assert proofs["in_wheel"] is True
     assert proofs["wrong_key_refused"] is True
     assert proofs["password_login_refused"] is True
     assert proofs["ready_reported"] is True

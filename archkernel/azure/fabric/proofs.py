@@ -119,9 +119,9 @@ class Proofs:
         checks = {
             "hostname": self.hostname == expected_hostname,
             "user_login": self.user_login,
-            # waagent grants sudo through /etc/sudoers.d/waagent and puts nobody in wheel
-            # (on any distribution); cloud-init gives Arch's default user's groups, wheel.
-            "in_wheel": self.in_wheel or self.agent == "waagent",
+            # cloud-init gives Arch's default user's groups; waagent's user joins wheel
+            # through the image's path unit (archkernel.azure.admins).
+            "in_wheel": self.in_wheel,
             "sudo": self.sudo,
             "waagent_goal_state": self.waagent_goal_state is not False,
             "wrong_key_refused": self.wrong_key_refused,
