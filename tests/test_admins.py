@@ -14,15 +14,16 @@ import pytest
 from archkernel.azure import admins
 
 SUDOERS_LINES = [
-    "root ALL=(ALL) ALL",  # the lines waagent writes: without a password ...
-    "nobody ALL=(ALL) NOPASSWD: ALL",  # ... and with none
+    "root ALL=(ALL) ALL",  # the lines waagent writes: with a password ...
+    "nobody ALL=(ALL) NOPASSWD: ALL",  # ... and without
+    "daemon\tALL = (ALL:ALL) NOPASSWD:ALL",  # blanks around `=`, as other tools write
     "%wheel ALL=(ALL) ALL",  # a group, not a user
-    "x$(touch /tmp/archkernel-pwned) ALL=(ALL) ALL",
+    "x$(touch /tmp/x) ALL=(ALL) ALL",
     "-h ALL=(ALL) ALL",  # would be an option to gpasswd
     "root ALL=(ALL) ALL extra",
     "a*b ALL=(ALL) ALL",
+    "0 ALL=(ALL) ALL",  # a number: id would take it for root's uid
     "ghost ALL=(ALL) ALL",  # no such user
-    "x" * 33 + " ALL=(ALL) ALL",  # longer than a user name
     "Defaults env_reset",
 ]
 
@@ -78,68 +79,128 @@ def test_the_units_pass_systemd_analyze_verify(tmp_path: Path) -> None:
 @pytest.mark.integration
 def test_only_the_accounts_waagents_lines_name_are_put_in_wheel(tmp_path: Path) -> None:
     program = written(tmp_path / "root")
+    state = tmp_path / "state"
     result = subprocess.run(
-        ["sh", str(program), "--dry-run", str(sudoers(tmp_path, SUDOERS_LINES))],
+        ["sh", str(program), "--dry-run", str(sudoers(tmp_path, SUDOERS_LINES)), str(state)],
         capture_output=True,
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    # The host's root and nobody are in no group called wheel.
-    assert result.stdout.splitlines() == ["gpasswd -a root wheel", "gpasswd -a nobody wheel"]
-    assert "names ghost, which is no user: left alone" in result.stderr
-    assert not Path("/tmp/archkernel-pwned").exists()
+    # On a Debian host root, nobody and daemon are in no group called wheel.
+    assert result.stdout.splitlines() == [
+        "gpasswd -a root wheel",
+        "gpasswd -a nobody wheel",
+        "gpasswd -a daemon wheel",
+    ]
+    assert result.stderr.splitlines() == [
+        f"{tmp_path / 'waagent'} names ghost, which is no user: left alone"
+    ]
+    assert not state.exists()  # a dry run writes nothing
 
 
 @pytest.mark.integration
 def test_without_the_file_there_is_nothing_to_do(tmp_path: Path) -> None:
     program = written(tmp_path / "root")
+    state = tmp_path / "state"
     result = subprocess.run(
-        ["sh", str(program), str(tmp_path / "missing")], capture_output=True, text=True
+        ["sh", str(program), str(tmp_path / "missing"), str(state)], capture_output=True, text=True
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+    assert state.read_text() == ""
+
+
+INSIDE = """
+set -e
+mount --bind "$1" /etc
+sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
+sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
+: >"$3"
+sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon)"
+"""
 
 
 @pytest.mark.integration
 @pytest.mark.root
-def test_the_user_joins_wheel_once_with_the_real_gpasswd(tmp_path: Path) -> None:
-    """In a mount namespace of its own, over a copy of the host's /etc that has a wheel
-    group: the program run twice puts `nobody` in wheel, and the second run does nothing."""
-    program = written(tmp_path / "root")
+def test_a_named_user_joins_wheel_once_and_leaves_with_its_line(tmp_path: Path) -> None:
+    """The file names nobody and daemon, in wheel already: the program puts nobody in
+    wheel, a second run does nothing, and once the file is emptied nobody leaves wheel;
+    daemon, which was there before, stays."""
+    etc = etc_with_wheel(tmp_path)
+    file = sudoers(tmp_path, ["nobody ALL=(ALL) NOPASSWD: ALL", "daemon ALL=(ALL) ALL"])
+    result = in_namespace(tmp_path, etc, THREE_RUNS, file)
+    assert result.returncode == 0, result.stderr
+    daemon = "daemon wheel"  # Debian's daemon: its own group, and wheel
+    assert result.stdout.splitlines() == [
+        "Adding user nobody to group wheel",  # gpasswd, on the first run only
+        f"nogroup wheel / {daemon} / nobody",  # the state: who joined here
+        f"nogroup wheel / {daemon} / nobody",
+        "Removing user nobody from group wheel",
+        f"nogroup / {daemon} / ",
+    ]
+    assert (etc / "group").read_text().splitlines()[-1].startswith("wheel:x:")
+    assert (etc / "group").read_text().splitlines()[-1].endswith(":daemon")
+    assert "wheel" not in run_id("nobody")  # the host's /etc is untouched
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_a_line_written_after_the_unit_started_is_read(tmp_path: Path) -> None:
+    """The unit starts as waagent creates the file, maybe before its line is in it (and
+    systemd drops the events while the service runs): the program reads the file again
+    until it stays unchanged."""
+    etc = etc_with_wheel(tmp_path)
+    file = sudoers(tmp_path, [])
+    result = in_namespace(tmp_path, etc, LATE_LINE, file)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["Adding user nobody to group wheel", "nogroup wheel"]
+
+
+THREE_RUNS = """
+sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
+sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
+: >"$3"
+sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
+"""
+LATE_LINE = """
+sh "$2" "$3" "$4" & program=$!
+sleep 0.3
+echo "nobody ALL=(ALL) NOPASSWD: ALL" >>"$3"
+wait "$program"
+id -nG nobody
+"""
+
+
+def etc_with_wheel(tmp_path: Path) -> Path:
+    """A copy of the host's /etc with a wheel group (a gid of its own) holding daemon."""
     etc = tmp_path / "etc"
     shutil.copytree("/etc", etc, symlinks=True)
-    taken = {line.split(":")[2] for line in (etc / "group").read_text().splitlines() if line}
-    gid = next(str(n) for n in range(4711, 5000) if str(n) not in taken)
-    with (etc / "group").open("a") as group:
-        group.write(f"wheel:x:{gid}:\n")
-    with (etc / "gshadow").open("a") as gshadow:
-        gshadow.write("wheel:!::\n")
-    file = sudoers(tmp_path, ["nobody ALL=(ALL) NOPASSWD: ALL"])
-    inside = (
-        'mount --bind "$1" /etc && sh "$2" "$3" && echo "first: $(id -nG nobody)" '
-        '&& sh "$2" "$3" && echo "second: $(id -nG nobody)"'
-    )
-    result = subprocess.run(
-        [
-            "unshare",
-            "--mount",
-            "--propagation=private",
-            "sh",
-            "-c",
-            inside,
-            "sh",
-            str(etc),
-            str(program),
-            str(file),
-        ],
+    gid = free_gid(etc / "group")
+    for name, line in (("group", f"wheel:x:{gid}:daemon"), ("gshadow", "wheel:!::daemon")):
+        kept = [x for x in (etc / name).read_text().splitlines() if not x.startswith("wheel:")]
+        (etc / name).write_text("\n".join([*kept, line]) + "\n")
+    return etc
+
+
+def in_namespace(
+    tmp_path: Path, etc: Path, script: str, file: Path
+) -> subprocess.CompletedProcess[str]:
+    """`script` run by sh in a mount namespace of its own where `etc` is /etc, with the
+    program, the sudoers file and a state file as $2, $3 and $4."""
+    program = written(tmp_path / "root")
+    argv = [str(etc), str(program), str(file), str(tmp_path / "state")]
+    inside = 'set -e\nmount --bind "$1" /etc\n' + script
+    return subprocess.run(
+        ["unshare", "--mount", "--propagation=private", "sh", "-c", inside, "sh", *argv],
         capture_output=True,
         text=True,
+        timeout=60,
     )
-    assert result.returncode == 0, result.stderr
-    lines = result.stdout.splitlines()
-    assert lines[0] == "Adding user nobody to group wheel"  # gpasswd, once
-    assert lines[1:] == ["first: nogroup wheel", "second: nogroup wheel"]
-    assert (etc / "group").read_text().splitlines()[-1] == f"wheel:x:{gid}:nobody"
-    assert (
-        "wheel"
-        not in subprocess.run(["id", "-nG", "nobody"], capture_output=True, text=True).stdout
-    )
+
+
+def free_gid(group: Path) -> int:
+    taken = {line.split(":")[2] for line in group.read_text().splitlines() if line}
+    return next(n for n in range(4711, 5000) if str(n) not in taken)
+
+
+def run_id(user: str) -> str:
+    return subprocess.run(["id", "-nG", user], capture_output=True, text=True).stdout

@@ -242,12 +242,17 @@ def test_waagents_administrators_join_wheel_through_a_path_unit(
     assert "PathChanged=/etc/sudoers.d/waagent" in (
         (units / "archkernel-waagent-wheel.path").read_text().splitlines()
     )
-    assert "ExecStart=/usr/local/lib/archkernel/waagent-wheel /etc/sudoers.d/waagent" in (
+    program, sudoers, state = (
+        "/usr/local/lib/archkernel/waagent-wheel",
+        "/etc/sudoers.d/waagent",
+        "/var/lib/archkernel/waagent-wheel",
+    )
+    assert f"ExecStart={program} {sudoers} {state}" in (
         (units / "archkernel-waagent-wheel.service").read_text().splitlines()
     )
-    program = root / "usr/local/lib/archkernel/waagent-wheel"
-    assert program.read_text().startswith("#!/bin/sh\n")
-    assert program.stat().st_mode & 0o777 == 0o755
+    written = root / program.lstrip("/")
+    assert written.read_text().startswith("#!/bin/sh\n")
+    assert written.stat().st_mode & 0o777 == 0o755
 
 
 def test_agent_without_cloud_init_in_the_image_is_an_error(tmp_path: Path) -> None:

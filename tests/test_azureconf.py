@@ -392,19 +392,57 @@ def test_waagent_configuration_must_match_provisioning() -> None:
     facts = good_facts(az)
     facts.waagent_conf = conf.set_conf_values(WAAGENT_CONF, conf.waagent_values("cloud-init"))
     facts.enabled_units = ["sshd.service", "waagent.service", "archkernel-waagent-wheel.path"]
+    facts.admin_files = dict(ADMIN_FILES)
     assert "waagent.conf matches provisioning" in failed(facts, az)
     facts.waagent_conf = conf.set_conf_values(WAAGENT_CONF, conf.waagent_values("waagent"))
     assert failed(facts, az) == []
 
 
-@pytest.mark.parametrize("extensions", [False, True])
-def test_waagents_administrators_must_join_wheel(extensions: bool) -> None:
+ADMIN_FILES = {
+    "etc/systemd/system/archkernel-waagent-wheel.path": 0o644,
+    "etc/systemd/system/archkernel-waagent-wheel.service": 0o644,
+    "usr/local/lib/archkernel/waagent-wheel": 0o755,
+}
+
+
+@pytest.mark.parametrize(
+    ("extensions", "enabled", "files", "detail"),
+    [
+        (False, True, ADMIN_FILES, "archkernel-waagent-wheel.path enabled, runs "),
+        (True, True, ADMIN_FILES, "archkernel-waagent-wheel.path enabled, runs "),
+        (False, False, ADMIN_FILES, "archkernel-waagent-wheel.path not enabled"),
+        (True, False, ADMIN_FILES, "archkernel-waagent-wheel.path not enabled"),
+        (
+            False,
+            True,
+            {**ADMIN_FILES, "usr/local/lib/archkernel/waagent-wheel": 0o644},
+            "usr/local/lib/archkernel/waagent-wheel not executable",
+        ),
+        (
+            False,
+            True,
+            {"usr/local/lib/archkernel/waagent-wheel": 0o755},
+            "etc/systemd/system/archkernel-waagent-wheel.path missing; "
+            "etc/systemd/system/archkernel-waagent-wheel.service missing",
+        ),
+    ],
+)
+def test_waagents_administrators_must_join_wheel(
+    extensions: bool, enabled: bool, files: dict[str, int], detail: str
+) -> None:
     provisioning = "cloud-init" if extensions else "waagent"
     az = AzureSettings(provisioning=provisioning, extensions=extensions)
     facts = good_facts(az)
     facts.waagent_conf = conf.set_conf_values(WAAGENT_CONF, conf.waagent_values(provisioning))
     facts.enabled_units += ["waagent.service"]
-    assert failed(facts, az) == ["waagent's administrators join wheel"]
+    facts.enabled_units += ["archkernel-waagent-wheel.path"] if enabled else []
+    facts.admin_files = files
+    report = Report("test")
+    check_tree(report, facts, az, UUID)
+    (check,) = [c for c in report.checks if c.name == "waagent's administrators join wheel"]
+    assert check.detail.startswith(detail)
+    assert [c.name for c in report.failed] == ([] if check.ok else [check.name])
+    assert check.ok is (detail.endswith("runs "))
 
 
 def test_partitions_must_be_aligned_and_inside() -> None:

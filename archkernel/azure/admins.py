@@ -1,13 +1,13 @@
 """The users the Azure Linux Agent makes administrators join wheel, Arch's admin group.
 
-waagent (upstream, on every distribution) creates the user of the provisioning media with
-`useradd -m` and grants it sudo with a line of /etc/sudoers.d/waagent. It puts nobody in
-`wheel`, yet on Arch wheel is more than sudo: polkit's default rule makes its members
-administrators (`systemctl restart` works for them without sudo), and the journal's ACLs
-let them read it. cloud-init puts its user in wheel. So that both agents give the same
-administrator, a path unit watches waagent's sudoers file and puts each account it names
-in wheel. That gives nothing the sudoers line does not: whoever the file names is root
-through sudo already.
+On Linux (Arch's ArchUtil keeps the generic code) waagent creates the user of the
+provisioning media with `useradd -m` and grants it sudo with a line of
+/etc/sudoers.d/waagent. It puts nobody in `wheel`, yet on Arch wheel is more than sudo:
+polkit's default rule makes its members the administrators it authenticates, and the
+journal's ACLs let them read it. cloud-init puts its user in wheel. So that both agents
+give the same administrator, a path unit watches waagent's sudoers file: each account it
+names joins wheel, and leaves it when the file stops naming it, so that wheel (which
+/etc/sudoers.d/10-wheel makes sudoers too) never outlasts the agent's grant.
 """
 
 from __future__ import annotations
@@ -16,6 +16,7 @@ PATH_UNIT = "archkernel-waagent-wheel.path"
 SERVICE_UNIT = "archkernel-waagent-wheel.service"
 SUDOERS = "/etc/sudoers.d/waagent"  # waagent.conf's OS.SudoersDir, its default
 SCRIPT = "/usr/local/lib/archkernel/waagent-wheel"
+STATE = "/var/lib/archkernel/waagent-wheel"  # the accounts the program put in wheel
 
 
 def path_unit() -> str:
@@ -36,7 +37,7 @@ WantedBy=paths.target
 
 
 def service_unit() -> str:
-    """Run the script once over waagent's sudoers file."""
+    """Run the program over waagent's sudoers file, keeping its state in /var/lib."""
     return f"""\
 # Written by archkernel: started by {PATH_UNIT}.
 [Unit]
@@ -44,41 +45,89 @@ Description=Put the users waagent made sudoers in wheel (archkernel)
 
 [Service]
 Type=oneshot
-ExecStart={SCRIPT} {SUDOERS}
+ExecStart={SCRIPT} {SUDOERS} {STATE}
 """
 
 
 def script() -> str:
-    """The POSIX shell program: for each line waagent writes (`NAME ALL=(ALL) ALL`, with
-    `NOPASSWD:` when the user has no password) whose NAME is an account not yet in wheel,
-    `gpasswd -a NAME wheel`. Any other line is ignored; a name is a user name (no blank,
-    no leading `-`, at most 32 characters) before it reaches a command line. With
-    `--dry-run` it prints the commands instead. A user the file no longer names stays in
-    wheel: the file cannot say whether the agent put it there."""
-    return f"""\
-#!/bin/sh
-# Written by archkernel. waagent grants sudo in {SUDOERS} and puts
-# nobody in wheel, Arch's admin group (polkit, the journal): each account
-# that file names joins wheel. Started by {PATH_UNIT}.
-# Usage: waagent-wheel [--dry-run] [FILE]
+    """The POSIX shell program. Each account a line of waagent's form names (`NAME
+    ALL=(ALL) ALL`, `NOPASSWD:` before the last ALL when it has no password; blanks around
+    `=` allowed) and not in wheel joins it (`gpasswd -a`), and is written in the state
+    file. One the state file lists that the sudoers file no longer names (a line removed,
+    the file rewritten or deleted) leaves wheel (`gpasswd -d`), so wheel never outlasts
+    the sudo grant; an account that was in wheel before is never removed. Other lines are
+    ignored; a name is a user name (no blank, no leading `-`, not a number) before it
+    reaches a command line.
+
+    The unit starts at the file's first change, which may be waagent's opening it, before
+    its line is written, and systemd drops the file's events while the service runs: so
+    the program reads the file again until it has not changed for a second (at most 10
+    passes). `--dry-run` prints the commands of one pass instead of running them."""
+    return (
+        r"""#!/bin/sh
+# Written by archkernel. waagent grants sudo in @SUDOERS@ and puts
+# nobody in wheel, Arch's admin group (polkit, the journal): each account that
+# file names joins wheel, and leaves it when the file no longer names it (if it
+# joined here; the state file lists those). Started by @PATH_UNIT@.
+# Usage: waagent-wheel [--dry-run] [SUDOERS [STATE]]
 set -uf  # names are split on blanks, never globbed
 run=
-if [ "${{1:-}}" = --dry-run ]; then run="echo"; shift; fi
-sudoers=${{1:-{SUDOERS}}}
-[ -r "$sudoers" ] || exit 0
-status=0
-names=$(sed -n -E 's/^([A-Za-z0-9_][A-Za-z0-9_.-]{{0,31}}) ALL=\\(ALL\\)( NOPASSWD:)? ALL$/\\1/p' \\
-    "$sudoers")
-for name in $names; do
-    if ! groups=$(id -nG -- "$name" 2>/dev/null); then
-        echo "$sudoers names $name, which is no user: left alone" >&2
-        continue
+if [ "${1:-}" = --dry-run ]; then run="echo"; shift; fi
+sudoers=${1:-@SUDOERS@}
+state=${2:-@STATE@}
+name='[A-Za-z0-9_][A-Za-z0-9_.-]*'
+b='[[:blank:]]'
+
+in_wheel() { case " $(id -nG -- "$1" 2>/dev/null) " in *" wheel "*) return 0 ;; esac; return 1; }
+# shellcheck disable=SC2086  # a list of names: split, never globbed (set -f)
+listed() { printf '%s\n' $2 | grep -qxF -- "$1"; }
+signature() { stat -c '%z %s' -- "$sudoers" 2>/dev/null || echo none; }
+
+sync_wheel() {
+    named='' joined='' kept='' failed=0
+    if [ -r "$sudoers" ]; then
+        named=$(sed -n -E "s/^($name)$b+ALL$b*=$b*\(ALL(:ALL)?\)$b+(NOPASSWD:$b*)?ALL$b*\$/\1/p" \
+            "$sudoers")
     fi
-    case " $groups " in *" wheel "*) continue ;; esac
-    $run gpasswd -a "$name" wheel || status=1
+    if [ -r "$state" ]; then joined=$(grep -xE -- "$name" "$state"); fi
+    for user in $named; do
+        case $user in *[!0-9]*) ;; *) continue ;; esac  # id would take it for a uid
+        if ! id -u -- "$user" >/dev/null 2>&1; then
+            echo "$sudoers names $user, which is no user: left alone" >&2
+        elif in_wheel "$user"; then
+            if listed "$user" "$joined"; then kept="$kept $user"; fi
+        elif $run gpasswd -a "$user" wheel; then
+            kept="$kept $user"
+        else
+            failed=1
+        fi
+    done
+    for user in $joined; do
+        if listed "$user" "$named" || ! in_wheel "$user"; then continue; fi
+        if ! $run gpasswd -d "$user" wheel; then failed=1; kept="$kept $user"; fi
+    done
+    if [ -z "$run" ]; then
+        { mkdir -p -- "${state%/*}" && for user in $kept; do echo "$user"; done >"$state.new" &&
+            mv -f -- "$state.new" "$state"; } || failed=1
+    fi
+    return $failed
+}
+
+passes=0
+while :; do
+    before=$(signature)
+    status=0
+    sync_wheel || status=1
+    passes=$((passes + 1))
+    if [ -n "$run" ] || [ "$passes" -ge 10 ]; then break; fi
+    sleep 1
+    if [ "$(signature)" = "$before" ]; then break; fi
 done
-exit $status
-"""
+exit "$status"
+""".replace("@SUDOERS@", SUDOERS)
+        .replace("@STATE@", STATE)
+        .replace("@PATH_UNIT@", PATH_UNIT)
+    )
 
 
 def files() -> dict[str, tuple[str, int]]:

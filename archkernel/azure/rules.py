@@ -83,6 +83,7 @@ class TreeFacts:
     initramfs_modules: dict[str, list[str]] = field(default_factory=dict)
     cloud_cfg: dict[str, str] = field(default_factory=dict)
     waagent_conf: str | None = None
+    admin_files: dict[str, int] = field(default_factory=dict)  # admins.files() there: mode
     enabled_units: list[str] = field(default_factory=list)
     modules_load: str = ""
     hostname: str = ""
@@ -267,15 +268,27 @@ def _check_agent(report: Report, facts: TreeFacts, az: AzureSettings) -> None:
             f"differs: {wrong}" if wrong else "as expected",
         )
         report.add("waagent enabled", conf.WAAGENT_UNIT in units, "waagent.service")
-        report.add(
-            "waagent's administrators join wheel",
-            admins.PATH_UNIT in units,
-            f"{admins.PATH_UNIT} " + ("enabled" if admins.PATH_UNIT in units else "not enabled"),
-        )
+        _check_admins(report, facts, units)
     elif facts.waagent_conf is not None and conf.WAAGENT_UNIT in units:
         report.add(
             "waagent not provisioning", False, "waagent is enabled though cloud-init provisions"
         )
+
+
+def _check_admins(report: Report, facts: TreeFacts, units: set[str]) -> None:
+    """The path unit that puts waagent's sudoers in wheel: enabled, its service and program
+    there, the program executable."""
+    problems = [f"{p} missing" for p in admins.files() if p not in facts.admin_files]
+    program = admins.SCRIPT.lstrip("/")
+    if program in facts.admin_files and not facts.admin_files[program] & 0o111:
+        problems.append(f"{program} not executable")
+    if admins.PATH_UNIT not in units:
+        problems.append(f"{admins.PATH_UNIT} not enabled")
+    report.add(
+        "waagent's administrators join wheel",
+        not problems,
+        "; ".join(problems) or f"{admins.PATH_UNIT} enabled, runs {admins.SCRIPT}",
+    )
 
 
 @dataclass

@@ -25,7 +25,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from archkernel.azure import manifest, vmsizes
+from archkernel.azure import admins, manifest, vmsizes
 from archkernel.azure.diskimage import layout_for, planned_ids, remove_scratch, scratch
 from archkernel.azure.hygiene import WorkdirSearch
 from archkernel.azure.hygiene import inspect as inspect_hygiene
@@ -229,6 +229,11 @@ def inspect_tree(
         facts.cloud_cfg = {p.name: _read(p) for p in sorted(cfgd.glob("*.cfg"))}
     if (etc / "waagent.conf").is_file():
         facts.waagent_conf = _read(etc / "waagent.conf")
+    facts.admin_files = {
+        rel: (root / rel).stat().st_mode & 0o777
+        for rel in admins.files()
+        if (root / rel).is_file() and not (root / rel).is_symlink()
+    }
     facts.enabled_units = sorted(
         {p.name for p in (etc / "systemd/system").glob("*.wants/*")}
         | {p.name for p in (etc / "systemd/system").glob("*.requires/*")}
