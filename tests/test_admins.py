@@ -98,6 +98,30 @@ def test_only_the_accounts_waagents_lines_name_are_put_in_wheel(tmp_path: Path) 
     assert not state.exists()  # a dry run writes nothing
 
 
+def dry_run(tmp_path: Path, lines: list[str], state: Path) -> subprocess.CompletedProcess[str]:
+    program = written(tmp_path / "root")
+    argv = ["sh", str(program), "--dry-run", str(sudoers(tmp_path, lines)), str(state)]
+    return subprocess.run(argv, capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.integration
+def test_an_account_recorded_but_out_of_wheel_already_is_left_alone(tmp_path: Path) -> None:
+    state = tmp_path / "state"
+    state.write_text("nobody\n")  # put in wheel here once, taken out by hand since
+    result = dry_run(tmp_path, [], state)
+    assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.integration
+def test_an_unreadable_state_changes_nothing(tmp_path: Path) -> None:
+    # Who joined here is unknown: no account may join (it could never leave) or leave.
+    state = tmp_path / "state"
+    state.mkdir()
+    result = dry_run(tmp_path, ["root ALL=(ALL) ALL"], state)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert "Is a directory" in result.stderr
+
+
 @pytest.mark.integration
 def test_without_the_file_there_is_nothing_to_do(tmp_path: Path) -> None:
     program = written(tmp_path / "root")
@@ -107,16 +131,6 @@ def test_without_the_file_there_is_nothing_to_do(tmp_path: Path) -> None:
     )
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
     assert state.read_text() == ""
-
-
-INSIDE = """
-set -e
-mount --bind "$1" /etc
-sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
-sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
-: >"$3"
-sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon)"
-"""
 
 
 @pytest.mark.integration
@@ -155,6 +169,42 @@ def test_a_line_written_after_the_unit_started_is_read(tmp_path: Path) -> None:
     assert result.stdout.splitlines() == ["Adding user nobody to group wheel", "nogroup wheel"]
 
 
+@pytest.mark.integration
+@pytest.mark.root
+def test_nobody_joins_when_the_state_cannot_be_written(tmp_path: Path) -> None:
+    # Else the account would be in wheel unrecorded, and never leave it.
+    etc = etc_with_wheel(tmp_path)
+    (tmp_path / "not-a-directory").write_text("")
+    state = tmp_path / "not-a-directory" / "state"
+    file = sudoers(tmp_path, ["nobody ALL=(ALL) NOPASSWD: ALL"])
+    result = in_namespace(tmp_path, etc, ONE_RUN, file, state)
+    assert result.stdout.splitlines() == ["1", "nogroup"]
+    assert f"cannot write {state}: wheel left as it is" in result.stderr
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_a_failed_gpasswd_fails_the_run_and_records_nobody(tmp_path: Path) -> None:
+    etc = etc_with_wheel(tmp_path)
+    failing = tmp_path / "bin"
+    failing.mkdir()
+    (failing / "gpasswd").write_text(
+        "#!/bin/sh\necho 'gpasswd: cannot lock /etc/group' >&2\nexit 1\n"
+    )
+    (failing / "gpasswd").chmod(0o755)
+    file = sudoers(tmp_path, ["nobody ALL=(ALL) NOPASSWD: ALL"])
+    result = in_namespace(tmp_path, etc, f'PATH="{failing}:$PATH"\n' + ONE_RUN, file)
+    assert result.stdout.splitlines() == ["1", "nogroup"]
+    assert "gpasswd: cannot lock /etc/group" in result.stderr
+    assert (tmp_path / "state").read_text() == ""
+
+
+ONE_RUN = """
+status=0
+sh "$2" "$3" "$4" || status=$?
+echo "$status"
+id -nG nobody
+"""
 THREE_RUNS = """
 sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
 sh "$2" "$3" "$4"; echo "$(id -nG nobody) / $(id -nG daemon) / $(cat "$4")"
@@ -182,12 +232,12 @@ def etc_with_wheel(tmp_path: Path) -> Path:
 
 
 def in_namespace(
-    tmp_path: Path, etc: Path, script: str, file: Path
+    tmp_path: Path, etc: Path, script: str, file: Path, state: Path | None = None
 ) -> subprocess.CompletedProcess[str]:
     """`script` run by sh in a mount namespace of its own where `etc` is /etc, with the
-    program, the sudoers file and a state file as $2, $3 and $4."""
+    program, the sudoers file and the state file (`tmp_path/state`) as $2, $3 and $4."""
     program = written(tmp_path / "root")
-    argv = [str(etc), str(program), str(file), str(tmp_path / "state")]
+    argv = [str(etc), str(program), str(file), str(state or tmp_path / "state")]
     inside = 'set -e\nmount --bind "$1" /etc\n' + script
     return subprocess.run(
         ["unshare", "--mount", "--propagation=private", "sh", "-c", inside, "sh", *argv],

@@ -45,6 +45,7 @@ Description=Put the users waagent made sudoers in wheel (archkernel)
 
 [Service]
 Type=oneshot
+StateDirectory=archkernel
 ExecStart={SCRIPT} {SUDOERS} {STATE}
 """
 
@@ -55,7 +56,9 @@ def script() -> str:
     `=` allowed) and not in wheel joins it (`gpasswd -a`), and is written in the state
     file. One the state file lists that the sudoers file no longer names (a line removed,
     the file rewritten or deleted) leaves wheel (`gpasswd -d`), so wheel never outlasts
-    the sudo grant; an account that was in wheel before is never removed. Other lines are
+    the sudo grant; an account that was in wheel before is never removed. The state is
+    written before gpasswd runs, and a state file it cannot read or write changes nothing
+    (the run fails): no account is ever in wheel by this program unrecorded. Other lines are
     ignored; a name is a user name (no blank, no leading `-`, not a number) before it
     reaches a command line.
 
@@ -70,7 +73,8 @@ def script() -> str:
 # file names joins wheel, and leaves it when the file no longer names it (if it
 # joined here; the state file lists those). Started by @PATH_UNIT@.
 # Usage: waagent-wheel [--dry-run] [SUDOERS [STATE]]
-set -uf  # names are split on blanks, never globbed
+# shellcheck disable=SC2086  # lists of names are split on blanks, never globbed:
+set -uf
 run=
 if [ "${1:-}" = --dry-run ]; then run="echo"; shift; fi
 sudoers=${1:-@SUDOERS@}
@@ -79,37 +83,50 @@ name='[A-Za-z0-9_][A-Za-z0-9_.-]*'
 b='[[:blank:]]'
 
 in_wheel() { case " $(id -nG -- "$1" 2>/dev/null) " in *" wheel "*) return 0 ;; esac; return 1; }
-# shellcheck disable=SC2086  # a list of names: split, never globbed (set -f)
 listed() { printf '%s\n' $2 | grep -qxF -- "$1"; }
 signature() { stat -c '%z %s' -- "$sudoers" 2>/dev/null || echo none; }
 
+# The state file: the accounts this program put in wheel, one a line. Written whole
+# and synced, then moved into place; a failure leaves the previous one.
+save() {
+    { mkdir -p -- "$(dirname -- "$state")" &&
+        if [ $# -eq 0 ]; then : >"$state.new"; else printf '%s\n' "$@" >"$state.new"; fi &&
+        sync -- "$state.new" && mv -f -- "$state.new" "$state"; } ||
+        { echo "cannot write $state: wheel left as it is" >&2; return 1; }
+}
+
 sync_wheel() {
-    named='' joined='' kept='' failed=0
-    if [ -r "$sudoers" ]; then
+    named='' joined='' kept='' adding='' leaving='' failed=0
+    if [ -e "$sudoers" ]; then
         named=$(sed -n -E "s/^($name)$b+ALL$b*=$b*\(ALL(:ALL)?\)$b+(NOPASSWD:$b*)?ALL$b*\$/\1/p" \
-            "$sudoers")
+            "$sudoers") || return 1
     fi
-    if [ -r "$state" ]; then joined=$(grep -xE -- "$name" "$state"); fi
+    if [ -e "$state" ]; then
+        # grep: 1 is no line, 2 an error (then nobody's membership is known: change nothing)
+        joined=$(grep -xE -- "$name" "$state") || [ $? -eq 1 ] || return 1
+    fi
     for user in $named; do
         case $user in *[!0-9]*) ;; *) continue ;; esac  # id would take it for a uid
         if ! id -u -- "$user" >/dev/null 2>&1; then
             echo "$sudoers names $user, which is no user: left alone" >&2
-        elif in_wheel "$user"; then
-            if listed "$user" "$joined"; then kept="$kept $user"; fi
-        elif $run gpasswd -a "$user" wheel; then
+        elif ! in_wheel "$user"; then
+            adding="$adding $user"
+        elif listed "$user" "$joined"; then
             kept="$kept $user"
-        else
-            failed=1
         fi
     done
     for user in $joined; do
-        if listed "$user" "$named" || ! in_wheel "$user"; then continue; fi
+        if ! listed "$user" "$named" && in_wheel "$user"; then leaving="$leaving $user"; fi
+    done
+    # Recorded before gpasswd runs: an account in wheel by this program is always listed.
+    if [ -z "$run" ]; then save $kept $adding $leaving || return 1; fi
+    for user in $adding; do
+        if $run gpasswd -a "$user" wheel; then kept="$kept $user"; else failed=1; fi
+    done
+    for user in $leaving; do
         if ! $run gpasswd -d "$user" wheel; then failed=1; kept="$kept $user"; fi
     done
-    if [ -z "$run" ]; then
-        { mkdir -p -- "${state%/*}" && for user in $kept; do echo "$user"; done >"$state.new" &&
-            mv -f -- "$state.new" "$state"; } || failed=1
-    fi
+    if [ -z "$run" ]; then save $kept || failed=1; fi
     return $failed
 }
 
@@ -119,9 +136,14 @@ while :; do
     status=0
     sync_wheel || status=1
     passes=$((passes + 1))
-    if [ -n "$run" ] || [ "$passes" -ge 10 ]; then break; fi
+    if [ -n "$run" ]; then break; fi
     sleep 1
     if [ "$(signature)" = "$before" ]; then break; fi
+    if [ "$passes" -ge 10 ]; then
+        echo "$sudoers still changes after $passes passes: run again later" >&2
+        status=1
+        break
+    fi
 done
 exit "$status"
 """.replace("@SUDOERS@", SUDOERS)
