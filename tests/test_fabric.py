@@ -9,10 +9,13 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import subprocess
+import sys
+import time
 import urllib.error
 import urllib.request
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -532,6 +535,60 @@ def test_a_killed_runs_namespace_goes_with_what_still_runs_in_it() -> None:
         left.kill()
         left.wait()
         subprocess.run(["ip", "netns", "delete", name], check=False, capture_output=True)
+
+
+@pytest.mark.integration
+@pytest.mark.root
+def test_dnsmasq_dies_with_a_run_killed_outright(tmp_path: Path) -> None:
+    # SIGKILL leaves no time to stop it: PR_SET_PDEATHSIG must, which a change of group
+    # (dnsmasq's default, dip) would have cleared.
+    ready = tmp_path / "ready"
+    holder = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import sys, time, pathlib\n"
+            "from archkernel.azure.fabric.namespace import fabric_network\n"
+            "with fabric_network(pathlib.Path(sys.argv[1])) as net:\n"
+            "    pathlib.Path(sys.argv[2]).write_text(net.netns)\n"
+            "    time.sleep(600)\n",
+            str(tmp_path / "net"),
+            str(ready),
+        ]
+    )
+    dnsmasq = 0
+    try:
+        until(ready.exists, 30)
+        dnsmasq = int((tmp_path / "net" / "dnsmasq.pid").read_text())
+        assert "\nGid:\t0\t0\t0\t0\n" in Path(f"/proc/{dnsmasq}/status").read_text()
+        holder.kill()
+        holder.wait()
+        until(lambda: not _alive(dnsmasq), 10)
+        assert ready.read_text() in _netns()  # what the next run's sweep removes
+        namespace._remove_stale()
+        assert ready.read_text() not in _netns()
+    finally:
+        holder.kill()
+        holder.wait()
+        if dnsmasq and _alive(dnsmasq):
+            os.kill(dnsmasq, signal.SIGKILL)
+        if ready.exists():
+            subprocess.run(["ip", "netns", "delete", ready.read_text()], capture_output=True)
+
+
+def until(condition: Callable[[], bool], seconds: float) -> None:
+    deadline = time.monotonic() + seconds
+    while not condition():
+        assert time.monotonic() < deadline, f"not within {seconds} s"
+        time.sleep(0.1)
+
+
+def _alive(pid: int) -> bool:
+    """Whether `pid` runs (a zombie has ended)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
 
 
 def test_without_root_the_fabric_network_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

@@ -74,8 +74,8 @@ def _remove_stale() -> None:
 
 
 def _stop_inside(netns: str) -> None:
-    """End what still runs in `netns` (a killed run's dnsmasq outlives it, and keeps the
-    namespace alive after `ip netns delete`)."""
+    """End what still runs in `netns` (it would keep the namespace alive after `ip netns
+    delete`): a backstop, as dnsmasq and QEMU die with the run that started them."""
     listed = run(network.pids_argv(netns), check=False, capture=True)
     terminate([int(word) for word in listed.stdout.split() if word.isdigit()], STOP_GRACE)
 

@@ -126,7 +126,10 @@ def dnsmasq_argv(network: Network) -> list[str]:
             f"--log-facility={network.dhcp_log}",
             "--log-dhcp",
             # The namespace is ours alone; dnsmasq-base has no user of its own to drop to.
+            # Nor a group: its default, dip, would change the egid, and the kernel then
+            # clears PR_SET_PDEATHSIG: dnsmasq would outlive a run killed outright.
             "--user=root",
+            "--group=root",
             *dhcp_options(),
         ],
     )
