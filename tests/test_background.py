@@ -19,6 +19,7 @@ import pytest
 from archkernel.errors import UserError
 from archkernel.host.background import Background
 from archkernel.host.processes import terminate
+from tests.support.processes import alive
 
 # argv[1] is `--pid-file=PATH` or `-pidfile PATH`; then: "ignore" SIGTERM, "exit" at once,
 # or be "slow" to write the pid file.
@@ -42,14 +43,6 @@ time.sleep(600)
 def program(pidfile: Path, *words: str, equals: bool = True) -> list[str]:
     named = [f"--pid-file={pidfile}"] if equals else ["-pidfile", str(pidfile)]
     return [sys.executable, "-c", PROGRAM, *named, *words]
-
-
-def alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()[0]
-    except OSError:
-        return False
-    return state != "Z"
 
 
 @pytest.mark.parametrize("equals", [True, False])

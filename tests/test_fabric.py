@@ -12,10 +12,9 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from xml.etree import ElementTree
 
@@ -35,6 +34,7 @@ from archkernel.azure.fabric import (
 from archkernel.errors import UserError
 from archkernel.host import run
 from tests.support.fabric import debian_agents, passing_proofs, run_agent_code
+from tests.support.processes import alive, wait_for
 
 KEY = "ssh-ed25519 AAAAC3NzaC1lZDI1NTE5AAAAIHnTQmvTqg2Ll2SdbVUzJ6o2Bz6VjfNcpM4sXyUmzeKR t@x"
 SPEC = ovf.Provisioning.with_key("vm-under-test", "azureuser", KEY)
@@ -558,37 +558,22 @@ def test_dnsmasq_dies_with_a_run_killed_outright(tmp_path: Path) -> None:
     )
     dnsmasq = 0
     try:
-        until(ready.exists, 30)
+        wait_for(ready.exists, "the fabric network up")
         dnsmasq = int((tmp_path / "net" / "dnsmasq.pid").read_text())
         assert "\nGid:\t0\t0\t0\t0\n" in Path(f"/proc/{dnsmasq}/status").read_text()
         holder.kill()
         holder.wait()
-        until(lambda: not _alive(dnsmasq), 10)
+        wait_for(lambda: not alive(dnsmasq), "dnsmasq ended", timeout=10)
         assert ready.read_text() in _netns()  # what the next run's sweep removes
         namespace._remove_stale()
         assert ready.read_text() not in _netns()
     finally:
         holder.kill()
         holder.wait()
-        if dnsmasq and _alive(dnsmasq):
+        if dnsmasq and alive(dnsmasq):
             os.kill(dnsmasq, signal.SIGKILL)
         if ready.exists():
             subprocess.run(["ip", "netns", "delete", ready.read_text()], capture_output=True)
-
-
-def until(condition: Callable[[], bool], seconds: float) -> None:
-    deadline = time.monotonic() + seconds
-    while not condition():
-        assert time.monotonic() < deadline, f"not within {seconds} s"
-        time.sleep(0.1)
-
-
-def _alive(pid: int) -> bool:
-    """Whether `pid` runs (a zombie has ended)."""
-    try:
-        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_without_root_the_fabric_network_is_refused(monkeypatch: pytest.MonkeyPatch) -> None:

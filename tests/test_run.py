@@ -7,7 +7,6 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -17,6 +16,7 @@ from archkernel.errors import UserError
 from archkernel.host.files import atomic_path, write_if_changed, write_text
 from archkernel.host.processes import orphans
 from archkernel.host.run import RUN_VARIABLE, check_tools, process_identity, run
+from tests.support.processes import alive, wait_for
 
 REPO = Path(__file__).resolve().parent.parent
 WAIT = 30.0  # the longest any test here waits for a process to start or end
@@ -129,22 +129,6 @@ else:
 PARENT_AND_CHILD = "echo $$ > parent.pid; sleep 300 & echo $! > child.pid; wait"
 
 
-def gone(pid: int) -> bool:
-    """The process has ended (a zombie no longer runs)."""
-    try:
-        stat = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return True
-    return stat.rsplit(")", 1)[-1].split()[0] == "Z"
-
-
-def wait_for(condition, what: str) -> None:
-    deadline = time.monotonic() + WAIT
-    while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {WAIT}s"
-        time.sleep(0.02)
-
-
 def pid_in(path: Path) -> int:
     wait_for(lambda: path.exists() and path.read_text().strip(), f"{path.name} written")
     return int(path.read_text())
@@ -181,15 +165,15 @@ def test_a_killed_runs_command_dies_with_it_and_the_next_run_ends_the_rest(
     first.kill()  # SIGKILL to the run alone, as `kill -9 PID` does
     first.wait()
     # The command it ran dies with it (PR_SET_PDEATHSIG), whichever thread started it.
-    wait_for(lambda: gone(parent), "the command of the killed run ended")
+    wait_for(lambda: not alive(parent), "the command of the killed run ended")
     # What the command started is an orphan now, still carrying the killed run's mark.
-    assert not gone(child)
+    assert alive(child)
     environ = Path(f"/proc/{child}/environ").read_bytes().split(b"\0")
     assert any(e.startswith(f"{RUN_VARIABLE}={first.pid}:".encode()) for e in environ)
     # The next run ends it before its first command.
     second = runner(runs, tmp_path, "true")
     assert second.wait(WAIT) == 0
-    assert gone(child)
+    assert not alive(child)
 
 
 @pytest.mark.integration
@@ -197,7 +181,7 @@ def test_a_timeout_ends_the_command_and_what_it_started(tmp_path: Path) -> None:
     with pytest.raises(UserError, match="did not finish within 1s"):
         run(["sh", "-c", PARENT_AND_CHILD], cwd=tmp_path, timeout=1)
     parent, child = pid_in(tmp_path / "parent.pid"), pid_in(tmp_path / "child.pid")
-    wait_for(lambda: gone(parent) and gone(child), "the command and its child ended")
+    wait_for(lambda: not alive(parent) and not alive(child), "the command and its child ended")
 
 
 @pytest.mark.integration
@@ -211,7 +195,7 @@ def test_ctrl_c_ends_the_command_and_what_it_started_even_if_they_ignore_it(
     first.send_signal(signal.SIGINT)  # to the run only: its commands are in their own group
     assert first.wait(WAIT) != 0  # KeyboardInterrupt
     # SIGKILL is sent, not awaited: on a busy machine the group may take a moment to die.
-    wait_for(lambda: gone(parent) and gone(child), "the command and its child ended")
+    wait_for(lambda: not alive(parent) and not alive(child), "the command and its child ended")
 
 
 @pytest.mark.integration
