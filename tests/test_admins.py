@@ -5,6 +5,7 @@ provisioning boot test (tests/test_provision_vm.py: `in_wheel` for waagent)."""
 
 from __future__ import annotations
 
+import pwd
 import shutil
 import subprocess
 from pathlib import Path
@@ -107,7 +108,7 @@ def dry_run(tmp_path: Path, lines: list[str], state: Path) -> subprocess.Complet
 @pytest.mark.integration
 def test_an_account_recorded_but_out_of_wheel_already_is_left_alone(tmp_path: Path) -> None:
     state = tmp_path / "state"
-    state.write_text("nobody\n")  # put in wheel here once, taken out by hand since
+    state.write_text(f"nobody:{uid('nobody')}\n")  # put in wheel here once, taken out by hand since
     result = dry_run(tmp_path, [], state)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
 
@@ -144,16 +145,36 @@ def test_a_named_user_joins_wheel_once_and_leaves_with_its_line(tmp_path: Path) 
     result = in_namespace(tmp_path, etc, THREE_RUNS, file)
     assert result.returncode == 0, result.stderr
     daemon = "daemon wheel"  # Debian's daemon: its own group, and wheel
+    joined = f"nobody:{uid('nobody')}"  # the state: who joined here, and its uid
     assert result.stdout.splitlines() == [
         "Adding user nobody to group wheel",  # gpasswd, on the first run only
-        f"nogroup wheel / {daemon} / nobody",  # the state: who joined here
-        f"nogroup wheel / {daemon} / nobody",
+        f"nogroup wheel / {daemon} / {joined}",
+        f"nogroup wheel / {daemon} / {joined}",
         "Removing user nobody from group wheel",
         f"nogroup / {daemon} / ",
     ]
     assert (etc / "group").read_text().splitlines()[-1].startswith("wheel:x:")
     assert (etc / "group").read_text().splitlines()[-1].endswith(":daemon")
     assert "wheel" not in run_id("nobody")  # the host's /etc is untouched
+
+
+@pytest.mark.integration
+@pytest.mark.root
+@pytest.mark.parametrize("same_account", [True, False], ids=["recorded-uid", "another-uid"])
+def test_only_the_account_that_joined_here_leaves(tmp_path: Path, same_account: bool) -> None:
+    """daemon, in wheel, is recorded as put there: with its own uid it leaves once the file
+    no longer names it. With another uid, the recorded account was deleted and daemon is a
+    later one of the same name, in wheel some other way: it stays, the record goes."""
+    etc = etc_with_wheel(tmp_path)
+    recorded = uid("daemon") if same_account else uid("daemon") + 4000
+    (tmp_path / "state").write_text(f"daemon:{recorded}\n")
+    script = 'sh "$2" "$3" "$4"; echo "$(id -nG daemon) / $(cat "$4")"'
+    result = in_namespace(tmp_path, etc, script, sudoers(tmp_path, []))
+    assert result.returncode == 0, result.stderr
+    if same_account:
+        assert result.stdout.splitlines() == ["Removing user daemon from group wheel", "daemon / "]
+    else:
+        assert result.stdout.splitlines() == ["daemon wheel / "]
 
 
 @pytest.mark.integration
@@ -250,6 +271,10 @@ def in_namespace(
 def free_gid(group: Path) -> int:
     taken = {line.split(":")[2] for line in group.read_text().splitlines() if line}
     return next(n for n in range(4711, 5000) if str(n) not in taken)
+
+
+def uid(user: str) -> int:
+    return pwd.getpwnam(user).pw_uid
 
 
 def run_id(user: str) -> str:

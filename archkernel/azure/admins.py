@@ -54,9 +54,10 @@ def script() -> str:
     """The POSIX shell program. Each account a line of waagent's form names (`NAME
     ALL=(ALL) ALL`, `NOPASSWD:` before the last ALL when it has no password; blanks around
     `=` allowed) and not in wheel joins it (`gpasswd -a`), and is written in the state
-    file. One the state file lists that the sudoers file no longer names (a line removed,
-    the file rewritten or deleted) leaves wheel (`gpasswd -d`), so wheel never outlasts
-    the sudo grant; an account that was in wheel before is never removed. The state is
+    file (`NAME:UID`). One the state file lists that the sudoers file no longer names (a
+    line removed, the file rewritten or deleted) leaves wheel (`gpasswd -d`), so wheel never
+    outlasts the sudo grant; an account that was in wheel before is never removed, nor is
+    a later account of the same name (another uid: the listed one was deleted). The state is
     written before gpasswd runs, and a state file it cannot read or write changes nothing
     (the run fails): no account is ever in wheel by this program unrecorded. Other lines are
     ignored; a name is a user name (no blank, no leading `-`, not a number) before it
@@ -71,7 +72,7 @@ def script() -> str:
 # Written by archkernel. waagent grants sudo in @SUDOERS@ and puts
 # nobody in wheel, Arch's admin group (polkit, the journal): each account that
 # file names joins wheel, and leaves it when the file no longer names it (if it
-# joined here; the state file lists those). Started by @PATH_UNIT@.
+# joined here; the state file lists those, as NAME:UID). Started by @PATH_UNIT@.
 # Usage: waagent-wheel [--dry-run] [SUDOERS [STATE]]
 # shellcheck disable=SC2086  # lists of names are split on blanks, never globbed:
 set -uf
@@ -80,13 +81,15 @@ if [ "${1:-}" = --dry-run ]; then run="echo"; shift; fi
 sudoers=${1:-@SUDOERS@}
 state=${2:-@STATE@}
 name='[A-Za-z0-9_][A-Za-z0-9_.-]*'
+record="$name:[0-9]+"
 b='[[:blank:]]'
 
 in_wheel() { case " $(id -nG -- "$1" 2>/dev/null) " in *" wheel "*) return 0 ;; esac; return 1; }
 listed() { printf '%s\n' $2 | grep -qxF -- "$1"; }
 signature() { stat -c '%z %s' -- "$sudoers" 2>/dev/null || echo none; }
 
-# The state file: the accounts this program put in wheel, one a line. Written whole
+# The state file: the accounts this program put in wheel, NAME:UID a line: a later
+# account of a deleted one's name is not the one put there. Written whole
 # and synced, then moved into place; a failure leaves the previous one.
 save() {
     { mkdir -p -- "$(dirname -- "$state")" &&
@@ -103,28 +106,33 @@ sync_wheel() {
     fi
     if [ -e "$state" ]; then
         # grep: 1 is no line, 2 an error (then nobody's membership is known: change nothing)
-        joined=$(grep -xE -- "$name" "$state") || [ $? -eq 1 ] || return 1
+        joined=$(grep -xE -- "$record" "$state") || [ $? -eq 1 ] || return 1
     fi
     for user in $named; do
         case $user in *[!0-9]*) ;; *) continue ;; esac  # id would take it for a uid
-        if ! id -u -- "$user" >/dev/null 2>&1; then
+        if ! uid=$(id -u -- "$user" 2>/dev/null); then
             echo "$sudoers names $user, which is no user: left alone" >&2
         elif ! in_wheel "$user"; then
-            adding="$adding $user"
-        elif listed "$user" "$joined"; then
-            kept="$kept $user"
+            adding="$adding $user:$uid"
+        elif listed "$user:$uid" "$joined"; then
+            kept="$kept $user:$uid"
         fi
     done
-    for user in $joined; do
-        if ! listed "$user" "$named" && in_wheel "$user"; then leaving="$leaving $user"; fi
+    # A record whose account is gone, or is another one now, is dropped: not this one's.
+    for entry in $joined; do
+        user=${entry%%:*}
+        if ! listed "$user" "$named" && [ "$(id -u -- "$user" 2>/dev/null)" = "${entry#*:}" ] &&
+            in_wheel "$user"; then
+            leaving="$leaving $entry"
+        fi
     done
     # Recorded before gpasswd runs: an account in wheel by this program is always listed.
     if [ -z "$run" ]; then save $kept $adding $leaving || return 1; fi
-    for user in $adding; do
-        if $run gpasswd -a "$user" wheel; then kept="$kept $user"; else failed=1; fi
+    for entry in $adding; do
+        if $run gpasswd -a "${entry%%:*}" wheel; then kept="$kept $entry"; else failed=1; fi
     done
-    for user in $leaving; do
-        if ! $run gpasswd -d "$user" wheel; then failed=1; kept="$kept $user"; fi
+    for entry in $leaving; do
+        if ! $run gpasswd -d "${entry%%:*}" wheel; then failed=1; kept="$kept $entry"; fi
     done
     if [ -z "$run" ]; then save $kept || failed=1; fi
     return $failed
