@@ -16,7 +16,7 @@ PATH_UNIT = "archkernel-waagent-wheel.path"
 SERVICE_UNIT = "archkernel-waagent-wheel.service"
 SUDOERS = "/etc/sudoers.d/waagent"  # waagent.conf's OS.SudoersDir, its default
 SCRIPT = "/usr/local/lib/archkernel/waagent-wheel"
-STATE = "/var/lib/archkernel/waagent-wheel"  # the accounts the program put in wheel
+STATE = "/var/lib/archkernel/waagent-wheel"  # the accounts the program put in wheel, NAME:UID
 
 
 def path_unit() -> str:
