@@ -48,7 +48,7 @@ from archkernel.azure import workspace
 from archkernel.azure.pacman import pacman_errors, pacstrap_error
 from archkernel.demo import offline
 from archkernel.host.processes import processes_in
-from archkernel.host.run import RUN_VARIABLE, process_identity
+from archkernel.host.run import RUN_VARIABLE, proc_stat, process_identity
 from archkernel.settings import load
 from tasks.azure_vhd import build_boottest
 from tests.support.azure import (
@@ -65,6 +65,7 @@ from tests.support.azure import (
     run_boottest,
 )
 from tests.support.kernel_state import leftovers
+from tests.support.processes import alive, wait_for
 
 pytestmark = pytest.mark.integration
 
@@ -291,13 +292,9 @@ def process_tree(pid: int) -> list[str]:
     """`pid` and every process below it (by parent pid), as `PID:START` identities."""
     children: dict[int, list[int]] = {}
     for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            fields = (entry / "stat").read_text().rsplit(")", 1)[-1].split()
-        except OSError:
-            continue
-        children.setdefault(int(fields[1]), []).append(int(entry.name))
+        fields = proc_stat(int(entry.name)) if entry.name.isdigit() else []
+        if fields:
+            children.setdefault(int(fields[1]), []).append(int(entry.name))
     found, todo = [], [pid]
     while todo:
         current = todo.pop()
@@ -307,26 +304,22 @@ def process_tree(pid: int) -> list[str]:
 
 
 def _parent(identity: str) -> int | None:
-    try:
-        stat = Path(f"/proc/{identity.split(':')[0]}/stat").read_text()
-    except OSError:
-        return None
-    return int(stat.rsplit(")", 1)[-1].split()[1])
+    fields = proc_stat(int(identity.split(":")[0]))
+    return int(fields[1]) if fields else None
 
 
-def alive(identities: list[str]) -> list[str]:
+def running(identities: list[str]) -> list[str]:
     """Those of the processes `identities` (`PID:START`) that still run (a zombie has
     ended), with their command names."""
     found = []
     for identity in identities:
-        pid = identity.split(":")[0]
-        try:
-            stat = Path(f"/proc/{pid}/stat").read_text()
-        except OSError:
-            continue
-        name, rest = stat.split("(", 1)[1].rsplit(")", 1)
-        if process_identity(int(pid)) == identity and rest.split()[0] != "Z":
-            found.append(f"{identity} {name} {rest.split()[0]}")
+        pid = int(identity.split(":")[0])
+        if process_identity(pid) == identity and alive(pid):
+            try:
+                name = Path(f"/proc/{pid}/comm").read_text().strip()
+            except OSError:
+                continue  # ended just now
+            found.append(f"{identity} {name}")
     return found
 
 
@@ -342,7 +335,7 @@ class Killed:
 
     def survivors(self) -> list[str]:
         """Its processes still alive: those it had, and any carrying its mark."""
-        return alive(self.processes) + marked(self.run)
+        return running(self.processes) + marked(self.run)
 
 
 def kill_at(build: Build, point: Point, sig: signal.Signals, group: bool, *args: str) -> Killed:
@@ -451,10 +444,11 @@ def test_a_killed_rebuild_leaves_the_last_good_vhd_and_finishes_when_run_again(
         assert killed.survivors() == []  # Ctrl-C: the run ended everything it started
     else:
         # The commands it was running end with it, at once (PR_SET_PDEATHSIG).
-        deadline = time.monotonic() + KILL_TIMEOUT
-        while alive(killed.commands):
-            assert time.monotonic() < deadline, f"{alive(killed.commands)} outlived their run"
-            time.sleep(0.05)
+        wait_for(
+            lambda: not running(killed.commands),
+            f"{running(killed.commands)} ended with their run",
+            timeout=KILL_TIMEOUT,
+        )
     # A VHD Azure takes is there: the old one untouched, or past step 8's rename the new one.
     assert archkernel("vhd", "check", str(build.vhd)).returncode == 0
     if point == "08-renamed-onto-the-vhd":
