@@ -527,7 +527,11 @@ def test_a_killed_runs_namespace_goes_with_what_still_runs_in_it() -> None:
     subprocess.run(["ip", "netns", "add", name], check=True)
     left = subprocess.Popen(["ip", "netns", "exec", name, "sleep", "600"])
     try:
-        subprocess.run(["ip", "netns", "pids", name], check=True, capture_output=True)
+        # Once sleep runs inside, `ip netns pids` names it.
+        wait_for(
+            lambda: subprocess.run(["ip", "netns", "pids", name], capture_output=True).stdout,
+            "sleep inside the namespace",
+        )
         namespace._remove_stale()
         assert left.wait(timeout=20) != 0  # killed, not ended
         assert name not in _netns()
@@ -558,12 +562,12 @@ def test_dnsmasq_dies_with_a_run_killed_outright(tmp_path: Path) -> None:
     )
     dnsmasq = 0
     try:
-        wait_for(ready.exists, "the fabric network up")
+        wait_for(lambda: ready.exists() and ready.read_text(), "the fabric network up")
         dnsmasq = int((tmp_path / "net" / "dnsmasq.pid").read_text())
         assert "\nGid:\t0\t0\t0\t0\n" in Path(f"/proc/{dnsmasq}/status").read_text()
         holder.kill()
         holder.wait()
-        wait_for(lambda: not alive(dnsmasq), "dnsmasq ended", timeout=10)
+        wait_for(lambda: not alive(dnsmasq), "dnsmasq ended")
         assert ready.read_text() in _netns()  # what the next run's sweep removes
         namespace._remove_stale()
         assert ready.read_text() not in _netns()

@@ -135,7 +135,7 @@ def test_a_minimal_agent_provisions_through_the_fabric(generation: int, tmp_path
     base = minimal_vm_argv(tmp_path, generation, console)
     with standing_fabric(SPEC, tmp_path / "fabric") as fabric:
         argv = fabric.inside(boot.provision_argv(base, fabric, generation))
-        qemu.boot_and_wait(argv, console, DONE, 180)
+        qemu.boot_and_wait(argv, console, DONE, 600)
         wire, imds = fabric.wireserver, fabric.imds
         text = console.read_text(errors="replace")
         assert "FABRIC: ip=10.0.0.4" in text
@@ -172,7 +172,7 @@ def test_a_vm_without_ssh_fails_the_proofs_and_leaves_nothing(tmp_path: Path) ->
         spec=spec,
         key=key,
         agent="cloud-init",
-        timeout=120,
+        timeout=600,  # QEMU powers off by itself long before
         scratch=tmp_path / "scratch",
     )
     with pytest.raises(boot.ProvisionFailed) as failed:

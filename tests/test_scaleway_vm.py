@@ -34,7 +34,7 @@ from tests.support.c1 import FakeC1, Template, serving, tool, write_executable
 
 pytestmark = [pytest.mark.vm, pytest.mark.integration, pytest.mark.root]
 
-BOOT_LIMIT = 180.0  # seconds QEMU may take for both boots; it is always stopped after
+BOOT_LIMIT = 600.0  # seconds QEMU may take for both boots; it is always stopped after
 LOADED = [
     "virtio_ring",
     "virtio",

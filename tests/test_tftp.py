@@ -327,7 +327,7 @@ def test_fetch_from_a_server_that_is_down(timeout: float, retries: int) -> None:
         )
     elapsed = time.monotonic() - start
     budget = timeout * (retries + 1)
-    assert budget - 0.05 <= elapsed <= budget + 1
+    assert budget - 0.05 <= elapsed <= budget + 5  # slack for a loaded machine
     assert info.value.message.startswith(f"no answer from 127.0.0.1:{port} for uboot.bootscript")
     assert f"within {timeout:g}s ({retries} retr" in info.value.message
 
@@ -359,7 +359,7 @@ def test_fetch_server_that_never_answers(tftpy_server) -> None:
             retries=1,
             blksize=1468,
         )
-    assert time.monotonic() - start < 0.6 + 1
+    assert time.monotonic() - start < 0.6 + 5
     assert server.requests  # it was asked, and chose not to answer
 
 
@@ -376,7 +376,7 @@ def test_fetch_transfer_interrupted(tftpy_server, blksize: int, after: int, rece
             retries=1,
             blksize=blksize,
         )
-    assert time.monotonic() - start < 0.6 + 1
+    assert time.monotonic() - start < 0.6 + 5
     assert info.value.message == (
         f"transfer of initrd/uInitrd from 127.0.0.1:{server.port} interrupted after "
         f"{received} bytes: no data within 0.3s (1 retry)"
@@ -451,7 +451,7 @@ def test_fetch_gives_up_on_a_transfer_that_makes_no_progress(repeating_server: i
         fetch(
             TftpServer(LOOPBACK, repeating_server), "uInitrd", timeout=0.3, retries=1, blksize=512
         )
-    assert time.monotonic() - start < 0.6 + 0.5
+    assert time.monotonic() - start < 0.6 + 5
     assert info.value.message == (
         f"transfer of uInitrd from 127.0.0.1:{repeating_server} interrupted after "
         "512 bytes: no new data for 0.6s"

@@ -258,8 +258,8 @@ def test_install_efi_refuses_what_would_not_boot(tmp_path: Path) -> None:
 def boot(image: Path, log: Path, *, firmware: Path | None, disk_format: str = "raw") -> str:
     """Boot `image` until the marker; the console log."""
     argv = qemu.qemu_argv(disk=image, disk_format=disk_format, serial_log=log, firmware=firmware)
-    result = qemu.boot_and_wait(argv, log, MARKER, 90)
-    assert result.found and result.elapsed < 90
+    result = qemu.boot_and_wait(argv, log, MARKER, 300)  # OVMF is slow under TCG
+    assert result.found
     return log.read_text(errors="replace")
 
 
@@ -282,7 +282,8 @@ def test_a_uefi_disk_boots_with_ovmf_as_raw_and_as_fixed_vhd(tmp_path: Path) -> 
     boot(as_vhd(image), log, firmware=ovmf(), disk_format="vpc")
     # SeaBIOS finds no boot code on it.
     argv = qemu.qemu_argv(disk=image, serial_log=log)
-    assert not qemu.boot_and_wait(argv, log, MARKER, 5, check=False).found
+    assert qemu.boot_and_wait(argv, log, "No bootable device", 300).found
+    assert MARKER not in log.read_text(errors="replace")
     no_leftovers(tmp_path)
 
 
@@ -335,7 +336,7 @@ def test_the_real_grub_cfg_starts_linux(tmp_path: Path, boot_mode: str, firmware
     argv = qemu.qemu_argv(
         disk=image, serial_log=log, firmware=ovmf() if firmware == "ovmf" else None
     )
-    result = qemu.boot_and_wait(argv, log, marker, 120)
+    result = qemu.boot_and_wait(argv, log, marker, 300)
     assert result.found
     console = screen.clean_console(log.read_text(errors="replace"))
     assert "Linux version" in console

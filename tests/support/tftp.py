@@ -121,7 +121,9 @@ class _ServerThread(threading.Thread):
 
     def run(self) -> None:
         try:
-            self.server.listen(self.host, 0, timeout=self.timeout)
+            # `timeout` is also how often the thread looks for its stop: short, so a client
+            # of a loaded machine gets many resends before a session is dropped.
+            self.server.listen(self.host, 0, timeout=self.timeout, retries=40)
         except BaseException as exc:  # reported by the fixture's teardown
             self.error = exc
             self.server.is_running.set()  # do not leave the starter waiting
