@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import shlex
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -320,3 +321,46 @@ def test_the_artifacts_hold_the_vhd_sparse_and_compressed_with_the_reports(
     )
     assert failed.returncode == 1 and "no VHD at" in failed.stderr
     assert (tmp_path / "failed/verify.txt").read_text() == "PASS vhd.footer\n"
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("strict", [True, False])
+def test_in_ci_a_skipped_test_fails_the_run(tmp_path: Path, strict: bool) -> None:
+    """With ARCHKERNEL_NO_SKIPS=1, which .ci/run sets, a skip fails the run and is named;
+    without it a skip is only reported."""
+    (tmp_path / "test_skips.py").write_text(
+        "import pytest\n\n"
+        "def test_needs_a_tool():\n    pytest.skip('no such tool')\n\n"
+        "def test_passes():\n    assert True\n"
+    )
+    env = {k: v for k, v in os.environ.items() if k != "ARCHKERNEL_NO_SKIPS"}
+    if strict:
+        env["ARCHKERNEL_NO_SKIPS"] = "1"
+    done = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-p",
+            "tests.conftest",
+            "-p",
+            "no:cacheprovider",
+            "--rootdir",
+            str(tmp_path),
+            str(tmp_path / "test_skips.py"),
+        ],
+        cwd=REPO,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert "1 passed, 1 skipped" in done.stdout, done.stdout
+    assert done.returncode == (1 if strict else 0), done.stdout
+    assert ("test_skips.py::test_needs_a_tool\n" in done.stdout) == strict
+
+
+def test_ci_runs_the_tests_with_skips_failing() -> None:
+    script = (REPO / ".ci/run").read_text()
+    assert "export ARCHKERNEL_NO_SKIPS=1\n" in script
+    assert script.index("export ARCHKERNEL_NO_SKIPS=1") < script.index("\n.venv/bin/pytest\n")
