@@ -26,6 +26,7 @@ SUDOERS_LINES = [
     "0 ALL=(ALL) ALL",  # a number: id would take it for root's uid
     "ghost ALL=(ALL) ALL",  # no such user
     "Defaults env_reset",
+    "nobody ALL=(ALL) ALL",  # a second line for one account
 ]
 
 
@@ -87,11 +88,11 @@ def test_only_the_accounts_waagents_lines_name_are_put_in_wheel(tmp_path: Path) 
         text=True,
     )
     assert result.returncode == 0, result.stderr
-    # On a Debian host root, nobody and daemon are in no group called wheel.
+    # On a Debian host root, nobody and daemon are in no group called wheel; each once.
     assert result.stdout.splitlines() == [
-        "gpasswd -a root wheel",
-        "gpasswd -a nobody wheel",
         "gpasswd -a daemon wheel",
+        "gpasswd -a nobody wheel",
+        "gpasswd -a root wheel",
     ]
     assert result.stderr.splitlines() == [
         f"{tmp_path / 'waagent'} names ghost, which is no user: left alone"
@@ -111,6 +112,21 @@ def test_an_account_recorded_but_out_of_wheel_already_is_left_alone(tmp_path: Pa
     state.write_text(f"nobody:{uid('nobody')}\n")  # put in wheel here once, taken out by hand since
     result = dry_run(tmp_path, [], state)
     assert (result.returncode, result.stdout, result.stderr) == (0, "", "")
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize(
+    "line",
+    ["nobody", "nobody:", "0:0", "nobody:65534 extra", "-h:1"],
+    ids=["old-format", "no-uid", "a-number-for-a-name", "trailing", "an-option"],
+)
+def test_a_state_line_that_is_no_record_changes_nothing(tmp_path: Path, line: str) -> None:
+    # Not this program's state: whom it put in wheel is unknown.
+    state = tmp_path / "state"
+    state.write_text(f"root:0\n{line}\n")
+    result = dry_run(tmp_path, ["nobody ALL=(ALL) ALL"], state)
+    assert (result.returncode, result.stdout) == (1, "")
+    assert result.stderr == f"{state} has a line that is no NAME:UID: wheel left as it is\n"
 
 
 @pytest.mark.integration

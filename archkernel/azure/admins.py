@@ -57,11 +57,12 @@ def script() -> str:
     file (`NAME:UID`). One the state file lists that the sudoers file no longer names (a
     line removed, the file rewritten or deleted) leaves wheel (`gpasswd -d`), so wheel never
     outlasts the sudo grant; an account that was in wheel before is never removed, nor is
-    a later account of the same name (another uid: the listed one was deleted). The state is
-    written before gpasswd runs, and a state file it cannot read or write changes nothing
-    (the run fails): no account is ever in wheel by this program unrecorded. Other lines are
-    ignored; a name is a user name (no blank, no leading `-`, not a number) before it
-    reaches a command line.
+    a later account of the same name with another uid (the listed one was deleted). The
+    state is written before gpasswd runs, and a state file it cannot read or write, or
+    holding a line that is no `NAME:UID`, changes nothing (the run fails): no account is
+    ever in wheel by this program unrecorded. Other lines of the sudoers file are ignored;
+    a name is a user name (no blank, no leading `-`, not a number) before it reaches a
+    command line.
 
     The unit starts at the file's first change, which may be waagent's opening it, before
     its line is written, and systemd drops the file's events while the service runs: so
@@ -103,10 +104,17 @@ sync_wheel() {
     if [ -e "$sudoers" ]; then
         named=$(sed -n -E "s/^($name)$b+ALL$b*=$b*\(ALL(:ALL)?\)$b+(NOPASSWD:$b*)?ALL$b*\$/\1/p" \
             "$sudoers") || return 1
+        named=$(printf '%s\n' $named | sort -u)  # a name on two lines is one account
     fi
     if [ -e "$state" ]; then
         # grep: 1 is no line, 2 an error (then nobody's membership is known: change nothing)
         joined=$(grep -xE -- "$record" "$state") || [ $? -eq 1 ] || return 1
+        # Any other line (another format, a number for a name) is not this program's: whom
+        # it put in wheel is unknown, so nothing changes.
+        if grep -qvxE -- "$record" "$state" || printf '%s\n' $joined | grep -qE '^[0-9]+:'; then
+            echo "$state has a line that is no NAME:UID: wheel left as it is" >&2
+            return 1
+        fi
     fi
     for user in $named; do
         case $user in *[!0-9]*) ;; *) continue ;; esac  # id would take it for a uid
