@@ -30,6 +30,7 @@ pytest.register_assert_rewrite("tests.support")
 
 from archkernel.demo import offline  # noqa: E402
 from tests.support import azurite as emulator  # noqa: E402
+from tests.support import skips  # noqa: E402
 from tests.support.c1 import FakeC1, Template, c1_template, needs_c1_tools, serving  # noqa: E402
 from tests.support.evil_tftp import Behaviour, EvilServer, evil_tftp_servers  # noqa: E402
 from tests.support.tftp import (  # noqa: E402
@@ -66,25 +67,40 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 # --- CI: a skipped test is no pass -----------------------------------------------------------
 # .ci/run sets ARCHKERNEL_NO_SKIPS=1: CI installs every tool the tests need, so a skip there
-# means a setup step is missing, and the run fails naming the skipped tests.
-_skipped: list[str] = []
+# means a setup step is missing, and the run fails naming the skipped tests. A skip about
+# the machine itself (tests/support/skips.py) is allowed.
+_skipped: dict[str, str] = {}  # node id -> why
+
+
+def _note_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
+    if report.skipped and not hasattr(report, "wasxfail"):
+        why = str(report.longrepr[2] if isinstance(report.longrepr, tuple) else report.longrepr)
+        if skips.MACHINE not in why:
+            _skipped.setdefault(report.nodeid, why)
+
+
+def _strict() -> bool:
+    return os.environ.get("ARCHKERNEL_NO_SKIPS") == "1"
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
-    if report.skipped:
-        _skipped.append(report.nodeid)
+    _note_skip(report)
+
+
+def pytest_collectreport(report: pytest.CollectReport) -> None:
+    _note_skip(report)  # a whole module skipped
 
 
 def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
-    if os.environ.get("ARCHKERNEL_NO_SKIPS") == "1" and _skipped and exitstatus == 0:
+    if _strict() and _skipped and exitstatus == pytest.ExitCode.OK:
         session.exitstatus = pytest.ExitCode.TESTS_FAILED
 
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
-    if os.environ.get("ARCHKERNEL_NO_SKIPS") == "1" and _skipped:
+    if _strict() and _skipped:
         terminalreporter.section("skipped tests fail this run (ARCHKERNEL_NO_SKIPS=1)")
-        for nodeid in _skipped:
-            terminalreporter.write_line(nodeid)
+        for nodeid, why in _skipped.items():
+            terminalreporter.write_line(f"{nodeid}: {why}")
 
 
 # --- the offline repository (azure_vhd builds) -----------------------------------------------

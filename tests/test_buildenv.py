@@ -50,6 +50,7 @@ from tests.support import buildenv as support
 from tests.support.buildenv import env_processes
 from tests.support.processes import wait_for
 from tests.support.safety_net import safety_net
+from tests.support.skips import skip_for_this_machine
 
 REPO = Path(__file__).resolve().parent.parent
 GOOD_STATUS = """\
@@ -1421,9 +1422,9 @@ def test_the_next_run_removes_the_containers_of_a_killed_run_only(
 @pytest.mark.integration
 def test_docker_without_a_daemon_is_explained(tmp_path: Path, tarballs: tuple[Path, Path]) -> None:
     if which("docker") is None:
-        pytest.skip("no docker client on this machine")
+        skip_for_this_machine("no docker client")
     if run(["docker", "version"], capture=True, check=False).returncode == 0:
-        pytest.skip("a docker engine answers here")
+        skip_for_this_machine("a docker engine answers")
     first, _ = tarballs
     with pytest.raises(UserError) as info:
         buildenv.prepare(given(first, container_runtime="docker"), tmp_path / "work", tools=())

@@ -323,15 +323,34 @@ def test_the_artifacts_hold_the_vhd_sparse_and_compressed_with_the_reports(
     assert (tmp_path / "failed/verify.txt").read_text() == "PASS vhd.footer\n"
 
 
+SKIPPING = """
+import pytest
+from tests.support.skips import skip_for_this_machine
+
+def test_needs_a_tool():
+    pytest.skip("no such tool")
+
+def test_on_a_machine_with_a_docker_engine():
+    skip_for_this_machine("a docker engine answers")
+
+@pytest.mark.xfail(reason="a known bug", strict=True)
+def test_known_to_fail():
+    assert False
+
+def test_passes():
+    assert True
+"""
+
+
 @pytest.mark.integration
 @pytest.mark.parametrize("strict", [True, False])
 def test_in_ci_a_skipped_test_fails_the_run(tmp_path: Path, strict: bool) -> None:
-    """With ARCHKERNEL_NO_SKIPS=1, which .ci/run sets, a skip fails the run and is named;
-    without it a skip is only reported."""
-    (tmp_path / "test_skips.py").write_text(
-        "import pytest\n\n"
-        "def test_needs_a_tool():\n    pytest.skip('no such tool')\n\n"
-        "def test_passes():\n    assert True\n"
+    """With ARCHKERNEL_NO_SKIPS=1, which .ci/run sets, a skip fails the run and is named,
+    a whole module's too; a skip about the machine and an xfail do not. Without it a skip
+    is only reported."""
+    (tmp_path / "test_skips.py").write_text(SKIPPING)
+    (tmp_path / "test_module_skipped.py").write_text(
+        "import pytest\npytest.importorskip('no_such_module_here')\n"
     )
     env = {k: v for k, v in os.environ.items() if k != "ARCHKERNEL_NO_SKIPS"}
     if strict:
@@ -347,7 +366,7 @@ def test_in_ci_a_skipped_test_fails_the_run(tmp_path: Path, strict: bool) -> Non
             "no:cacheprovider",
             "--rootdir",
             str(tmp_path),
-            str(tmp_path / "test_skips.py"),
+            str(tmp_path),
         ],
         cwd=REPO,
         env=env,
@@ -355,9 +374,18 @@ def test_in_ci_a_skipped_test_fails_the_run(tmp_path: Path, strict: bool) -> Non
         text=True,
         timeout=120,
     )
-    assert "1 passed, 1 skipped" in done.stdout, done.stdout
+    assert "1 passed, 3 skipped, 1 xfailed" in done.stdout, done.stdout
     assert done.returncode == (1 if strict else 0), done.stdout
-    assert ("test_skips.py::test_needs_a_tool\n" in done.stdout) == strict
+    section = done.stdout.partition("skipped tests fail this run (ARCHKERNEL_NO_SKIPS=1)")[2]
+    named = [line for line in section.splitlines()[1:] if not line.startswith("=")]
+    if strict:
+        assert [line for line in named if line] == [
+            "test_module_skipped.py: Skipped: could not import 'no_such_module_here': "
+            "No module named 'no_such_module_here'",
+            "test_skips.py::test_needs_a_tool: Skipped: no such tool",
+        ], done.stdout
+    else:
+        assert section == ""
 
 
 def test_ci_runs_the_tests_with_skips_failing() -> None:

@@ -27,6 +27,7 @@ from archkernel import settings as settings_module
 from archkernel.demo import linux, offline, standins
 from archkernel.demo import package as pkgformat
 from archkernel.host.run import missing_tools, run
+from tests.support.skips import skip_for_this_machine
 
 STANDIN_LIB = standins.FILES / "mkinitcpio" / "usr" / "lib" / "initcpio"
 HYPERV = ["hv_vmbus", "hv_storvsc", "hv_netvsc", "hv_utils"]
@@ -450,7 +451,7 @@ def mkinitcpio_with(
 @pytest.mark.root
 def test_autodetect_drops_hook_modules_but_keeps_modules_array(installed):
     if host_loaded("ata_piix"):
-        pytest.skip("ata_piix is loaded on this machine, so autodetect keeps it")
+        skip_for_this_machine("ata_piix is loaded, so autodetect keeps it")
     result, listing = mkinitcpio_with(
         installed, "MODULES=(hv_vmbus)\nHOOKS=(base udev autodetect block filesystems)\n"
     )
@@ -466,7 +467,7 @@ def test_autodetect_says_that_step_5_rebuilds_the_image_without_it(installed):
     """What pacstrap's hook prints must not read as an error of the build."""
     left_out = [m for m in [*BLOCK, *FILESYSTEMS] if not host_loaded(m)]
     if not left_out:
-        pytest.skip("this machine has every block and file system module loaded")
+        skip_for_this_machine("every block and file system module is loaded")
     result, _ = mkinitcpio_with(installed, "HOOKS=(base udev autodetect block filesystems)\n")
     assert result.returncode == 0, result.stderr
     assert (

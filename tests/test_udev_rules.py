@@ -13,6 +13,7 @@ import pytest
 from archkernel.azure import udev, udevrules
 from archkernel.azure.udevrules import Device, Node
 from tests.support.fabric import debian_agents
+from tests.support.skips import skip_for_this_machine
 
 RULES = [udev.azure_disk_rules(), udev.sriov_rules(), udev.ptp_rules()]
 OS_CHANNEL = "{00000000-0000-8899-0000-000000000000}"
@@ -148,7 +149,7 @@ def test_real_udev_reads_the_rules_without_a_complaint(tmp_path: Path) -> None:
         if shutil.which(tool) is None:
             pytest.skip(f"{tool} is not installed")
     if not Path("/sys/block/loop0").exists():
-        pytest.skip("no /sys/block/loop0 to run the rules on")
+        skip_for_this_machine("no /sys/block/loop0 to run the rules on")
     rules = tmp_path / "rules.d"
     rules.mkdir()
     files = {
