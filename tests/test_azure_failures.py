@@ -446,7 +446,7 @@ def test_a_killed_rebuild_leaves_the_last_good_vhd_and_finishes_when_run_again(
         # The commands it was running end with it, at once (PR_SET_PDEATHSIG).
         wait_for(
             lambda: not running(killed.commands),
-            f"{running(killed.commands)} ended with their run",
+            lambda: f"the run's commands ending with it ({running(killed.commands)} still run)",
             timeout=KILL_TIMEOUT,
         )
     # A VHD Azure takes is there: the old one untouched, or past step 8's rename the new one.

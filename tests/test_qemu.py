@@ -388,11 +388,10 @@ def test_a_marker_that_never_comes_times_out_with_the_console_tail(tmp_path: Pat
     assert str(log) in (err.value.hint or "")
     assert qemu_pids(tmp_path) == []
 
-    # Without check, the same ending is a result; however far the boot got, the tail
-    # is the end of this run's console.
-    result = qemu.boot_and_wait(argv, log, "NEVER-PRINTED", timeout=2, check=False)
-    assert not result.found and result.elapsed >= 2
-    assert all(line in console(log) for line in result.log_tail.splitlines())
+    # Without check, the same ending is a result.
+    result = qemu.boot_and_wait(argv, log, "NEVER-PRINTED", timeout=30, check=False)
+    assert not result.found and result.elapsed >= 30
+    assert result.log_tail.endswith("WAITING-FOREVER")
     assert qemu_pids(tmp_path) == []
 
 

@@ -14,9 +14,14 @@ def alive(pid: int) -> bool:
     return bool(fields) and fields[0] != b"Z"
 
 
-def wait_for(condition: Callable[[], object], what: str, timeout: float = 30.0) -> None:
-    """Poll `condition` until it is true; fail, naming `what`, after `timeout` seconds."""
+def wait_for(
+    condition: Callable[[], object], what: str | Callable[[], str], timeout: float = 30.0
+) -> None:
+    """Poll `condition` until it is true; fail after `timeout` seconds, naming `what` (a
+    callable: what it says then, such as the processes still there)."""
     deadline = time.monotonic() + timeout
     while not condition():
-        assert time.monotonic() < deadline, f"{what}: not within {timeout:g} s"
+        if time.monotonic() >= deadline:
+            said = what() if callable(what) else what
+            raise AssertionError(f"{said}: not within {timeout:g} s")
         time.sleep(0.02)
