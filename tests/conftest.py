@@ -66,7 +66,7 @@ def pytest_runtest_setup(item: pytest.Item) -> None:
 
 
 # --- CI: a skipped test is no pass -----------------------------------------------------------
-# .ci/run sets ARCHKERNEL_NO_SKIPS=1: CI installs every tool the tests need, so a skip there
+# .ci/run sets TESTS_FAIL_ON_SKIP=1: CI installs every tool the tests need, so a skip there
 # means a setup step is missing, and the run fails naming the skipped tests. A skip about
 # the machine itself (tests/support/skips.py) is allowed.
 _skipped: dict[str, str] = {}  # node id -> why
@@ -80,7 +80,7 @@ def _note_skip(report: pytest.TestReport | pytest.CollectReport) -> None:
 
 
 def _strict() -> bool:
-    return os.environ.get("ARCHKERNEL_NO_SKIPS") == "1"
+    return os.environ.get("TESTS_FAIL_ON_SKIP") == "1"
 
 
 def pytest_runtest_logreport(report: pytest.TestReport) -> None:
@@ -98,7 +98,7 @@ def pytest_sessionfinish(session: pytest.Session, exitstatus: int) -> None:
 
 def pytest_terminal_summary(terminalreporter: pytest.TerminalReporter) -> None:
     if _strict() and _skipped:
-        terminalreporter.section("skipped tests fail this run (ARCHKERNEL_NO_SKIPS=1)")
+        terminalreporter.section("skipped tests fail this run (TESTS_FAIL_ON_SKIP=1)")
         for nodeid, why in _skipped.items():
             terminalreporter.write_line(f"{nodeid}: {why}")
 

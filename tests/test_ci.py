@@ -345,16 +345,16 @@ def test_passes():
 @pytest.mark.integration
 @pytest.mark.parametrize("strict", [True, False])
 def test_in_ci_a_skipped_test_fails_the_run(tmp_path: Path, strict: bool) -> None:
-    """With ARCHKERNEL_NO_SKIPS=1, which .ci/run sets, a skip fails the run and is named,
+    """With TESTS_FAIL_ON_SKIP=1, which .ci/run sets, a skip fails the run and is named,
     a whole module's too; a skip about the machine and an xfail do not. Without it a skip
     is only reported."""
     (tmp_path / "test_skips.py").write_text(SKIPPING)
     (tmp_path / "test_module_skipped.py").write_text(
         "import pytest\npytest.importorskip('no_such_module_here')\n"
     )
-    env = {k: v for k, v in os.environ.items() if k != "ARCHKERNEL_NO_SKIPS"}
+    env = {k: v for k, v in os.environ.items() if k != "TESTS_FAIL_ON_SKIP"}
     if strict:
-        env["ARCHKERNEL_NO_SKIPS"] = "1"
+        env["TESTS_FAIL_ON_SKIP"] = "1"
     done = subprocess.run(
         [
             sys.executable,
@@ -376,7 +376,7 @@ def test_in_ci_a_skipped_test_fails_the_run(tmp_path: Path, strict: bool) -> Non
     )
     assert "1 passed, 3 skipped, 1 xfailed" in done.stdout, done.stdout
     assert done.returncode == (1 if strict else 0), done.stdout
-    section = done.stdout.partition("skipped tests fail this run (ARCHKERNEL_NO_SKIPS=1)")[2]
+    section = done.stdout.partition("skipped tests fail this run (TESTS_FAIL_ON_SKIP=1)")[2]
     named = [line for line in section.splitlines()[1:] if not line.startswith("=")]
     if strict:
         assert [line for line in named if line] == [
@@ -390,5 +390,5 @@ def test_in_ci_a_skipped_test_fails_the_run(tmp_path: Path, strict: bool) -> Non
 
 def test_ci_runs_the_tests_with_skips_failing() -> None:
     script = (REPO / ".ci/run").read_text()
-    assert "export ARCHKERNEL_NO_SKIPS=1\n" in script
-    assert script.index("export ARCHKERNEL_NO_SKIPS=1") < script.index("\n.venv/bin/pytest\n")
+    assert "export TESTS_FAIL_ON_SKIP=1\n" in script
+    assert script.index("export TESTS_FAIL_ON_SKIP=1") < script.index("\n.venv/bin/pytest\n")

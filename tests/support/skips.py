@@ -1,5 +1,5 @@
 """Skips about the machine itself (a Docker engine that answers, a module the host kernel
-has loaded), which no setup step can change: CI's strict mode (ARCHKERNEL_NO_SKIPS=1, see
+has loaded), which no setup step can change: CI's strict mode (TESTS_FAIL_ON_SKIP=1, see
 tests/conftest.py) lets these pass, and fails the run on any other skip."""
 
 from __future__ import annotations
