@@ -24,6 +24,7 @@ from archkernel.host.run import missing_tools
 from archkernel.log import log
 from tests.support.grub import TOOLS, build_bios_image
 from tests.support.grub import host_grub as needs_grub_disk
+from tests.support.processes import wait_for
 
 LOG = Path("/w/serial.log")
 # fmt: off
@@ -353,10 +354,6 @@ def qemu_pids(needle: Path) -> list[int]:
     return found
 
 
-def console(log: Path) -> str:
-    return log.read_text(errors="replace") if log.exists() else ""
-
-
 def waiting_cfg(text: str) -> str:
     return (
         "serial --unit=0 --speed=115200\nterminal_input serial\nterminal_output serial\n"
@@ -441,10 +438,8 @@ def test_an_error_inside_qemu_process_stops_qemu(
     image, _ = build_bios_image(tmp_path, "gpt", waiting_cfg("RUNNING"))
     log = tmp_path / "serial.log"
     with pytest.raises(error), qemu.qemu_process(qemu.qemu_argv(disk=image, serial_log=log)) as vm:
-        deadline = time.monotonic() + 120
-        while "RUNNING" not in console(log):
-            assert time.monotonic() < deadline and vm.running
-            time.sleep(0.1)
+        wait_for(lambda: "RUNNING" in qemu.read_log(log) or not vm.running, "GRUB", timeout=120)
+        assert vm.running
         assert len(qemu_pids(tmp_path)) == 1
         raise error()
     assert not vm.running

@@ -291,13 +291,13 @@ def test_a_uefi_disk_boots_with_ovmf_as_raw_and_as_fixed_vhd(tmp_path: Path) -> 
     log.unlink()
     with qemu.qemu_process(qemu.qemu_argv(disk=image, serial_log=log, extra=sercon)) as vm:
         wait_for(
-            lambda: "Booting from Hard Disk" in read(log) or not vm.running,
+            lambda: "Booting from Hard Disk" in qemu.read_log(log) or not vm.running,
             "SeaBIOS booting the disk",
             timeout=300,
         )
-        assert vm.running, read(log)
+        assert vm.running, qemu.read_log(log)
         time.sleep(15)  # GRUB would have printed the marker within a few seconds
-        assert MARKER not in read(log)
+        assert MARKER not in qemu.read_log(log)
     no_leftovers(tmp_path)
 
 
@@ -358,7 +358,3 @@ def test_the_real_grub_cfg_starts_linux(tmp_path: Path, boot_mode: str, firmware
     if firmware == "ovmf":
         assert "efi: EFI v" in console, "the kernel runs on UEFI"
     no_leftovers(tmp_path)
-
-
-def read(log: Path) -> str:
-    return log.read_text(errors="replace") if log.exists() else ""

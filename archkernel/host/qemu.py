@@ -212,7 +212,8 @@ class BootResult:
     log_tail: str
 
 
-def _read_log(path: Path) -> str:
+def read_log(path: Path) -> str:
+    """The serial console log as text so far (empty before QEMU made it)."""
     try:
         return path.read_bytes().decode("utf-8", "replace")
     except FileNotFoundError:
@@ -250,14 +251,14 @@ def boot_and_wait(
             stack.callback(progress.close)
         vm = stack.enter_context(qemu_process(argv, limit=timeout + 60, pidfile=pidfile))
         while True:
-            text = _read_log(serial_log)
+            text = read_log(serial_log)
             if progress is not None:
                 progress.update(time.monotonic() - start, text)
             if _contains(text, marker):
                 return BootResult(True, time.monotonic() - start, console_tail(text))
             if not vm.running:
                 # It may have written the marker just before it exited.
-                text = _read_log(serial_log)
+                text = read_log(serial_log)
                 if _contains(text, marker):
                     return BootResult(True, time.monotonic() - start, console_tail(text))
                 exited = True
@@ -267,7 +268,7 @@ def boot_and_wait(
             time.sleep(POLL_INTERVAL)
     elapsed = time.monotonic() - start
     vm.raise_error()
-    tail = console_tail(_read_log(serial_log))
+    tail = console_tail(read_log(serial_log))
     if not check:
         return BootResult(False, elapsed, tail)
     shown = "\n".join(f"    {line}" for line in tail.splitlines()) or "    (nothing)"
